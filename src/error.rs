@@ -1,0 +1,185 @@
+//! The crate's error type.
+
+use std::error::Error as StdError;
+
+/// A boxed error from a [`Sender`](crate::Sender) or another foreign source.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Everything that can go wrong in troutbox.
+///
+/// Database and Sender errors keep their cause, reachable through
+/// [`std::error::Error::source`]. The messages are meant for a person: they say what happened
+/// and, where there is one, what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is out of range. Returned by
+    /// [`OutboxBuilder::build`](crate::OutboxBuilder::build).
+    #[error("invalid outbox option `{option}`: {reason}")]
+    InvalidConfig {
+        /// The builder method that set the value.
+        option: &'static str,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
+
+    /// A schema or table name cannot be used. troutbox never formats an unchecked name into SQL.
+    #[error(
+        "invalid {what} name {name:?}: {reason} (use ASCII letters, digits and '_', starting with a letter or '_')"
+    )]
+    InvalidIdentifier {
+        /// `"schema"` or `"table"`.
+        what: &'static str,
+        /// The rejected name.
+        name: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// A message key contains a NUL byte, which PostgreSQL `text` cannot store.
+    #[error("message key contains a NUL byte at position {position}; PostgreSQL text cannot store NUL, encode the key (for example as hex) first")]
+    KeyContainsNul {
+        /// Byte offset of the first NUL.
+        position: usize,
+    },
+
+    /// A message key is longer than the limit.
+    #[error("message key is {len} bytes long, the limit is {max} bytes; use a shorter key (a hash of it, say)")]
+    KeyTooLong {
+        /// The key's length in bytes.
+        len: usize,
+        /// The limit, [`MAX_KEY_LEN`](crate::MAX_KEY_LEN).
+        max: usize,
+    },
+
+    /// A message value is larger than the configured limit.
+    #[error("message value is {len} bytes, the limit is {max} bytes; raise it with OutboxBuilder::max_value_size or store the payload elsewhere and send a reference")]
+    ValueTooLarge {
+        /// The value's length in bytes.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
+
+    /// A header name or value cannot be stored.
+    #[error("message header {name:?} is invalid: {reason}")]
+    InvalidHeader {
+        /// The header's name (possibly the offending part).
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// The outbox table does not exist, or is older than this version of troutbox expects.
+    #[error("outbox table {table} is missing or not migrated: call PgStore::migrate() once before using the outbox")]
+    NotMigrated {
+        /// The qualified table name.
+        table: String,
+        /// The database error that revealed it.
+        #[source]
+        source: postgres::Error,
+    },
+
+    /// The table was created by a newer version of troutbox.
+    #[error("outbox table {table} has schema version {found}, this troutbox understands up to {supported}; upgrade troutbox")]
+    SchemaTooNew {
+        /// The qualified table name.
+        table: String,
+        /// The version found in the migrations table.
+        found: i32,
+        /// The newest version this build knows.
+        supported: i32,
+    },
+
+    /// A statement failed in the database, or the connection to it failed.
+    #[error("database error while {context}: {source}")]
+    Database {
+        /// What troutbox was doing.
+        context: &'static str,
+        /// The error from the `postgres` crate.
+        #[source]
+        source: postgres::Error,
+    },
+
+    /// No connection could be taken from the pool in time. The database may be down or the
+    /// pool too small: each relay worker keeps one connection while it runs.
+    #[error("no database connection available while {context}: {source} (is PostgreSQL reachable, and is the pool larger than the number of relay workers?)")]
+    Pool {
+        /// What troutbox was doing.
+        context: &'static str,
+        /// The error from `r2d2`.
+        #[source]
+        source: r2d2::Error,
+    },
+
+    /// The Sender returned an error for a batch. The messages it did not mark sent were
+    /// recorded as failed and will be retried (or are dead after their retries).
+    #[error("sender failed a batch of {batch_size} message(s): {source}")]
+    Sender {
+        /// Number of messages in the batch.
+        batch_size: usize,
+        /// The Sender's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The Sender panicked. It is treated as if it had returned an error; the worker survives.
+    #[error("sender panicked on a batch of {batch_size} message(s): {message}")]
+    SenderPanicked {
+        /// Number of messages in the batch.
+        batch_size: usize,
+        /// The panic's message, when it was a string.
+        message: String,
+    },
+
+    /// A relay worker thread could not be started.
+    #[error("could not start relay worker thread: {0}")]
+    Spawn(#[source] std::io::Error),
+
+    /// Shutdown gave up waiting for worker threads, typically because a Sender is still
+    /// running. Their open transactions end at the send timeout at the latest, and their
+    /// messages are then delivered again by another worker.
+    #[error("{running} relay worker thread(s) still running after the shutdown timeout; their batches will be released by the server after the send timeout")]
+    ShutdownTimedOut {
+        /// Threads that did not stop in time.
+        running: usize,
+    },
+
+    /// A relay worker thread panicked outside the Sender (a bug in troutbox: please report it).
+    #[error("relay worker thread panicked: {0}")]
+    WorkerPanicked(String),
+}
+
+impl Error {
+    pub(crate) fn pool(context: &'static str) -> impl FnOnce(r2d2::Error) -> Error {
+        move |source| Error::Pool { context, source }
+    }
+
+    /// True when the error means the database or the connection to it is unavailable, so
+    /// retrying later may succeed.
+    pub fn is_connection_error(&self) -> bool {
+        match self {
+            Error::Pool { .. } => true,
+            Error::Database { source, .. } => {
+                source.is_closed()
+                    || source.code().is_none()
+                    || matches!(
+                        source.code().map(|c| c.code()),
+                        Some(c) if c.starts_with("08") || c.starts_with("57P")
+                    )
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The text of a caught panic payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}

@@ -1,0 +1,91 @@
+//! # troutbox
+//!
+//! The transactional outbox pattern on PostgreSQL for services without an async runtime.
+//!
+//! A producer writes a message into the outbox table inside its own transaction with
+//! [`Outbox::add_message`]; the message exists if and only if that transaction commits. A
+//! relay, started with [`Outbox::start`], runs worker threads that claim batches of
+//! committed messages (`FOR UPDATE SKIP LOCKED`, so any number of relays can share a table),
+//! hand them to your synchronous [`Sender`], and record the outcome: sent messages are
+//! removed, failed ones retried with exponential backoff, and after `max_retries` declared
+//! dead and kept for a person to look at ([`PgStore::dead_messages`]).
+//!
+//! Delivery is **at least once**. A message is delivered twice only when a fault (a crash, a
+//! lost connection, a Sender that outlives the send timeout) hits the batch it is in while
+//! that batch is being sent: consumers deduplicate on [`Message::id`].
+//!
+//! ```no_run
+//! use r2d2_postgres::PostgresConnectionManager;
+//! use troutbox::{Batch, Outbox, PgStore};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = "host=localhost user=app dbname=app".parse()?;
+//! let pool = r2d2::Pool::new(PostgresConnectionManager::new(config, postgres::NoTls))?;
+//! let store = PgStore::new(pool.clone());
+//! store.migrate()?;
+//! let outbox = Outbox::builder(store).batch_size(100).max_retries(5).build()?;
+//!
+//! // Producer: inside the business transaction.
+//! let mut conn = pool.get()?;
+//! let mut tx = conn.transaction()?;
+//! tx.execute("INSERT INTO orders (id) VALUES ($1)", &[&42i64])?;
+//! outbox.add_message(&mut tx, "order-42", b"{\"id\":42}")?;
+//! tx.commit()?;
+//!
+//! // Relay: a worker thread calling a synchronous Sender.
+//! let mut handle = outbox.start(|batch: &mut Batch| -> Result<(), std::io::Error> {
+//!     for msg in batch.iter_mut() {
+//!         println!("publish {} ({} bytes)", msg.key(), msg.value().len());
+//!         msg.mark_sent();
+//!     }
+//!     Ok(())
+//! })?;
+//! handle.shutdown()?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Layout
+//!
+//! - producer side: [`Outbox::add_message`], [`NewMessage`] (`producer.rs`);
+//! - relay side: [`Sender`], [`Batch`], [`Message`], [`Backoff`], [`Handle`] (`relay/`);
+//! - store: [`PgStore`], its SQL and migrations (`store/`);
+//! - maintenance: dead letters (`maintenance/`);
+//! - observability: [`Backlog`] (`observability/`);
+//! - [`testing`]: a throw-away PostgreSQL server for tests and examples.
+//!
+//! ## Threads
+//!
+//! [`Outbox`] and [`PgStore`] are `Send + Sync` and cheap to clone: share one outbox between
+//! request threads. Each relay worker is a dedicated OS thread holding one pooled connection;
+//! the Sender runs on it, one clone per worker.
+
+#![deny(missing_docs)]
+#![warn(rust_2018_idioms)]
+
+mod config;
+mod error;
+mod maintenance;
+mod message;
+mod observability;
+mod outbox;
+mod producer;
+mod relay;
+mod store;
+pub mod testing;
+
+pub use config::{
+    ErrorHandler, DEFAULT_BATCH_SIZE, DEFAULT_MAX_RETRIES, DEFAULT_MAX_VALUE_SIZE,
+    DEFAULT_POLL_INTERVAL, DEFAULT_SEND_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WORKERS,
+    MAX_BATCH_SIZE, MAX_ERROR_TEXT, MAX_KEY_LEN, MAX_MAX_RETRIES, MAX_VALUE_SIZE_LIMIT,
+    MAX_WORKERS, MIN_POLL_INTERVAL,
+};
+pub use error::{BoxError, Error};
+pub use message::{DeadMessage, Message, Status};
+pub use observability::backlog::Backlog;
+pub use outbox::{Outbox, OutboxBuilder};
+pub use producer::NewMessage;
+pub use relay::backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX};
+pub use relay::batch::Batch;
+pub use relay::handle::Handle;
+pub use relay::sender::Sender;
+pub use store::pg::{MakeTls, PgPool, PgStore, DEFAULT_SCHEMA, DEFAULT_TABLE};

@@ -1,0 +1,55 @@
+//! Dead letters: messages that used up their retries. Kept, visible, never retried
+//! automatically, and re-queueable from here.
+
+use crate::message::DeadMessage;
+use crate::store::pg::{message_from_row, MakeTls, PgStore};
+use crate::Error;
+
+impl<T: MakeTls> PgStore<T> {
+    /// Lists up to `limit` dead messages, newest first, with their attempt count and last
+    /// error. For the next page pass the smallest id seen as `before_id`.
+    ///
+    /// ```no_run
+    /// # fn f(store: &troutbox::PgStore) -> Result<(), troutbox::Error> {
+    /// for dead in store.dead_messages(50, None)? {
+    ///     println!("{} after {} attempts: {:?}", dead.message.id(), dead.message.attempts(), dead.last_error);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn dead_messages(&self, limit: u32, before_id: Option<i64>) -> Result<Vec<DeadMessage>, Error> {
+        let sql = self.sql()?;
+        let context = "listing dead messages";
+        let rows = self
+            .connection(context)?
+            .query(&sql.dead_list, &[&i64::from(limit), &before_id])
+            .map_err(self.db_error(context))?;
+        Ok(rows
+            .iter()
+            .map(|row| DeadMessage {
+                message: message_from_row(row),
+                last_error: row.get(6),
+                died_at: row.get(7),
+            })
+            .collect())
+    }
+
+    /// Puts the dead messages with these ids back in the queue, as if just added: attempts
+    /// start again from zero. Ids that are not dead are ignored. Returns how many were
+    /// re-queued.
+    pub fn requeue_dead(&self, ids: &[i64]) -> Result<u64, Error> {
+        let sql = self.sql()?;
+        let context = "re-queueing dead messages";
+        self.connection(context)?
+            .execute(&sql.requeue_dead_ids, &[&ids])
+            .map_err(self.db_error(context))
+    }
+
+    /// Puts every dead message back in the queue. Returns how many were re-queued.
+    pub fn requeue_all_dead(&self) -> Result<u64, Error> {
+        let sql = self.sql()?;
+        let context = "re-queueing dead messages";
+        self.connection(context)?
+            .execute(&sql.requeue_dead_all, &[])
+            .map_err(self.db_error(context))
+    }
+}

@@ -1,0 +1,37 @@
+//! The backlog: how many messages wait, how many are dead, how old the oldest one is.
+
+use time::OffsetDateTime;
+
+use crate::store::pg::{MakeTls, PgStore};
+use crate::Error;
+
+/// A snapshot of the outbox table, from [`PgStore::backlog`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Backlog {
+    /// Messages waiting to be sent, including those waiting out a retry backoff and those
+    /// claimed by a relay right now.
+    pub pending: i64,
+    /// Messages that used up their retries.
+    pub dead: i64,
+    /// Creation time of the oldest pending message: the relay's lag.
+    pub oldest_pending: Option<OffsetDateTime>,
+}
+
+impl<T: MakeTls> PgStore<T> {
+    /// Counts pending and dead messages and finds the oldest pending one. Reads the whole
+    /// table: meant for dashboards and tests, not for every request.
+    pub fn backlog(&self) -> Result<Backlog, Error> {
+        let sql = self.sql()?;
+        let context = "counting the backlog";
+        let row = self
+            .connection(context)?
+            .query_one(&sql.counts, &[])
+            .map_err(self.db_error(context))?;
+        Ok(Backlog {
+            pending: row.get(0),
+            dead: row.get(1),
+            oldest_pending: row.get(2),
+        })
+    }
+}

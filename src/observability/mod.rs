@@ -1,0 +1,3 @@
+//! Observability: what is waiting in the outbox.
+
+pub(crate) mod backlog;

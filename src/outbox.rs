@@ -1,0 +1,228 @@
+//! The [`Outbox`] and its builder: the entry point that ties producer and relay together.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender as ChannelSender};
+use postgres::NoTls;
+
+use crate::config::Config;
+use crate::relay::backoff::Backoff;
+use crate::relay::handle::Handle;
+use crate::relay::sender::Sender;
+use crate::store::pg::{MakeTls, PgRelay, PgStore};
+use crate::store::sql::Sql;
+use crate::Error;
+
+/// A transactional outbox on one PostgreSQL table.
+///
+/// Producers add messages inside their own transactions with
+/// [`add_message`](Outbox::add_message); a relay started with [`start`](Outbox::start)
+/// delivers them to a [`Sender`]. Cheap to clone and safe to share between threads.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use r2d2_postgres::PostgresConnectionManager;
+/// use troutbox::{Batch, Outbox, PgStore};
+///
+/// let config = "host=localhost user=app dbname=app".parse()?;
+/// let pool = r2d2::Pool::new(PostgresConnectionManager::new(config, postgres::NoTls))?;
+/// let store = PgStore::new(pool.clone());
+/// store.migrate()?;
+/// let outbox = Outbox::builder(store).batch_size(100).max_retries(5).build()?;
+///
+/// let mut client = pool.get()?;
+/// let mut tx = client.transaction()?;
+/// outbox.add_message(&mut tx, "order-42", b"{\"id\":42}")?;
+/// tx.commit()?;
+///
+/// let mut handle = outbox.start(|batch: &mut Batch| -> Result<(), std::io::Error> {
+///     for msg in batch.iter_mut() {
+///         println!("{} {}", msg.key(), String::from_utf8_lossy(msg.value()));
+///         msg.mark_sent();
+///     }
+///     Ok(())
+/// })?;
+/// handle.shutdown()?;
+/// # Ok(()) }
+/// ```
+pub struct Outbox<T: MakeTls = NoTls> {
+    pub(crate) inner: Arc<Inner<T>>,
+}
+
+pub(crate) struct Inner<T: MakeTls> {
+    pub(crate) store: PgStore<T>,
+    pub(crate) sql: Arc<Sql>,
+    pub(crate) config: Config,
+    /// Wakes an idle relay worker of this outbox after a local `add_message`.
+    pub(crate) wake_tx: ChannelSender<()>,
+    pub(crate) wake_rx: Receiver<()>,
+}
+
+impl<T: MakeTls> Clone for Outbox<T> {
+    fn clone(&self) -> Self {
+        Outbox {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T: MakeTls> std::fmt::Debug for Outbox<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("store", &self.inner.store)
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+impl<T: MakeTls> Outbox<T> {
+    /// Starts configuring an outbox on `store`. Every option has a default; see
+    /// [`OutboxBuilder`].
+    pub fn builder(store: PgStore<T>) -> OutboxBuilder<T> {
+        OutboxBuilder {
+            store,
+            config: Config::default(),
+        }
+    }
+
+    /// The store this outbox writes to.
+    pub fn store(&self) -> &PgStore<T> {
+        &self.inner.store
+    }
+
+    /// Starts the relay: `workers` threads that claim batches of committed, due messages and
+    /// hand them to `sender` (each thread gets its own clone).
+    ///
+    /// Before returning, one connection is taken from the pool and the claim statement is
+    /// prepared on it, so an unreachable database or a table that was never migrated is an
+    /// error here rather than in the background. Each worker keeps one pooled connection
+    /// while it runs.
+    ///
+    /// Stop the relay with [`Handle::shutdown`]; dropping the handle stops it too.
+    pub fn start<S>(&self, sender: S) -> Result<Handle, Error>
+    where
+        S: Sender + Clone,
+    {
+        let relay = PgRelay {
+            store: self.inner.store.clone(),
+            sql: self.inner.sql.clone(),
+            send_timeout: self.inner.config.send_timeout,
+        };
+        crate::relay::spawn(
+            Arc::new(relay),
+            sender,
+            &self.inner.config,
+            self.inner.wake_tx.clone(),
+            self.inner.wake_rx.clone(),
+        )
+    }
+}
+
+/// Configures an [`Outbox`]. Obtained from [`Outbox::builder`]; [`build`](Self::build)
+/// validates every value and returns an error, never panics.
+pub struct OutboxBuilder<T: MakeTls = NoTls> {
+    store: PgStore<T>,
+    config: Config,
+}
+
+impl<T: MakeTls> std::fmt::Debug for OutboxBuilder<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxBuilder")
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<T: MakeTls> OutboxBuilder<T> {
+    /// How many messages the relay claims and hands to the Sender at once, 1 to 10,000.
+    /// Larger batches amortise round trips and commits. Defaults to 100.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.config.batch_size = n;
+        self
+    }
+
+    /// How many times a failed message is retried before it is declared dead, 0 to 10,000:
+    /// a message is dead after `max_retries + 1` failed attempts. Defaults to 10.
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.config.max_retries = n;
+        self
+    }
+
+    /// The delay between a failure and the next attempt. Also used to slow a worker down
+    /// while the Sender fails whole batches (a broker outage), so an outage does not use up
+    /// every message's retries at full speed. Defaults to [`Backoff::default`]:
+    /// exponential from 1 s, capped at 5 minutes, with jitter.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.config.backoff = backoff;
+        self
+    }
+
+    /// The longest an idle worker sleeps between two polls, 1 ms to 1 hour. Polling is
+    /// adaptive: after it finds work, or after [`add_message`](Outbox::add_message) on this
+    /// outbox, a worker polls again after 1 ms and doubles the sleep while nothing is due,
+    /// up to this value. While batches come back full it does not sleep at all.
+    /// Defaults to 100 ms.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.config.poll_interval = interval;
+        self
+    }
+
+    /// The longest a batch's transaction may stay open while the Sender runs, 10 ms to about
+    /// 24 days. Enforced by the server (`idle_in_transaction_session_timeout`): when it
+    /// expires, the server ends the relay's session, the batch's messages become claimable
+    /// by other workers, and the late outcome is recorded afterwards for the messages no
+    /// other worker has claimed in the meantime (the others may be delivered twice).
+    /// Defaults to 30 s.
+    pub fn send_timeout(mut self, timeout: Duration) -> Self {
+        self.config.send_timeout = timeout;
+        self
+    }
+
+    /// Number of relay worker threads started by each [`Outbox::start`], 1 to 64. Each holds
+    /// one pooled connection. Defaults to 1.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = n;
+        self
+    }
+
+    /// How long [`Handle::shutdown`] waits for workers to finish their batch in flight
+    /// before it gives up on them and returns [`Error::ShutdownTimedOut`]. Defaults to 30 s.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// The largest value [`add_message`](Outbox::add_message) accepts, in bytes, 1 to
+    /// 512 MiB. Defaults to 1 MiB.
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.config.max_value_size = bytes;
+        self
+    }
+
+    /// Called with every error the relay meets while running: database errors, Sender
+    /// errors and panics. Runs on the worker thread, so keep it short. Defaults to logging
+    /// through the `log` crate (Sender failures as warnings, the rest as errors).
+    pub fn error_handler(mut self, handler: impl Fn(&Error) + Send + Sync + 'static) -> Self {
+        self.config.error_handler = Arc::new(handler);
+        self
+    }
+
+    /// Validates the options and the store's schema and table names, and builds the outbox.
+    /// Does not touch the database.
+    pub fn build(self) -> Result<Outbox<T>, Error> {
+        self.config.validate()?;
+        let sql = self.store.sql()?;
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        Ok(Outbox {
+            inner: Arc::new(Inner {
+                store: self.store,
+                sql,
+                config: self.config,
+                wake_tx,
+                wake_rx,
+            }),
+        })
+    }
+}

@@ -1,0 +1,203 @@
+//! The producer side: adding messages inside the caller's own transaction.
+
+use postgres::types::Type;
+use postgres::GenericClient;
+
+use crate::config::MAX_KEY_LEN;
+use crate::outbox::Outbox;
+use crate::store::pg::MakeTls;
+use crate::store::sql::encode_headers;
+use crate::Error;
+
+/// A message to add with [`Outbox::add_messages`] or [`Outbox::add`]: key, value and
+/// optional headers, all borrowed.
+///
+/// ```
+/// use troutbox::NewMessage;
+///
+/// let msg = NewMessage::new("order-42", b"{\"id\":42}")
+///     .header("content-type", "application/json");
+/// assert_eq!(msg.key(), "order-42");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage<'a> {
+    key: &'a str,
+    value: &'a [u8],
+    headers: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> NewMessage<'a> {
+    /// A message with `key` and `value` and no headers.
+    pub fn new(key: &'a str, value: &'a [u8]) -> NewMessage<'a> {
+        NewMessage {
+            key,
+            value,
+            headers: Vec::new(),
+        }
+    }
+
+    /// Adds a header, for example a W3C `traceparent`. Names may repeat; order is kept.
+    pub fn header(mut self, name: &'a str, value: &'a str) -> NewMessage<'a> {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The key.
+    pub fn key(&self) -> &'a str {
+        self.key
+    }
+
+    /// The value.
+    pub fn value(&self) -> &'a [u8] {
+        self.value
+    }
+
+    /// The headers, in the order they were added.
+    pub fn headers(&self) -> &[(&'a str, &'a str)] {
+        &self.headers
+    }
+
+    /// Checks what PostgreSQL would reject, or what the outbox refuses, before any round trip.
+    fn validate(&self, max_value_size: usize) -> Result<(), Error> {
+        if let Some(position) = self.key.bytes().position(|b| b == 0) {
+            return Err(Error::KeyContainsNul { position });
+        }
+        if self.key.len() > MAX_KEY_LEN {
+            return Err(Error::KeyTooLong {
+                len: self.key.len(),
+                max: MAX_KEY_LEN,
+            });
+        }
+        if self.value.len() > max_value_size {
+            return Err(Error::ValueTooLarge {
+                len: self.value.len(),
+                max: max_value_size,
+            });
+        }
+        for (name, value) in &self.headers {
+            let invalid = |reason| {
+                Err(Error::InvalidHeader {
+                    name: name.replace('\0', "\\0"),
+                    reason,
+                })
+            };
+            if name.is_empty() {
+                return invalid("the name is empty");
+            }
+            if name.contains('\0') {
+                return invalid("the name contains a NUL byte, which PostgreSQL text cannot store");
+            }
+            if value.contains('\0') {
+                return invalid("the value contains a NUL byte, which PostgreSQL text cannot store");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: MakeTls> Outbox<T> {
+    /// Adds a message to the outbox through `client`, normally the caller's own
+    /// [`postgres::Transaction`]: the message exists for the relay if and only if that
+    /// transaction commits. Returns the message's id.
+    ///
+    /// `client` can be anything implementing [`GenericClient`]: a `Transaction`, a `Client`
+    /// or a pooled connection (`&mut *conn`), so the producer never needs a second
+    /// connection. One round trip, no locks beyond the new row.
+    ///
+    /// Rejected before anything reaches the database, leaving the transaction usable: a key
+    /// with a NUL byte ([`Error::KeyContainsNul`]) or over [`MAX_KEY_LEN`] bytes
+    /// ([`Error::KeyTooLong`]), a value over the configured `max_value_size`
+    /// ([`Error::ValueTooLarge`]).
+    ///
+    /// ```no_run
+    /// # fn f(outbox: &troutbox::Outbox, client: &mut postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tx = client.transaction()?;
+    /// tx.execute("UPDATE orders SET state = 'paid' WHERE id = $1", &[&42i64])?;
+    /// outbox.add_message(&mut tx, "order-42", b"{\"paid\":true}")?;
+    /// tx.commit()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn add_message<C: GenericClient>(
+        &self,
+        client: &mut C,
+        key: &str,
+        value: &[u8],
+    ) -> Result<i64, Error> {
+        self.add(client, &NewMessage::new(key, value))
+    }
+
+    /// Adds one message with headers; otherwise like [`add_message`](Self::add_message).
+    pub fn add<C: GenericClient>(&self, client: &mut C, message: &NewMessage<'_>) -> Result<i64, Error> {
+        message.validate(self.inner.config.max_value_size)?;
+        let flat: Vec<&str> = message
+            .headers
+            .iter()
+            .flat_map(|(n, v)| [*n, *v])
+            .collect();
+        // query_typed: parse, bind and execute in one round trip, on any connection.
+        let row = client
+            .query_typed_one(
+                &self.inner.sql.insert_one,
+                &[
+                    (&message.key, Type::TEXT),
+                    (&message.value, Type::BYTEA),
+                    (&flat, Type::TEXT_ARRAY),
+                ],
+            )
+            .map_err(self.inner.store.db_error("adding a message to the outbox"))?;
+        self.nudge_relay();
+        Ok(row.get(0))
+    }
+
+    /// Adds many messages in one statement and one round trip, in order; returns their ids
+    /// in the same order. All are validated first: if one is invalid, none is added.
+    ///
+    /// ```no_run
+    /// # fn f(outbox: &troutbox::Outbox, tx: &mut postgres::Transaction<'_>) -> Result<(), troutbox::Error> {
+    /// use troutbox::NewMessage;
+    /// let ids = outbox.add_messages(tx, [
+    ///     NewMessage::new("order-1", b"created"),
+    ///     NewMessage::new("order-2", b"created").header("traceparent", "00-...-01"),
+    /// ])?;
+    /// assert_eq!(ids.len(), 2);
+    /// # Ok(()) }
+    /// ```
+    pub fn add_messages<'m, C, I>(&self, client: &mut C, messages: I) -> Result<Vec<i64>, Error>
+    where
+        C: GenericClient,
+        I: IntoIterator<Item = NewMessage<'m>>,
+    {
+        let messages: Vec<NewMessage<'m>> = messages.into_iter().collect();
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let max = self.inner.config.max_value_size;
+        messages.iter().try_for_each(|m| m.validate(max))?;
+        let keys: Vec<&str> = messages.iter().map(|m| m.key).collect();
+        let values: Vec<&[u8]> = messages.iter().map(|m| m.value).collect();
+        let headers: Vec<String> = messages
+            .iter()
+            .map(|m| encode_headers(m.headers.iter().copied()))
+            .collect();
+        let rows = client
+            .query_typed(
+                &self.inner.sql.insert_many,
+                &[
+                    (&keys, Type::TEXT_ARRAY),
+                    (&values, Type::BYTEA_ARRAY),
+                    (&headers, Type::TEXT_ARRAY),
+                ],
+            )
+            .map_err(self.inner.store.db_error("adding messages to the outbox"))?;
+        self.nudge_relay();
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Tells an idle local relay worker to poll soon. The producer's transaction has not
+    /// committed yet, so the worker may find nothing; its adaptive polling then retries after
+    /// 1 ms, 2 ms, 4 ms, ... which catches the commit quickly without any NOTIFY in the
+    /// producer's transaction.
+    fn nudge_relay(&self) {
+        let _ = self.inner.wake_tx.try_send(());
+    }
+}

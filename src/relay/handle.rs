@@ -1,0 +1,119 @@
+//! The running relay's handle: stop, wait, report.
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender as ChannelSender};
+
+use crate::config::Config;
+use crate::error::panic_message;
+use crate::Error;
+
+/// Controls a running relay started by [`Outbox::start`](crate::Outbox::start).
+///
+/// [`shutdown`](Handle::shutdown) stops the workers from claiming new batches, lets each
+/// finish the batch it is sending (its outcome is recorded as usual), joins the threads and
+/// reports what went wrong. Dropping the handle does the same, logging instead of returning
+/// errors. Shutting down twice is harmless.
+#[derive(Debug)]
+pub struct Handle {
+    stop: Option<ChannelSender<()>>,
+    done: Receiver<()>,
+    threads: Vec<JoinHandle<()>>,
+    timeout: Duration,
+    wake: ChannelSender<()>,
+}
+
+impl Handle {
+    pub(crate) fn new(
+        stop: Option<ChannelSender<()>>,
+        done: Receiver<()>,
+        threads: Vec<JoinHandle<()>>,
+        config: &Config,
+        wake: ChannelSender<()>,
+    ) -> Handle {
+        Handle {
+            stop,
+            done,
+            threads,
+            timeout: config.shutdown_timeout,
+            wake,
+        }
+    }
+
+    /// Stops the relay and waits for its threads, up to the configured shutdown timeout
+    /// (see [`OutboxBuilder::shutdown_timeout`](crate::OutboxBuilder::shutdown_timeout)).
+    ///
+    /// Batches in flight are finished and their outcome recorded. A worker stuck in a
+    /// Sender past the timeout is left running detached and reported as
+    /// [`Error::ShutdownTimedOut`]; its batch's transaction is ended by the server at the
+    /// send timeout, and its messages are delivered again by a later relay. Returns
+    /// [`Error::WorkerPanicked`] if a worker thread died of a bug. A second call does
+    /// nothing and returns `Ok`.
+    pub fn shutdown(&mut self) -> Result<(), Error> {
+        self.shutdown_timeout(self.timeout)
+    }
+
+    /// Like [`shutdown`](Self::shutdown), waiting at most `timeout`.
+    pub fn shutdown_timeout(&mut self, timeout: Duration) -> Result<(), Error> {
+        // Dropping the only sender disconnects the channel, which every worker notices
+        // between batches and in every sleep.
+        self.stop = None;
+        if self.threads.is_empty() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        let all_done = loop {
+            match self.done.recv_deadline(deadline) {
+                Ok(()) => continue,
+                Err(RecvTimeoutError::Disconnected) => break true,
+                Err(RecvTimeoutError::Timeout) => break false,
+            }
+        };
+        let mut running = 0;
+        let mut panicked = None;
+        for thread in self.threads.drain(..) {
+            // Once `done` is disconnected every worker has left its loop, so joining is
+            // immediate; otherwise join only the ones that finished and detach the rest.
+            if all_done || thread.is_finished() {
+                if let Err(payload) = thread.join() {
+                    panicked = Some(panic_message(&*payload));
+                }
+            } else {
+                running += 1;
+            }
+        }
+        if let Some(message) = panicked {
+            return Err(Error::WorkerPanicked(message));
+        }
+        if running > 0 {
+            return Err(Error::ShutdownTimedOut { running });
+        }
+        Ok(())
+    }
+
+    /// Asks an idle worker to poll now instead of finishing its sleep. `add_message` on the
+    /// same [`Outbox`](crate::Outbox) does this by itself; call it when messages were
+    /// committed elsewhere (another process) and you know it.
+    pub fn wake(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Number of worker threads not yet joined.
+    pub fn workers(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// True when every worker thread has ended (after a shutdown, or never started).
+    pub fn is_finished(&self) -> bool {
+        self.threads.iter().all(|t| t.is_finished())
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            log::error!("troutbox relay did not stop cleanly on drop: {e}");
+        }
+    }
+}

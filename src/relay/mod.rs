@@ -1,0 +1,74 @@
+//! The relay side: worker threads that claim batches, call the Sender, and settle outcomes.
+//!
+//! - [`worker`]: the loop one thread runs (claim, send, settle, sleep when drained);
+//! - [`outcome`]: turning the Sender's marks and result into a settlement;
+//! - [`backoff`]: retry delays;
+//! - [`batch`] and [`sender`]: what user code sees;
+//! - [`handle`]: stopping and joining the threads.
+
+pub(crate) mod backoff;
+pub(crate) mod batch;
+pub(crate) mod handle;
+pub(crate) mod outcome;
+pub(crate) mod sender;
+pub(crate) mod worker;
+
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender as ChannelSender};
+
+use crate::config::Config;
+use crate::store::RelayStore;
+use crate::Error;
+use handle::Handle;
+use sender::Sender;
+use worker::Worker;
+
+/// Starts `config.workers` worker threads on `store`. The first session is opened here, so
+/// that an unreachable or unmigrated database is reported to the caller.
+pub(crate) fn spawn<S, F>(
+    store: Arc<S>,
+    sender: F,
+    config: &Config,
+    wake_tx: ChannelSender<()>,
+    wake_rx: Receiver<()>,
+) -> Result<Handle, Error>
+where
+    S: RelayStore,
+    F: Sender + Clone,
+{
+    let mut first_session = Some(store.open_session()?);
+    // Nobody ever sends on these channels: dropping the sending side is the signal.
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+    let mut threads = Vec::with_capacity(config.workers);
+    for index in 0..config.workers {
+        let worker = Worker::new(
+            store.clone(),
+            first_session.take(),
+            sender.clone(),
+            config,
+            stop_rx.clone(),
+            wake_rx.clone(),
+            wake_tx.clone(),
+            done_tx.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("troutbox-relay-{index}"))
+            .spawn(move || worker.run());
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            Err(e) => {
+                drop(done_tx);
+                let mut partial = Handle::new(Some(stop_tx), done_rx, threads, config, wake_tx);
+                let _ = partial.shutdown();
+                return Err(Error::Spawn(e));
+            }
+        }
+    }
+    drop(done_tx);
+    Ok(Handle::new(Some(stop_tx), done_rx, threads, config, wake_tx))
+}
+
+#[cfg(test)]
+mod tests;

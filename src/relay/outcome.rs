@@ -1,0 +1,120 @@
+//! Turns a batch the Sender has seen into a [`Settlement`]: the Sender contract in code.
+
+use crate::config::MAX_ERROR_TEXT;
+use crate::message::Status;
+use crate::relay::backoff::Backoff;
+use crate::relay::batch::Batch;
+use crate::store::{Returned, Settlement};
+
+/// Decides every message of `batch`. `failure` is the text of the Sender's error or panic,
+/// `None` when it returned `Ok`. Marks win over the return value; unmarked messages follow it.
+pub(crate) fn decide(
+    batch: Batch,
+    failure: Option<&str>,
+    max_retries: u32,
+    backoff: &Backoff,
+) -> Settlement {
+    let mut settlement = Settlement::default();
+    for mut message in batch.messages {
+        let reason = match std::mem::replace(&mut message.status, Status::Unmarked) {
+            Status::Sent => None,
+            Status::Failed(reason) => Some(reason),
+            Status::Unmarked => failure.map(str::to_owned),
+        };
+        match reason {
+            None => settlement.sent.push(message.id),
+            Some(reason) => {
+                let attempts = message.attempts.saturating_add(1);
+                settlement.returned.push(Returned {
+                    attempts,
+                    delay: backoff.delay(attempts),
+                    dead: attempts > max_retries,
+                    error: storable_text(&reason),
+                    message,
+                });
+            }
+        }
+    }
+    settlement
+}
+
+/// Error text as it can be stored: NUL bytes replaced (PostgreSQL text cannot hold them),
+/// cut to [`MAX_ERROR_TEXT`] bytes on a character boundary.
+pub(crate) fn storable_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_ERROR_TEXT));
+    for c in text.chars().map(|c| if c == '\0' { '\u{FFFD}' } else { c }) {
+        if out.len() + c.len_utf8() > MAX_ERROR_TEXT {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::message::Message;
+
+    fn message(id: i64, attempts: u32) -> Message {
+        Message {
+            id,
+            key: format!("k{id}"),
+            value: vec![],
+            headers: vec![],
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+            attempts,
+            status: Status::Unmarked,
+        }
+    }
+
+    fn backoff() -> Backoff {
+        Backoff::exponential(Duration::from_secs(1), Duration::from_secs(60)).without_jitter()
+    }
+
+    #[test]
+    fn ok_sends_unmarked_and_keeps_marked_failures() {
+        let mut batch = Batch::new(vec![message(1, 0), message(2, 0), message(3, 0)]);
+        batch.messages[1].mark_failed("broker said no");
+        let s = decide(batch, None, 3, &backoff());
+        assert_eq!(s.sent, [1, 3]);
+        assert_eq!(s.returned.len(), 1);
+        assert_eq!(s.returned[0].message.id, 2);
+        assert_eq!(s.returned[0].error, "broker said no");
+        assert_eq!(s.returned[0].attempts, 1);
+        assert_eq!(s.returned[0].delay, Duration::from_secs(1));
+        assert!(!s.returned[0].dead);
+    }
+
+    #[test]
+    fn err_fails_unmarked_and_keeps_marked_sent() {
+        let mut batch = Batch::new(vec![message(1, 0), message(2, 2)]);
+        batch.messages[0].mark_sent();
+        let s = decide(batch, Some("connection reset"), 3, &backoff());
+        assert_eq!(s.sent, [1]);
+        assert_eq!(s.returned[0].error, "connection reset");
+        assert_eq!(s.returned[0].attempts, 3);
+        assert_eq!(s.returned[0].delay, Duration::from_secs(4));
+        assert!(!s.returned[0].dead);
+    }
+
+    #[test]
+    fn dead_after_max_retries_plus_one_failures() {
+        let batch = Batch::new(vec![message(1, 3), message(2, 2)]);
+        let s = decide(batch, Some("nope"), 3, &backoff());
+        let dead: Vec<(i64, bool)> = s.returned.iter().map(|r| (r.message.id, r.dead)).collect();
+        assert_eq!(dead, [(1, true), (2, false)]);
+        let zero = decide(Batch::new(vec![message(7, 0)]), Some("x"), 0, &backoff());
+        assert!(zero.returned[0].dead);
+    }
+
+    #[test]
+    fn error_text_is_bounded_and_storable() {
+        let long = "é".repeat(MAX_ERROR_TEXT);
+        let text = storable_text(&long);
+        assert!(text.len() <= MAX_ERROR_TEXT && text.len() >= MAX_ERROR_TEXT - 1);
+        assert_eq!(storable_text("a\0b"), "a\u{FFFD}b");
+    }
+}

@@ -1,0 +1,69 @@
+//! Storage: the PostgreSQL store, its SQL, and the small interface the relay uses.
+//!
+//! The relay never sees SQL. It talks to a [`RelayStore`], which opens one [`RelaySession`]
+//! per worker thread; a session claims a batch, and later settles or releases it. The
+//! interface is shaped by what PostgreSQL does well: a claim is one statement inside a
+//! transaction that stays open while the Sender runs, and a settlement is at most one
+//! statement plus the COMMIT, whatever the mix of sent, retried and dead messages.
+
+pub(crate) mod ident;
+#[cfg(test)]
+pub(crate) mod memory;
+pub(crate) mod pg;
+pub(crate) mod sql;
+
+use std::time::Duration;
+
+use crate::message::Message;
+use crate::Error;
+
+/// What the relay records for a settled batch: every claimed message is in exactly one list.
+#[derive(Debug, Default)]
+pub(crate) struct Settlement {
+    /// Ids of delivered messages: removed from the outbox.
+    pub(crate) sent: Vec<i64>,
+    /// Failed messages, put back for a retry or as dead.
+    pub(crate) returned: Vec<Returned>,
+}
+
+/// A failed message on its way back into the outbox.
+#[derive(Debug)]
+pub(crate) struct Returned {
+    /// The message as claimed (its `attempts` is the count before this failure).
+    pub(crate) message: Message,
+    /// Failures so far, this one included.
+    pub(crate) attempts: u32,
+    /// When it may be claimed again, from now. Ignored for dead messages.
+    pub(crate) delay: Duration,
+    /// Out of retries: kept, never claimed again automatically.
+    pub(crate) dead: bool,
+    /// Why it failed, bounded in length and free of NUL bytes.
+    pub(crate) error: String,
+}
+
+/// Storage as the relay sees it. Implemented by [`PgStore`](crate::PgStore), and in the unit
+/// tests by an in-memory store.
+pub(crate) trait RelayStore: Send + Sync + 'static {
+    /// One worker's connection to the store.
+    type Session: RelaySession;
+
+    /// Opens a session (for PostgreSQL: takes a connection from the pool and prepares the
+    /// claim statement on it).
+    fn open_session(&self) -> Result<Self::Session, Error>;
+}
+
+/// One worker's connection. At most one claim is open at a time.
+pub(crate) trait RelaySession: Send {
+    /// Claims up to `limit` due messages, locking them against other relays until
+    /// [`settle`](Self::settle) (or until the session is dropped, which gives them back
+    /// untouched). An empty result leaves nothing open.
+    fn claim(&mut self, limit: usize) -> Result<Vec<Message>, Error>;
+
+    /// Records the outcome of the open claim and ends it. Applied atomically: either the
+    /// whole settlement is recorded, or (after a lost connection) it is applied afterwards
+    /// to the rows no other relay has claimed since.
+    fn settle(&mut self, settlement: Settlement) -> Result<(), Error>;
+
+    /// True when the session cannot be used any more and a new one must be opened.
+    fn is_broken(&self) -> bool;
+}

@@ -1,0 +1,392 @@
+//! A throw-away PostgreSQL server for tests and examples.
+//!
+//! troutbox's own tests and examples use this module, and so can yours: when `DATABASE_URL`
+//! is set, [`database_url`] returns it; otherwise it starts one private server per process
+//! from the system's PostgreSQL binaries, on a free port and in a temporary directory, and
+//! removes both when the process exits (even when it is killed).
+//!
+//! The binaries are looked up on `PATH` (`initdb`), then through `pg_config --bindir`, then
+//! under `/usr/lib/postgresql/*/bin` (Debian and Ubuntu keep them there). `initdb` refuses to
+//! run as root, so when the process runs as root the server runs as the `postgres` system
+//! account (or `nobody`), switched to with [`std::os::unix::process::CommandExt::uid`].
+//!
+//! ```no_run
+//! let url = troutbox::testing::database_url().expect("a PostgreSQL server");
+//! let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+//! client.batch_execute("SELECT 1").unwrap();
+//! ```
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::fs::{chown, MetadataExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How to get the binaries when none are found.
+const INSTALL_HINT: &str = "no PostgreSQL server binaries found (looked for initdb on PATH, via pg_config --bindir and in /usr/lib/postgresql/*/bin): install them (Debian/Ubuntu: apt-get install postgresql) or set DATABASE_URL to a server you own";
+
+/// Why a throw-away server could not be started.
+#[derive(Debug)]
+pub struct TempPostgresError(String);
+
+impl fmt::Display for TempPostgresError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TempPostgresError {}
+
+fn fail<T>(message: impl Into<String>) -> Result<T, TempPostgresError> {
+    Err(TempPostgresError(message.into()))
+}
+
+/// `DATABASE_URL` if set; otherwise the URL of a throw-away server started on first use and
+/// shared by the whole process.
+pub fn database_url() -> Result<String, TempPostgresError> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        if !url.is_empty() {
+            return Ok(url);
+        }
+    }
+    static SHARED: OnceLock<Result<TempPostgres, String>> = OnceLock::new();
+    match SHARED.get_or_init(|| TempPostgres::start().map_err(|e| e.0)) {
+        Ok(server) => Ok(server.url()),
+        Err(e) => fail(e.clone()),
+    }
+}
+
+/// Options for a [`TempPostgres`].
+#[derive(Debug, Clone)]
+pub struct TempPostgresBuilder {
+    settings: Vec<(String, String)>,
+}
+
+impl Default for TempPostgresBuilder {
+    /// `fsync=off` (a throw-away server needs no durability, and tests run faster) and
+    /// `max_connections=200`.
+    fn default() -> Self {
+        TempPostgresBuilder {
+            settings: vec![
+                ("fsync".into(), "off".into()),
+                ("max_connections".into(), "200".into()),
+            ],
+        }
+    }
+}
+
+impl TempPostgresBuilder {
+    /// Sets a server setting (`postgres -c name=value`), replacing an earlier value; for
+    /// benchmarks, `setting("fsync", "on")` restores durable commits.
+    pub fn setting(mut self, name: &str, value: &str) -> Self {
+        self.settings.retain(|(n, _)| n != name);
+        self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// Initialises and starts the server, and waits until it accepts connections.
+    pub fn start(self) -> Result<TempPostgres, TempPostgresError> {
+        TempPostgres::start_with(self)
+    }
+}
+
+/// A PostgreSQL server in a temporary directory, stopped and removed on drop, or when the
+/// process exits.
+///
+/// Cleanup is done by a small watchdog shell process that waits for its standard input to
+/// close: that happens on drop, and also when this process dies in any way, so no server or
+/// directory is left behind.
+pub struct TempPostgres {
+    dir: PathBuf,
+    port: u16,
+    bin: PathBuf,
+    run_as: Option<(u32, u32)>,
+    settings: Vec<(String, String)>,
+    server: Option<Child>,
+    watchdog: Option<(Child, ChildStdin)>,
+}
+
+impl fmt::Debug for TempPostgres {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TempPostgres")
+            .field("dir", &self.dir)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TempPostgres {
+    /// Starts a server with the default settings.
+    pub fn start() -> Result<TempPostgres, TempPostgresError> {
+        Self::builder().start()
+    }
+
+    /// Options for a server.
+    pub fn builder() -> TempPostgresBuilder {
+        TempPostgresBuilder::default()
+    }
+
+    fn start_with(options: TempPostgresBuilder) -> Result<TempPostgres, TempPostgresError> {
+        let bin = find_bindir().ok_or_else(|| TempPostgresError(INSTALL_HINT.into()))?;
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "troutbox-pg-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)
+            .or_else(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+        let owner = fs::metadata(&dir).map(|m| m.uid()).unwrap_or(1);
+        let run_as = if owner == 0 { Some(unprivileged_account()) } else { None };
+        if let Some((uid, gid)) = run_as {
+            chown(&dir, Some(uid), Some(gid))
+                .or_else(|e| fail(format!("cannot hand {} to uid {uid}: {e}", dir.display())))?;
+        }
+        let mut server = TempPostgres {
+            dir,
+            port: 0,
+            bin,
+            run_as,
+            settings: options.settings,
+            server: None,
+            watchdog: None,
+        };
+        server.initdb()?;
+        server.start_server()?;
+        Ok(server)
+    }
+
+    /// A connection string for the superuser `postgres` on database `postgres`.
+    pub fn url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=10",
+            self.port
+        )
+    }
+
+    /// The port the server listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Stops the server with a fast shutdown (open sessions are ended), keeping its data.
+    /// For tests that need the database to go away and come back.
+    pub fn stop_server(&mut self) -> Result<(), TempPostgresError> {
+        let Some(mut child) = self.server.take() else {
+            return Ok(());
+        };
+        let status = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .or_else(|e| fail(format!("cannot run kill: {e}")))?;
+        if !status.success() {
+            return fail("kill -INT on the server failed");
+        }
+        child
+            .wait()
+            .or_else(|e| fail(format!("waiting for the server: {e}")))?;
+        if let Some((mut watchdog, mut stdin)) = self.watchdog.take() {
+            let _ = stdin.write_all(b"keep\n");
+            drop(stdin);
+            let _ = watchdog.wait();
+        }
+        Ok(())
+    }
+
+    /// Starts the server again after [`stop_server`](Self::stop_server), on the same port.
+    pub fn start_server(&mut self) -> Result<(), TempPostgresError> {
+        if self.server.is_some() {
+            return Ok(());
+        }
+        let fixed_port = self.port != 0;
+        for _ in 0..5 {
+            if !fixed_port {
+                self.port = free_port()?;
+            }
+            match self.spawn_server() {
+                Ok(()) => return Ok(()),
+                Err(e) if !fixed_port && e.0.contains("could not bind") => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        fail("could not find a free port for PostgreSQL")
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        cmd.current_dir(&self.dir).env("LC_ALL", "C");
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    fn initdb(&self) -> Result<(), TempPostgresError> {
+        let output = self
+            .command("initdb")
+            .args(["-D", "data", "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale", "--no-sync"])
+            .output()
+            .or_else(|e| fail(format!("cannot run {}: {e}", self.bin.join("initdb").display())))?;
+        if !output.status.success() {
+            return fail(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        Ok(())
+    }
+
+    fn spawn_server(&mut self) -> Result<(), TempPostgresError> {
+        let log_path = self.dir.join("server.log");
+        let log = fs::File::create(&log_path)
+            .or_else(|e| fail(format!("cannot create {}: {e}", log_path.display())))?;
+        let log2 = log.try_clone().or_else(|e| fail(e.to_string()))?;
+        let mut cmd = self.command("postgres");
+        cmd.arg("-D").arg("data");
+        cmd.args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"]);
+        cmd.arg("-c").arg(format!("unix_socket_directories={}", self.dir.display()));
+        for (name, value) in &self.settings {
+            cmd.arg("-c").arg(format!("{name}={value}"));
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .or_else(|e| fail(format!("cannot start postgres: {e}")))?;
+        self.watchdog = Some(spawn_watchdog(child.id(), &self.dir)?);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = fs::read_to_string(&log_path).unwrap_or_default();
+                return fail(format!("postgres exited with {status}: {}", log.trim()));
+            }
+            if postgres::Client::connect(&self.url(), postgres::NoTls).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return fail(format!(
+                    "postgres did not accept connections within 60 s; see {}",
+                    log_path.display()
+                ));
+            }
+            // Polling a starting server: there is no event to wait on.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.server = Some(child);
+        Ok(())
+    }
+}
+
+impl Drop for TempPostgres {
+    fn drop(&mut self) {
+        // Closing the watchdog's stdin makes it stop the server and remove the directory.
+        if let Some((mut watchdog, stdin)) = self.watchdog.take() {
+            drop(stdin);
+            let _ = watchdog.wait();
+        }
+        if let Some(mut server) = self.server.take() {
+            let _ = server.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A shell that waits for its stdin to close (our drop, or our death), then fast-stops the
+/// server and removes its directory. A line on its stdin instead dismisses it, leaving
+/// server and directory alone (used by `stop_server`, which stops the server itself).
+fn spawn_watchdog(pid: u32, dir: &Path) -> Result<(Child, ChildStdin), TempPostgresError> {
+    let script = r#"
+        if read -r line; then exit 0; fi
+        kill -INT "$PGPID" 2>/dev/null
+        i=0
+        while kill -0 "$PGPID" 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+        kill -KILL "$PGPID" 2>/dev/null
+        rm -rf "$PGDIR"
+    "#;
+    let mut child = Command::new("sh")
+        .args(["-c", script])
+        .env("PGPID", pid.to_string())
+        .env("PGDIR", dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .or_else(|e| fail(format!("cannot start the cleanup watchdog: {e}")))?;
+    let stdin = child.stdin.take().expect("stdin was piped");
+    Ok((child, stdin))
+}
+
+fn free_port() -> Result<u16, TempPostgresError> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .or_else(|e| fail(format!("cannot find a free port: {e}")))
+}
+
+/// The uid and gid of the `postgres` account, else `nobody`, from /etc/passwd.
+fn unprivileged_account() -> (u32, u32) {
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let lookup = |name: &str| {
+        passwd.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.len() > 3 && fields[0] == name {
+                Some((fields[2].parse().ok()?, fields[3].parse().ok()?))
+            } else {
+                None
+            }
+        })
+    };
+    lookup("postgres")
+        .or_else(|| lookup("nobody"))
+        .unwrap_or((65534, 65534))
+}
+
+fn find_bindir() -> Option<PathBuf> {
+    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if has_server(&dir) {
+                // Resolve symlinks (Debian links a few binaries into /usr/bin or elsewhere).
+                let real = fs::canonicalize(dir.join("initdb"))
+                    .ok()
+                    .and_then(|p| p.parent().map(Path::to_path_buf));
+                match real {
+                    Some(real) if has_server(&real) => return Some(real),
+                    _ => return Some(dir),
+                }
+            }
+        }
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && has_server(&dir) {
+            return Some(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            has_server(&bin).then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
