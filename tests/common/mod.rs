@@ -1,0 +1,120 @@
+//! Shared scaffolding for the integration tests: one real PostgreSQL server per test binary
+//! (`DATABASE_URL`, or a throw-away one), one schema per test so tests run in parallel.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use r2d2_postgres::PostgresConnectionManager;
+use troutbox::{Batch, PgPool, PgStore};
+
+/// How long a test waits for something that should happen within milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn url() -> String {
+    troutbox::testing::database_url().unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn pool(max_size: u32) -> PgPool {
+    let config = url().parse().expect("valid DATABASE_URL");
+    r2d2::Pool::builder()
+        .max_size(max_size)
+        .connection_timeout(Duration::from_secs(10))
+        .build(PostgresConnectionManager::new(config, postgres::NoTls))
+        .expect("pool")
+}
+
+/// A migrated store in a fresh schema named after the test.
+pub fn store(schema: &str, pool: &PgPool) -> PgStore {
+    pool.get()
+        .unwrap()
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .unwrap();
+    let store = PgStore::new(pool.clone()).schema(schema);
+    store.migrate().unwrap();
+    store
+}
+
+/// Runs a query returning one bigint.
+pub fn count(pool: &PgPool, sql: &str) -> i64 {
+    pool.get().unwrap().query_one(sql, &[]).unwrap().get(0)
+}
+
+/// What a recording Sender has seen: delivery count per message id, and the values.
+#[derive(Default)]
+pub struct Deliveries {
+    state: Mutex<HashMap<i64, (usize, Vec<u8>)>>,
+    changed: Condvar,
+}
+
+impl Deliveries {
+    pub fn new() -> Arc<Deliveries> {
+        Arc::new(Deliveries::default())
+    }
+
+    pub fn record(&self, batch: &Batch) {
+        let mut state = self.state.lock().unwrap();
+        for m in batch.iter() {
+            let entry = state.entry(m.id()).or_insert((0, m.value().to_vec()));
+            entry.0 += 1;
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// A Sender that records every batch and reports success.
+    pub fn sender(self: &Arc<Self>) -> impl FnMut(&mut Batch) -> Result<(), String> + Clone + Send + 'static {
+        let me = self.clone();
+        move |batch: &mut Batch| {
+            me.record(batch);
+            Ok(())
+        }
+    }
+
+    pub fn distinct(&self) -> usize {
+        self.state.lock().unwrap().len()
+    }
+
+    pub fn duplicates(&self) -> usize {
+        self.state.lock().unwrap().values().map(|(n, _)| n - 1).sum()
+    }
+
+    pub fn count_of(&self, id: i64) -> usize {
+        self.state.lock().unwrap().get(&id).map_or(0, |(n, _)| *n)
+    }
+
+    pub fn values(&self) -> Vec<Vec<u8>> {
+        self.state.lock().unwrap().values().map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Waits until at least `n` distinct messages were delivered; false on timeout.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state.lock().unwrap();
+        while state.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self.changed.wait_timeout(state, left).unwrap().0;
+        }
+        true
+    }
+}
+
+/// Polls `check` until it is true or `timeout` passes: for conditions that live in the
+/// database, where there is no signal to wait on.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
