@@ -1,0 +1,135 @@
+//! The producer side against a real server: what is stored, what is refused before the
+//! database, and that a refused message leaves the caller's transaction usable.
+
+mod common;
+
+use common::{count, pool, store, Deliveries, PATIENCE};
+use troutbox::{Error, NewMessage, Outbox, MAX_KEY_LEN};
+
+#[test]
+fn headers_keys_and_values_round_trip_exactly() {
+    let pool = pool(4);
+    let store = store("round_trip", &pool);
+    let outbox = Outbox::builder(store).build().unwrap();
+    let mut conn = pool.get().unwrap();
+    let odd = "quote \" backslash \\ comma , braces {} NULL";
+    let value: Vec<u8> = (0..=255u8).collect();
+    let id = outbox
+        .add(
+            &mut *conn,
+            &NewMessage::new("ключ/🔑", &value)
+                .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+                .header(odd, odd)
+                .header("dup", "1")
+                .header("dup", ""),
+        )
+        .unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let s = seen.clone();
+    let deliveries = Deliveries::new();
+    let d = deliveries.clone();
+    let mut handle = outbox
+        .start(move |batch: &mut troutbox::Batch| -> Result<(), String> {
+            *s.lock().unwrap() = Some(batch.messages()[0].clone());
+            d.record(batch);
+            Ok(())
+        })
+        .unwrap();
+    assert!(deliveries.wait_for(1, PATIENCE));
+    handle.shutdown().unwrap();
+    let m = seen.lock().unwrap().clone().unwrap();
+    assert_eq!(m.id(), id);
+    assert_eq!(m.key(), "ключ/🔑");
+    assert_eq!(m.value(), value.as_slice());
+    assert_eq!(m.attempts(), 0);
+    let headers: Vec<(&str, &str)> = m.headers().iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    assert_eq!(
+        headers,
+        [
+            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            (odd, odd),
+            ("dup", "1"),
+            ("dup", ""),
+        ]
+    );
+    assert_eq!(m.header("dup"), Some("1"));
+    let age = time::OffsetDateTime::now_utc() - m.created_at();
+    assert!(age < time::Duration::minutes(5) && age > -time::Duration::minutes(5), "{age}");
+}
+
+#[test]
+fn add_messages_inserts_many_in_order_in_one_call() {
+    let pool = pool(4);
+    let store = store("add_many", &pool);
+    let outbox = Outbox::builder(store).build().unwrap();
+    let mut conn = pool.get().unwrap();
+    let values: Vec<String> = (0..1000).map(|i| format!("v{i}")).collect();
+    let mut tx = conn.transaction().unwrap();
+    let ids = outbox
+        .add_messages(
+            &mut tx,
+            values.iter().enumerate().map(|(i, v)| {
+                let m = NewMessage::new("k", v.as_bytes());
+                if i % 2 == 0 { m.header("n", "even") } else { m }
+            }),
+        )
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(ids.len(), 1000);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids not in order");
+    let rows = conn
+        .query("SELECT id, value, headers FROM add_many.outbox_messages ORDER BY id", &[])
+        .unwrap();
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row.get::<_, i64>(0), ids[i]);
+        assert_eq!(row.get::<_, Vec<u8>>(1), values[i].as_bytes());
+        let headers: Vec<String> = row.get(2);
+        assert_eq!(headers.is_empty(), i % 2 == 1);
+    }
+    assert!(outbox.add_messages(&mut *conn, Vec::new()).unwrap().is_empty());
+}
+
+#[test]
+fn bad_input_is_refused_before_the_database_and_the_transaction_stays_usable() {
+    let pool = pool(4);
+    let store = store("bad_input", &pool);
+    let outbox = Outbox::builder(store).max_value_size(1024).build().unwrap();
+    let mut conn = pool.get().unwrap();
+    let mut tx = conn.transaction().unwrap();
+
+    let err = outbox.add_message(&mut tx, "a\0b", b"v").unwrap_err();
+    assert!(matches!(err, Error::KeyContainsNul { position: 1 }), "{err}");
+    let long_key = "k".repeat(MAX_KEY_LEN + 1);
+    let err = outbox.add_message(&mut tx, &long_key, b"v").unwrap_err();
+    assert!(matches!(err, Error::KeyTooLong { .. }), "{err}");
+    let err = outbox.add_message(&mut tx, "k", &[0u8; 1025]).unwrap_err();
+    assert!(matches!(err, Error::ValueTooLarge { len: 1025, max: 1024 }), "{err}");
+    assert!(err.to_string().contains("max_value_size"), "{err}");
+    let err = outbox.add(&mut tx, &NewMessage::new("k", b"v").header("h", "x\0y")).unwrap_err();
+    assert!(matches!(err, Error::InvalidHeader { .. }), "{err}");
+    let err = outbox.add(&mut tx, &NewMessage::new("k", b"v").header("", "x")).unwrap_err();
+    assert!(matches!(err, Error::InvalidHeader { .. }), "{err}");
+    // One bad message in a batch: none is added.
+    let err = outbox
+        .add_messages(&mut tx, [NewMessage::new("ok", b"v"), NewMessage::new("bad\0", b"v")])
+        .unwrap_err();
+    assert!(matches!(err, Error::KeyContainsNul { .. }), "{err}");
+
+    // Nothing reached the server, so the transaction is not aborted: it still works.
+    outbox.add_message(&mut tx, "k", &[7u8; 1024]).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(count(&pool, "SELECT count(*) FROM bad_input.outbox_messages"), 1);
+}
+
+#[test]
+fn adding_to_a_table_that_was_never_migrated_says_so() {
+    let pool = pool(2);
+    let _ = store("never_migrated_probe", &pool);
+    let store = troutbox::PgStore::new(pool.clone()).schema("never_migrated_probe").table("nope");
+    let outbox = Outbox::builder(store).build().unwrap();
+    let err = outbox.add_message(&mut *pool.get().unwrap(), "k", b"v").unwrap_err();
+    assert!(matches!(err, Error::NotMigrated { .. }), "{err}");
+    assert!(err.to_string().contains("migrate()"), "{err}");
+    let err = outbox.start(|_: &mut troutbox::Batch| -> Result<(), String> { Ok(()) }).unwrap_err();
+    assert!(matches!(err, Error::NotMigrated { .. }), "{err}");
+}
