@@ -73,7 +73,9 @@ impl fmt::Debug for Config {
 /// (the messages will be retried), everything else as errors.
 pub(crate) fn log_error(error: &Error) {
     match error {
-        Error::Sender { .. } | Error::SenderPanicked { .. } => log::warn!("troutbox relay: {error}"),
+        Error::Sender { .. } | Error::SenderPanicked { .. } => {
+            log::warn!("troutbox relay: {error}")
+        }
         _ => log::error!("troutbox relay: {error}"),
     }
 }
@@ -96,17 +98,24 @@ impl Default for Config {
 
 impl Config {
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        let invalid = |option: &'static str, reason: String| Err(Error::InvalidConfig { option, reason });
+        let invalid =
+            |option: &'static str, reason: String| Err(Error::InvalidConfig { option, reason });
         if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
             return invalid(
                 "batch_size",
-                format!("{} is out of range, use 1 to {MAX_BATCH_SIZE}", self.batch_size),
+                format!(
+                    "{} is out of range, use 1 to {MAX_BATCH_SIZE}",
+                    self.batch_size
+                ),
             );
         }
         if self.max_retries > MAX_MAX_RETRIES {
             return invalid(
                 "max_retries",
-                format!("{} is out of range, use 0 to {MAX_MAX_RETRIES}", self.max_retries),
+                format!(
+                    "{} is out of range, use 0 to {MAX_MAX_RETRIES}",
+                    self.max_retries
+                ),
             );
         }
         if let Err(reason) = self.backoff.validate() {
@@ -116,7 +125,10 @@ impl Config {
         if self.poll_interval < MIN_POLL_INTERVAL || self.poll_interval > hour {
             return invalid(
                 "poll_interval",
-                format!("{:?} is out of range, use 1 ms to 1 hour", self.poll_interval),
+                format!(
+                    "{:?} is out of range, use 1 ms to 1 hour",
+                    self.poll_interval
+                ),
             );
         }
         // The send timeout becomes idle_in_transaction_session_timeout, an int of milliseconds.
@@ -124,7 +136,10 @@ impl Config {
         if self.send_timeout < Duration::from_millis(10) || self.send_timeout > max_timeout {
             return invalid(
                 "send_timeout",
-                format!("{:?} is out of range, use 10 ms to {max_timeout:?}", self.send_timeout),
+                format!(
+                    "{:?} is out of range, use 10 ms to {max_timeout:?}",
+                    self.send_timeout
+                ),
             );
         }
         if !(1..=MAX_WORKERS).contains(&self.workers) {

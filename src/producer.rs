@@ -88,7 +88,9 @@ impl<'a> NewMessage<'a> {
                 return invalid("the name contains a NUL byte, which PostgreSQL text cannot store");
             }
             if value.contains('\0') {
-                return invalid("the value contains a NUL byte, which PostgreSQL text cannot store");
+                return invalid(
+                    "the value contains a NUL byte, which PostgreSQL text cannot store",
+                );
             }
         }
         Ok(())
@@ -127,13 +129,13 @@ impl<T: MakeTls> Outbox<T> {
     }
 
     /// Adds one message with headers; otherwise like [`add_message`](Self::add_message).
-    pub fn add<C: GenericClient>(&self, client: &mut C, message: &NewMessage<'_>) -> Result<i64, Error> {
+    pub fn add<C: GenericClient>(
+        &self,
+        client: &mut C,
+        message: &NewMessage<'_>,
+    ) -> Result<i64, Error> {
         message.validate(self.inner.config.max_value_size)?;
-        let flat: Vec<&str> = message
-            .headers
-            .iter()
-            .flat_map(|(n, v)| [*n, *v])
-            .collect();
+        let flat: Vec<&str> = message.headers.iter().flat_map(|(n, v)| [*n, *v]).collect();
         // query_typed: parse, bind and execute in one round trip, on any connection.
         let row = client
             .query_typed_one(

@@ -12,7 +12,7 @@
 //!
 //! ```no_run
 //! let url = troutbox::testing::database_url().expect("a PostgreSQL server");
-//! let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+//! let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
 //! client.batch_execute("SELECT 1").unwrap();
 //! ```
 
@@ -144,7 +144,11 @@ impl TempPostgres {
         fs::create_dir_all(&dir)
             .or_else(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
         let owner = fs::metadata(&dir).map(|m| m.uid()).unwrap_or(1);
-        let run_as = if owner == 0 { Some(unprivileged_account()) } else { None };
+        let run_as = if owner == 0 {
+            Some(unprivileged_account())
+        } else {
+            None
+        };
         if let Some((uid, gid)) = run_as {
             chown(&dir, Some(uid), Some(gid))
                 .or_else(|e| fail(format!("cannot hand {} to uid {uid}: {e}", dir.display())))?;
@@ -236,9 +240,25 @@ impl TempPostgres {
     fn initdb(&self) -> Result<(), TempPostgresError> {
         let output = self
             .command("initdb")
-            .args(["-D", "data", "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale", "--no-sync"])
+            .args([
+                "-D",
+                "data",
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ])
             .output()
-            .or_else(|e| fail(format!("cannot run {}: {e}", self.bin.join("initdb").display())))?;
+            .or_else(|e| {
+                fail(format!(
+                    "cannot run {}: {e}",
+                    self.bin.join("initdb").display()
+                ))
+            })?;
         if !output.status.success() {
             return fail(format!(
                 "initdb failed: {}",
@@ -255,8 +275,14 @@ impl TempPostgres {
         let log2 = log.try_clone().or_else(|e| fail(e.to_string()))?;
         let mut cmd = self.command("postgres");
         cmd.arg("-D").arg("data");
-        cmd.args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"]);
-        cmd.arg("-c").arg(format!("unix_socket_directories={}", self.dir.display()));
+        cmd.args([
+            "-p",
+            &self.port.to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+        ]);
+        cmd.arg("-c")
+            .arg(format!("unix_socket_directories={}", self.dir.display()));
         for (name, value) in &self.settings {
             cmd.arg("-c").arg(format!("{name}={value}"));
         }

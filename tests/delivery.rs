@@ -18,16 +18,26 @@ fn fast_backoff() -> Backoff {
 fn committed_is_delivered_and_rolled_back_never_is() {
     let pool = pool(4);
     let store = store("committed_rolled_back", &pool);
-    let outbox = Outbox::builder(store).poll_interval(Duration::from_millis(10)).build().unwrap();
+    let outbox = Outbox::builder(store)
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
     let mut conn = pool.get().unwrap();
-    conn.batch_execute("CREATE TABLE committed_rolled_back.orders (id bigint)").unwrap();
+    conn.batch_execute("CREATE TABLE committed_rolled_back.orders (id bigint)")
+        .unwrap();
 
     let mut committed = Vec::new();
     for i in 0..20i64 {
         let mut tx = conn.transaction().unwrap();
-        tx.execute("INSERT INTO committed_rolled_back.orders VALUES ($1)", &[&i]).unwrap();
+        tx.execute(
+            "INSERT INTO committed_rolled_back.orders VALUES ($1)",
+            &[&i],
+        )
+        .unwrap();
         let value = format!("order {i}");
-        outbox.add_message(&mut tx, &format!("order-{i}"), value.as_bytes()).unwrap();
+        outbox
+            .add_message(&mut tx, &format!("order-{i}"), value.as_bytes())
+            .unwrap();
         if i % 4 == 3 {
             tx.rollback().unwrap();
         } else {
@@ -39,14 +49,20 @@ fn committed_is_delivered_and_rolled_back_never_is() {
     let mut handle = outbox.start(deliveries.sender()).unwrap();
     assert!(deliveries.wait_for(committed.len(), PATIENCE));
     // The relay drained the table: anything rolled back would have shown up by now.
-    assert!(eventually(PATIENCE, || count(&pool, "SELECT count(*) FROM committed_rolled_back.outbox_messages") == 0));
+    assert!(eventually(PATIENCE, || count(
+        &pool,
+        "SELECT count(*) FROM committed_rolled_back.outbox_messages"
+    ) == 0));
     handle.shutdown().unwrap();
     let mut values = deliveries.values();
     values.sort();
     committed.sort();
     assert_eq!(values, committed);
     assert_eq!(deliveries.duplicates(), 0);
-    assert_eq!(count(&pool, "SELECT count(*) FROM committed_rolled_back.orders"), 15);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM committed_rolled_back.orders"),
+        15
+    );
 }
 
 #[test]
@@ -54,11 +70,17 @@ fn partial_failure_retries_only_the_failed_ones_with_backoff() {
     let pool = pool(4);
     let store = store("partial_failure", &pool);
     let outbox = Outbox::builder(store)
-        .backoff(Backoff::exponential(Duration::from_secs(60), Duration::from_secs(600)).without_jitter())
+        .backoff(
+            Backoff::exponential(Duration::from_secs(60), Duration::from_secs(600))
+                .without_jitter(),
+        )
         .build()
         .unwrap();
     let ids = outbox
-        .add_messages(&mut *pool.get().unwrap(), (0..10).map(|_| NewMessage::new("k", b"v")))
+        .add_messages(
+            &mut *pool.get().unwrap(),
+            (0..10).map(|_| NewMessage::new("k", b"v")),
+        )
         .unwrap();
     let failing: Vec<i64> = ids.iter().copied().filter(|id| id % 3 == 0).collect();
     let f = failing.clone();
@@ -76,7 +98,10 @@ fn partial_failure_retries_only_the_failed_ones_with_backoff() {
         })
         .unwrap();
     assert!(deliveries.wait_for(10, PATIENCE));
-    assert!(eventually(PATIENCE, || count(&pool, "SELECT count(*) FROM partial_failure.outbox_messages") == failing.len() as i64));
+    assert!(eventually(PATIENCE, || count(
+        &pool,
+        "SELECT count(*) FROM partial_failure.outbox_messages"
+    ) == failing.len() as i64));
     handle.shutdown().unwrap();
     let rows = pool
         .get()
@@ -87,14 +112,28 @@ fn partial_failure_retries_only_the_failed_ones_with_backoff() {
             &[],
         )
         .unwrap();
-    let got: Vec<(i64, i32, String, String, bool)> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
+    let got: Vec<(i64, i32, String, String, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
     let expected: Vec<(i64, i32, String, String, bool)> = failing
         .iter()
-        .map(|id| (*id, 1, "broker rejected it".to_string(), "pending".to_string(), true))
+        .map(|id| {
+            (
+                *id,
+                1,
+                "broker rejected it".to_string(),
+                "pending".to_string(),
+                true,
+            )
+        })
         .collect();
     assert_eq!(got, expected);
-    assert_eq!(deliveries.duplicates(), 0, "a message was retried before its backoff");
+    assert_eq!(
+        deliveries.duplicates(),
+        0,
+        "a message was retried before its backoff"
+    );
 }
 
 #[test]
@@ -110,7 +149,13 @@ fn poison_message_dies_after_max_retries_and_does_not_block_the_others() {
         .unwrap();
     let mut conn = pool.get().unwrap();
     let poison = outbox.add_message(&mut *conn, "poison", b"bad").unwrap();
-    let good: Vec<i64> = (0..100).map(|i| outbox.add_message(&mut *conn, &format!("g{i}"), b"good").unwrap()).collect();
+    let good: Vec<i64> = (0..100)
+        .map(|i| {
+            outbox
+                .add_message(&mut *conn, &format!("g{i}"), b"good")
+                .unwrap()
+        })
+        .collect();
     let sent = Arc::new(Mutex::new(Vec::new()));
     let s = sent.clone();
     let mut handle = outbox
@@ -134,7 +179,10 @@ fn poison_message_dies_after_max_retries_and_does_not_block_the_others() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].message.id(), poison);
     assert_eq!(dead[0].message.attempts(), 3);
-    assert_eq!(dead[0].last_error.as_deref(), Some("cannot encode (attempt 3)"));
+    assert_eq!(
+        dead[0].last_error.as_deref(),
+        Some("cannot encode (attempt 3)")
+    );
     assert_eq!(store.backlog().unwrap().pending, 0);
 
     // Re-queued, it starts over and, now that the Sender accepts it, is delivered.
@@ -177,7 +225,8 @@ fn a_panicking_sender_does_not_kill_the_worker() {
         .unwrap();
     assert!(deliveries.wait_for(1, PATIENCE));
     let later = outbox.add_message(&mut *conn, "k", b"later").unwrap();
-    assert!(eventually(PATIENCE, || deliveries.count_of(later) == 1 || errors.load(Ordering::SeqCst) >= 2));
+    assert!(eventually(PATIENCE, || deliveries.count_of(later) == 1
+        || errors.load(Ordering::SeqCst) >= 2));
     handle.shutdown().unwrap();
     assert_eq!(deliveries.count_of(id), 1);
     assert!(errors.load(Ordering::SeqCst) >= 1);
@@ -221,12 +270,19 @@ fn two_relays_with_several_threads_deliver_everything_exactly_once() {
     for p in producers {
         p.join().unwrap();
     }
-    assert!(deliveries.wait_for(N, PATIENCE * 2), "delivered {}", deliveries.distinct());
+    assert!(
+        deliveries.wait_for(N, PATIENCE * 2),
+        "delivered {}",
+        deliveries.distinct()
+    );
     relay_a.shutdown().unwrap();
     relay_b.shutdown().unwrap();
     assert_eq!(deliveries.distinct(), N);
     assert_eq!(deliveries.duplicates(), 0);
-    assert_eq!(count(&pool, "SELECT count(*) FROM two_relays.outbox_messages"), 0);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM two_relays.outbox_messages"),
+        0
+    );
 }
 
 #[test]
@@ -236,7 +292,9 @@ fn shutdown_with_a_batch_in_flight_finishes_it_and_loses_nothing() {
     let outbox = Outbox::builder(store).batch_size(5).build().unwrap();
     let mut conn = pool.get().unwrap();
     for i in 0..12 {
-        outbox.add_message(&mut *conn, &format!("k{i}"), b"v").unwrap();
+        outbox
+            .add_message(&mut *conn, &format!("k{i}"), b"v")
+            .unwrap();
     }
     let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
     let (go_tx, go_rx) = crossbeam_channel::unbounded::<()>();
@@ -255,8 +313,20 @@ fn shutdown_with_a_batch_in_flight_finishes_it_and_loses_nothing() {
     handle.shutdown().unwrap();
     // The batch in flight was delivered and deleted; the rest is still there, untouched.
     assert_eq!(deliveries.distinct(), 5);
-    assert_eq!(count(&pool, "SELECT count(*) FROM shutdown_in_flight.outbox_messages"), 7);
-    assert_eq!(count(&pool, "SELECT count(*) FROM shutdown_in_flight.outbox_messages WHERE attempts > 0"), 0);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM shutdown_in_flight.outbox_messages"
+        ),
+        7
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM shutdown_in_flight.outbox_messages WHERE attempts > 0"
+        ),
+        0
+    );
 
     // A new relay delivers the rest.
     let mut handle = outbox.start(deliveries.sender()).unwrap();
@@ -301,7 +371,10 @@ fn a_sender_outliving_the_send_timeout_releases_its_rows_and_its_late_outcome_co
 
     go_tx.send(()).unwrap();
     relay_a.shutdown().unwrap();
-    assert_eq!(count(&pool, "SELECT count(*) FROM send_timeout.outbox_messages"), 0);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM send_timeout.outbox_messages"),
+        0
+    );
     let errors = errors.lock().unwrap();
     assert!(!errors.is_empty(), "the lost transaction was not reported");
 }

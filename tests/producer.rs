@@ -18,7 +18,10 @@ fn headers_keys_and_values_round_trip_exactly() {
         .add(
             &mut *conn,
             &NewMessage::new("ключ/🔑", &value)
-                .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+                .header(
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                )
                 .header(odd, odd)
                 .header("dup", "1")
                 .header("dup", ""),
@@ -42,11 +45,18 @@ fn headers_keys_and_values_round_trip_exactly() {
     assert_eq!(m.key(), "ключ/🔑");
     assert_eq!(m.value(), value.as_slice());
     assert_eq!(m.attempts(), 0);
-    let headers: Vec<(&str, &str)> = m.headers().iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let headers: Vec<(&str, &str)> = m
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
     assert_eq!(
         headers,
         [
-            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            ),
             (odd, odd),
             ("dup", "1"),
             ("dup", ""),
@@ -54,7 +64,10 @@ fn headers_keys_and_values_round_trip_exactly() {
     );
     assert_eq!(m.header("dup"), Some("1"));
     let age = time::OffsetDateTime::now_utc() - m.created_at();
-    assert!(age < time::Duration::minutes(5) && age > -time::Duration::minutes(5), "{age}");
+    assert!(
+        age < time::Duration::minutes(5) && age > -time::Duration::minutes(5),
+        "{age}"
+    );
 }
 
 #[test]
@@ -70,7 +83,11 @@ fn add_messages_inserts_many_in_order_in_one_call() {
             &mut tx,
             values.iter().enumerate().map(|(i, v)| {
                 let m = NewMessage::new("k", v.as_bytes());
-                if i % 2 == 0 { m.header("n", "even") } else { m }
+                if i % 2 == 0 {
+                    m.header("n", "even")
+                } else {
+                    m
+                }
             }),
         )
         .unwrap();
@@ -78,7 +95,10 @@ fn add_messages_inserts_many_in_order_in_one_call() {
     assert_eq!(ids.len(), 1000);
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids not in order");
     let rows = conn
-        .query("SELECT id, value, headers FROM add_many.outbox_messages ORDER BY id", &[])
+        .query(
+            "SELECT id, value, headers FROM add_many.outbox_messages ORDER BY id",
+            &[],
+        )
         .unwrap();
     for (i, row) in rows.iter().enumerate() {
         assert_eq!(row.get::<_, i64>(0), ids[i]);
@@ -86,7 +106,10 @@ fn add_messages_inserts_many_in_order_in_one_call() {
         let headers: Vec<String> = row.get(2);
         assert_eq!(headers.is_empty(), i % 2 == 1);
     }
-    assert!(outbox.add_messages(&mut *conn, Vec::new()).unwrap().is_empty());
+    assert!(outbox
+        .add_messages(&mut *conn, Vec::new())
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -98,38 +121,66 @@ fn bad_input_is_refused_before_the_database_and_the_transaction_stays_usable() {
     let mut tx = conn.transaction().unwrap();
 
     let err = outbox.add_message(&mut tx, "a\0b", b"v").unwrap_err();
-    assert!(matches!(err, Error::KeyContainsNul { position: 1 }), "{err}");
+    assert!(
+        matches!(err, Error::KeyContainsNul { position: 1 }),
+        "{err}"
+    );
     let long_key = "k".repeat(MAX_KEY_LEN + 1);
     let err = outbox.add_message(&mut tx, &long_key, b"v").unwrap_err();
     assert!(matches!(err, Error::KeyTooLong { .. }), "{err}");
     let err = outbox.add_message(&mut tx, "k", &[0u8; 1025]).unwrap_err();
-    assert!(matches!(err, Error::ValueTooLarge { len: 1025, max: 1024 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::ValueTooLarge {
+                len: 1025,
+                max: 1024
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("max_value_size"), "{err}");
-    let err = outbox.add(&mut tx, &NewMessage::new("k", b"v").header("h", "x\0y")).unwrap_err();
+    let err = outbox
+        .add(&mut tx, &NewMessage::new("k", b"v").header("h", "x\0y"))
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidHeader { .. }), "{err}");
-    let err = outbox.add(&mut tx, &NewMessage::new("k", b"v").header("", "x")).unwrap_err();
+    let err = outbox
+        .add(&mut tx, &NewMessage::new("k", b"v").header("", "x"))
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidHeader { .. }), "{err}");
     // One bad message in a batch: none is added.
     let err = outbox
-        .add_messages(&mut tx, [NewMessage::new("ok", b"v"), NewMessage::new("bad\0", b"v")])
+        .add_messages(
+            &mut tx,
+            [NewMessage::new("ok", b"v"), NewMessage::new("bad\0", b"v")],
+        )
         .unwrap_err();
     assert!(matches!(err, Error::KeyContainsNul { .. }), "{err}");
 
     // Nothing reached the server, so the transaction is not aborted: it still works.
     outbox.add_message(&mut tx, "k", &[7u8; 1024]).unwrap();
     tx.commit().unwrap();
-    assert_eq!(count(&pool, "SELECT count(*) FROM bad_input.outbox_messages"), 1);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM bad_input.outbox_messages"),
+        1
+    );
 }
 
 #[test]
 fn adding_to_a_table_that_was_never_migrated_says_so() {
     let pool = pool(2);
     let _ = store("never_migrated_probe", &pool);
-    let store = troutbox::PgStore::new(pool.clone()).schema("never_migrated_probe").table("nope");
+    let store = troutbox::PgStore::new(pool.clone())
+        .schema("never_migrated_probe")
+        .table("nope");
     let outbox = Outbox::builder(store).build().unwrap();
-    let err = outbox.add_message(&mut *pool.get().unwrap(), "k", b"v").unwrap_err();
+    let err = outbox
+        .add_message(&mut *pool.get().unwrap(), "k", b"v")
+        .unwrap_err();
     assert!(matches!(err, Error::NotMigrated { .. }), "{err}");
     assert!(err.to_string().contains("migrate()"), "{err}");
-    let err = outbox.start(|_: &mut troutbox::Batch| -> Result<(), String> { Ok(()) }).unwrap_err();
+    let err = outbox
+        .start(|_: &mut troutbox::Batch| -> Result<(), String> { Ok(()) })
+        .unwrap_err();
     assert!(matches!(err, Error::NotMigrated { .. }), "{err}");
 }

@@ -12,7 +12,10 @@ use troutbox::{Backoff, Error, Outbox, PgStore};
 #[test]
 fn migrate_is_idempotent_and_safe_from_many_threads_at_once() {
     let pool = pool(10);
-    pool.get().unwrap().batch_execute("DROP SCHEMA IF EXISTS concurrent_migrate CASCADE").unwrap();
+    pool.get()
+        .unwrap()
+        .batch_execute("DROP SCHEMA IF EXISTS concurrent_migrate CASCADE")
+        .unwrap();
     let threads: Vec<_> = (0..8)
         .map(|_| {
             let store = PgStore::new(pool.clone()).schema("concurrent_migrate");
@@ -22,11 +25,17 @@ fn migrate_is_idempotent_and_safe_from_many_threads_at_once() {
     for t in threads {
         t.join().unwrap().unwrap();
     }
-    PgStore::new(pool.clone()).schema("concurrent_migrate").migrate().unwrap();
+    PgStore::new(pool.clone())
+        .schema("concurrent_migrate")
+        .migrate()
+        .unwrap();
     let versions: i64 = pool
         .get()
         .unwrap()
-        .query_one("SELECT count(*) FROM concurrent_migrate.troutbox_migrations", &[])
+        .query_one(
+            "SELECT count(*) FROM concurrent_migrate.troutbox_migrations",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(versions, 1);
@@ -37,7 +46,8 @@ fn hostile_identifiers_are_rejected_and_never_reach_sql() {
     let pool = pool(4);
     let store = store("hostile_names", &pool);
     let mut conn = pool.get().unwrap();
-    conn.batch_execute("CREATE TABLE hostile_names.x (id int)").unwrap();
+    conn.batch_execute("CREATE TABLE hostile_names.x (id int)")
+        .unwrap();
     let long = "a".repeat(64);
     let cases = [
         ("", "table"),
@@ -55,9 +65,15 @@ fn hostile_identifiers_are_rejected_and_never_reach_sql() {
             store.clone().schema(name)
         };
         let err = candidate.migrate().unwrap_err();
-        assert!(matches!(err, Error::InvalidIdentifier { .. }), "{name:?}: {err}");
+        assert!(
+            matches!(err, Error::InvalidIdentifier { .. }),
+            "{name:?}: {err}"
+        );
         let err = Outbox::builder(candidate.clone()).build().unwrap_err();
-        assert!(matches!(err, Error::InvalidIdentifier { .. }), "{name:?}: {err}");
+        assert!(
+            matches!(err, Error::InvalidIdentifier { .. }),
+            "{name:?}: {err}"
+        );
         assert!(candidate.validate().is_err());
         assert!(candidate.dead_messages(1, None).is_err());
     }
@@ -74,11 +90,18 @@ fn hostile_identifiers_are_rejected_and_never_reach_sql() {
 #[test]
 fn case_and_custom_names_are_kept_exactly() {
     let pool = pool(4);
-    pool.get().unwrap().batch_execute("DROP SCHEMA IF EXISTS \"Custom_Schema\" CASCADE").unwrap();
-    let store = PgStore::new(pool.clone()).schema("Custom_Schema").table("Events");
+    pool.get()
+        .unwrap()
+        .batch_execute("DROP SCHEMA IF EXISTS \"Custom_Schema\" CASCADE")
+        .unwrap();
+    let store = PgStore::new(pool.clone())
+        .schema("Custom_Schema")
+        .table("Events");
     store.migrate().unwrap();
     let outbox = Outbox::builder(store.clone()).build().unwrap();
-    outbox.add_message(&mut *pool.get().unwrap(), "k", b"v").unwrap();
+    outbox
+        .add_message(&mut *pool.get().unwrap(), "k", b"v")
+        .unwrap();
     assert_eq!(store.backlog().unwrap().pending, 1);
     assert_eq!(store.qualified_table(), "\"Custom_Schema\".\"Events\"");
 }
@@ -89,21 +112,55 @@ fn invalid_options_are_errors_not_panics() {
     let store = PgStore::new(pool);
     let cases: Vec<(&str, troutbox::OutboxBuilder)> = vec![
         ("batch_size", Outbox::builder(store.clone()).batch_size(0)),
-        ("batch_size", Outbox::builder(store.clone()).batch_size(10_001)),
-        ("max_retries", Outbox::builder(store.clone()).max_retries(10_001)),
-        ("backoff", Outbox::builder(store.clone()).backoff(Backoff::exponential(Duration::ZERO, Duration::from_secs(1)))),
-        ("backoff", Outbox::builder(store.clone()).backoff(Backoff::exponential(Duration::from_secs(2), Duration::from_secs(1)))),
-        ("poll_interval", Outbox::builder(store.clone()).poll_interval(Duration::ZERO)),
-        ("send_timeout", Outbox::builder(store.clone()).send_timeout(Duration::from_millis(1))),
-        ("send_timeout", Outbox::builder(store.clone()).send_timeout(Duration::from_secs(u64::MAX / 4))),
+        (
+            "batch_size",
+            Outbox::builder(store.clone()).batch_size(10_001),
+        ),
+        (
+            "max_retries",
+            Outbox::builder(store.clone()).max_retries(10_001),
+        ),
+        (
+            "backoff",
+            Outbox::builder(store.clone())
+                .backoff(Backoff::exponential(Duration::ZERO, Duration::from_secs(1))),
+        ),
+        (
+            "backoff",
+            Outbox::builder(store.clone()).backoff(Backoff::exponential(
+                Duration::from_secs(2),
+                Duration::from_secs(1),
+            )),
+        ),
+        (
+            "poll_interval",
+            Outbox::builder(store.clone()).poll_interval(Duration::ZERO),
+        ),
+        (
+            "send_timeout",
+            Outbox::builder(store.clone()).send_timeout(Duration::from_millis(1)),
+        ),
+        (
+            "send_timeout",
+            Outbox::builder(store.clone()).send_timeout(Duration::from_secs(u64::MAX / 4)),
+        ),
         ("workers", Outbox::builder(store.clone()).workers(0)),
         ("workers", Outbox::builder(store.clone()).workers(65)),
-        ("shutdown_timeout", Outbox::builder(store.clone()).shutdown_timeout(Duration::ZERO)),
-        ("max_value_size", Outbox::builder(store.clone()).max_value_size(0)),
+        (
+            "shutdown_timeout",
+            Outbox::builder(store.clone()).shutdown_timeout(Duration::ZERO),
+        ),
+        (
+            "max_value_size",
+            Outbox::builder(store.clone()).max_value_size(0),
+        ),
     ];
     for (option, builder) in cases {
         match builder.build() {
-            Err(Error::InvalidConfig { option: got, reason }) => {
+            Err(Error::InvalidConfig {
+                option: got,
+                reason,
+            }) => {
                 assert_eq!(got, option);
                 assert!(!reason.is_empty());
             }
@@ -116,7 +173,11 @@ fn invalid_options_are_errors_not_panics() {
 #[test]
 fn an_unreachable_database_is_a_typed_error_within_the_connection_timeout() {
     // A port nobody listens on: bind one, note it, close it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let config = format!("host=127.0.0.1 port={port} user=nobody dbname=nobody connect_timeout=1")
         .parse()
         .unwrap();
@@ -129,7 +190,13 @@ fn an_unreachable_database_is_a_typed_error_within_the_connection_timeout() {
     assert!(matches!(err, Error::Pool { .. }), "{err}");
     assert!(err.is_connection_error());
     let outbox = Outbox::builder(store).build().unwrap();
-    let err = outbox.start(|_: &mut troutbox::Batch| -> Result<(), String> { Ok(()) }).unwrap_err();
+    let err = outbox
+        .start(|_: &mut troutbox::Batch| -> Result<(), String> { Ok(()) })
+        .unwrap_err();
     assert!(matches!(err, Error::Pool { .. }), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
 }

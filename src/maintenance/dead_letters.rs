@@ -16,7 +16,11 @@ impl<T: MakeTls> PgStore<T> {
     /// }
     /// # Ok(()) }
     /// ```
-    pub fn dead_messages(&self, limit: u32, before_id: Option<i64>) -> Result<Vec<DeadMessage>, Error> {
+    pub fn dead_messages(
+        &self,
+        limit: u32,
+        before_id: Option<i64>,
+    ) -> Result<Vec<DeadMessage>, Error> {
         let sql = self.sql()?;
         let context = "listing dead messages";
         let rows = self

@@ -113,7 +113,8 @@ mod tests {
 
     #[test]
     fn doubles_and_caps() {
-        let b = Backoff::exponential(Duration::from_secs(1), Duration::from_secs(60)).without_jitter();
+        let b =
+            Backoff::exponential(Duration::from_secs(1), Duration::from_secs(60)).without_jitter();
         let delays: Vec<u64> = (0..9).map(|n| b.delay(n).as_secs()).collect();
         assert_eq!(delays, [1, 1, 2, 4, 8, 16, 32, 60, 60]);
         assert_eq!(b.delay(u32::MAX), Duration::from_secs(60));
@@ -127,13 +128,23 @@ mod tests {
             .iter()
             .all(|d| *d >= Duration::from_millis(1000) && *d <= Duration::from_millis(2000)));
         let distinct: std::collections::HashSet<_> = delays.iter().collect();
-        assert!(distinct.len() > 100, "jitter barely varies: {}", distinct.len());
+        assert!(
+            distinct.len() > 100,
+            "jitter barely varies: {}",
+            distinct.len()
+        );
     }
 
     #[test]
     fn validation() {
         assert!(Backoff::default().validate().is_ok());
-        assert!(Backoff::exponential(Duration::ZERO, Duration::from_secs(1)).validate().is_err());
-        assert!(Backoff::exponential(Duration::from_secs(2), Duration::from_secs(1)).validate().is_err());
+        assert!(Backoff::exponential(Duration::ZERO, Duration::from_secs(1))
+            .validate()
+            .is_err());
+        assert!(
+            Backoff::exponential(Duration::from_secs(2), Duration::from_secs(1))
+                .validate()
+                .is_err()
+        );
     }
 }

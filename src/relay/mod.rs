@@ -67,7 +67,13 @@ where
         }
     }
     drop(done_tx);
-    Ok(Handle::new(Some(stop_tx), done_rx, threads, config, wake_tx))
+    Ok(Handle::new(
+        Some(stop_tx),
+        done_rx,
+        threads,
+        config,
+        wake_tx,
+    ))
 }
 
 #[cfg(test)]

@@ -76,7 +76,11 @@ fn marked_failures_are_retried_with_attempts_counted() {
     let row = &state.rows[&poison];
     assert_eq!(row.message.attempts, 3);
     assert_eq!(row.last_error.as_deref(), Some("attempt 2"));
-    assert_eq!(calls.load(Ordering::SeqCst), 3, "one batch per attempt, none after death");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "one batch per attempt, none after death"
+    );
 }
 
 #[test]
@@ -95,7 +99,10 @@ fn err_fails_only_the_unmarked_messages() {
     let state = store.state();
     assert_eq!(state.sent, [a]);
     assert!(state.rows[&b].dead);
-    assert_eq!(state.rows[&b].last_error.as_deref(), Some("broker closed the channel"));
+    assert_eq!(
+        state.rows[&b].last_error.as_deref(),
+        Some("broker closed the channel")
+    );
 }
 
 #[test]
@@ -117,7 +124,12 @@ fn a_panicking_sender_fails_the_batch_and_the_worker_lives_on() {
     assert!(store.wait_until(WAIT, |s| s.sent.contains(&later)));
     handle.shutdown().unwrap();
     let errors = errors.lock().unwrap();
-    assert!(errors.iter().any(|e| e.contains("sender panicked") && e.contains("sender bug")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("sender panicked") && e.contains("sender bug")),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -182,8 +194,13 @@ fn shutdown_gives_up_on_a_hung_sender_after_its_timeout() {
         Ok(())
     });
     entered_rx.recv_timeout(WAIT).unwrap();
-    let err = handle.shutdown_timeout(Duration::from_millis(50)).unwrap_err();
-    assert!(matches!(err, Error::ShutdownTimedOut { running: 1 }), "{err}");
+    let err = handle
+        .shutdown_timeout(Duration::from_millis(50))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::ShutdownTimedOut { running: 1 }),
+        "{err}"
+    );
     go_tx.send(()).unwrap();
 }
 

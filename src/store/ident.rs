@@ -70,7 +70,10 @@ mod tests {
     #[test]
     fn accepts_plain_names() {
         for name in ["outbox", "Outbox_2", "_x", "a"] {
-            assert_eq!(Ident::new("table", name, MAX_IDENT_LEN).unwrap().as_str(), name);
+            assert_eq!(
+                Ident::new("table", name, MAX_IDENT_LEN).unwrap().as_str(),
+                name
+            );
         }
     }
 

@@ -148,7 +148,10 @@ impl RelaySession for MemorySession {
         }
         let now = Instant::now();
         for r in settlement.returned {
-            let row = state.rows.get_mut(&r.message.id).expect("claimed row exists");
+            let row = state
+                .rows
+                .get_mut(&r.message.id)
+                .expect("claimed row exists");
             row.message.attempts = r.attempts;
             row.available_at = now + r.delay;
             row.dead = r.dead;

@@ -65,7 +65,9 @@ impl Deliveries {
     }
 
     /// A Sender that records every batch and reports success.
-    pub fn sender(self: &Arc<Self>) -> impl FnMut(&mut Batch) -> Result<(), String> + Clone + Send + 'static {
+    pub fn sender(
+        self: &Arc<Self>,
+    ) -> impl FnMut(&mut Batch) -> Result<(), String> + Clone + Send + 'static {
         let me = self.clone();
         move |batch: &mut Batch| {
             me.record(batch);
@@ -78,7 +80,12 @@ impl Deliveries {
     }
 
     pub fn duplicates(&self) -> usize {
-        self.state.lock().unwrap().values().map(|(n, _)| n - 1).sum()
+        self.state
+            .lock()
+            .unwrap()
+            .values()
+            .map(|(n, _)| n - 1)
+            .sum()
     }
 
     pub fn count_of(&self, id: i64) -> usize {
@@ -86,7 +93,12 @@ impl Deliveries {
     }
 
     pub fn values(&self) -> Vec<Vec<u8>> {
-        self.state.lock().unwrap().values().map(|(_, v)| v.clone()).collect()
+        self.state
+            .lock()
+            .unwrap()
+            .values()
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// Waits until at least `n` distinct messages were delivered; false on timeout.
