@@ -89,3 +89,8 @@ pub use relay::batch::Batch;
 pub use relay::handle::Handle;
 pub use relay::sender::Sender;
 pub use store::pg::{MakeTls, PgPool, PgStore, DEFAULT_SCHEMA, DEFAULT_TABLE};
+
+/// The README's examples, compiled as doctests so the README stays true to the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
