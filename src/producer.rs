@@ -100,11 +100,13 @@ impl<'a> NewMessage<'a> {
 impl<T: MakeTls> Outbox<T> {
     /// Adds a message to the outbox through `client`, normally the caller's own
     /// [`postgres::Transaction`]: the message exists for the relay if and only if that
-    /// transaction commits. Returns the message's id.
+    /// transaction commits.
     ///
     /// `client` can be anything implementing [`GenericClient`]: a `Transaction`, a `Client`
     /// or a pooled connection (`&mut *conn`), so the producer never needs a second
-    /// connection. One round trip, no locks beyond the new row.
+    /// connection. One round trip, no locks beyond the new row, and the only privilege it
+    /// needs is INSERT on the outbox table (which is why it does not return the new id: that
+    /// would need SELECT too; the Sender sees it as [`Message::id`](crate::Message::id)).
     ///
     /// Rejected before anything reaches the database, leaving the transaction usable: a key
     /// with a NUL byte ([`Error::KeyContainsNul`]) or over [`MAX_KEY_LEN`] bytes
@@ -124,7 +126,7 @@ impl<T: MakeTls> Outbox<T> {
         client: &mut C,
         key: &str,
         value: &[u8],
-    ) -> Result<i64, Error> {
+    ) -> Result<(), Error> {
         self.add(client, &NewMessage::new(key, value))
     }
 
@@ -133,12 +135,12 @@ impl<T: MakeTls> Outbox<T> {
         &self,
         client: &mut C,
         message: &NewMessage<'_>,
-    ) -> Result<i64, Error> {
+    ) -> Result<(), Error> {
         message.validate(self.inner.config.max_value_size)?;
         let flat: Vec<&str> = message.headers.iter().flat_map(|(n, v)| [*n, *v]).collect();
         // query_typed: parse, bind and execute in one round trip, on any connection.
-        let row = client
-            .query_typed_one(
+        client
+            .execute_typed(
                 &self.inner.sql.insert_one,
                 &[
                     (&message.key, Type::TEXT),
@@ -148,30 +150,31 @@ impl<T: MakeTls> Outbox<T> {
             )
             .map_err(self.inner.store.db_error("adding a message to the outbox"))?;
         self.nudge_relay();
-        Ok(row.get(0))
+        Ok(())
     }
 
-    /// Adds many messages in one statement and one round trip, in order; returns their ids
-    /// in the same order. All are validated first: if one is invalid, none is added.
+    /// Adds many messages in one statement and one round trip; their ids are drawn in the
+    /// order given. Returns how many were added. All are validated first: if one is invalid,
+    /// none is added.
     ///
     /// ```no_run
     /// # fn f(outbox: &troutbox::Outbox, tx: &mut postgres::Transaction<'_>) -> Result<(), troutbox::Error> {
     /// use troutbox::NewMessage;
-    /// let ids = outbox.add_messages(tx, [
+    /// let added = outbox.add_messages(tx, [
     ///     NewMessage::new("order-1", b"created"),
     ///     NewMessage::new("order-2", b"created").header("traceparent", "00-...-01"),
     /// ])?;
-    /// assert_eq!(ids.len(), 2);
+    /// assert_eq!(added, 2);
     /// # Ok(()) }
     /// ```
-    pub fn add_messages<'m, C, I>(&self, client: &mut C, messages: I) -> Result<Vec<i64>, Error>
+    pub fn add_messages<'m, C, I>(&self, client: &mut C, messages: I) -> Result<u64, Error>
     where
         C: GenericClient,
         I: IntoIterator<Item = NewMessage<'m>>,
     {
         let messages: Vec<NewMessage<'m>> = messages.into_iter().collect();
         if messages.is_empty() {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         let max = self.inner.config.max_value_size;
         messages.iter().try_for_each(|m| m.validate(max))?;
@@ -181,8 +184,8 @@ impl<T: MakeTls> Outbox<T> {
             .iter()
             .map(|m| encode_headers(m.headers.iter().copied()))
             .collect();
-        let rows = client
-            .query_typed(
+        let added = client
+            .execute_typed(
                 &self.inner.sql.insert_many,
                 &[
                     (&keys, Type::TEXT_ARRAY),
@@ -192,7 +195,7 @@ impl<T: MakeTls> Outbox<T> {
             )
             .map_err(self.inner.store.db_error("adding messages to the outbox"))?;
         self.nudge_relay();
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(added)
     }
 
     /// Tells an idle local relay worker to poll soon. The producer's transaction has not

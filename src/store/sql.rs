@@ -99,19 +99,17 @@ impl Sql {
                 CREATE INDEX {pending_idx} ON {t} (available_at, id) WHERE state = 'pending';
                 CREATE INDEX {dead_idx} ON {t} (id) WHERE state = 'dead';"
             ),
-            // Producer path: one round trip, no lock beyond the new row's own.
-            insert_one: format!(
-                "INSERT INTO {t} (key, value, headers) VALUES ($1, $2, $3) RETURNING id"
-            ),
-            // Producer batch path: one statement for any number of rows. Headers arrive as one
-            // array literal per row (see `encode_headers`) because SQL arrays cannot nest
-            // ragged arrays.
+            // Producer path: one round trip, no lock beyond the new row's own. No RETURNING:
+            // a producer role needs nothing but INSERT on the table.
+            insert_one: format!("INSERT INTO {t} (key, value, headers) VALUES ($1, $2, $3)"),
+            // Producer batch path: one statement for any number of rows, ids drawn in the
+            // caller's order. Headers arrive as one array literal per row (see
+            // `encode_headers`) because SQL arrays cannot nest ragged arrays.
             insert_many: format!(
                 "INSERT INTO {t} (key, value, headers)
                  SELECT k, v, h::text[]
                  FROM unnest($1::text[], $2::bytea[], $3::text[]) WITH ORDINALITY AS u(k, v, h, n)
-                 ORDER BY n
-                 RETURNING id"
+                 ORDER BY n"
             ),
             // Relay: claim up to $1 due rows by deleting them inside the still-open claim
             // transaction. Uses the pending index; SKIP LOCKED passes over rows another relay

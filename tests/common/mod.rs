@@ -130,3 +130,17 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Ids of the messages with `key` in `schema`'s outbox table, in id order.
+pub fn ids_with_key(pool: &PgPool, schema: &str, key: &str) -> Vec<i64> {
+    pool.get()
+        .unwrap()
+        .query(
+            &format!("SELECT id FROM \"{schema}\".outbox_messages WHERE key = $1 ORDER BY id"),
+            &[&key],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
