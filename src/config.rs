@@ -52,6 +52,15 @@ pub(crate) struct Config {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) max_value_size: usize,
     pub(crate) error_handler: ErrorHandler,
+    /// The meter for the outbox's metrics; `None` means the global meter provider's.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) meter: Option<opentelemetry::metrics::Meter>,
+    /// The tracer for batch spans; `None` means the global tracer provider's.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) tracer: Option<Arc<opentelemetry::global::BoxedTracer>>,
+    /// Whether `add_message` records the current trace context in the headers.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) propagate_trace_context: bool,
 }
 
 impl fmt::Debug for Config {
@@ -92,6 +101,12 @@ impl Default for Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
             error_handler: Arc::new(log_error),
+            #[cfg(feature = "opentelemetry")]
+            meter: None,
+            #[cfg(feature = "opentelemetry")]
+            tracer: None,
+            #[cfg(feature = "opentelemetry")]
+            propagate_trace_context: true,
         }
     }
 }

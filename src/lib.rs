@@ -82,6 +82,7 @@ pub use config::{
 pub use error::{BoxError, Error};
 pub use message::{DeadMessage, Message, Status};
 pub use observability::backlog::Backlog;
+pub use observability::stats::{Stats, Timing};
 pub use outbox::{Outbox, OutboxBuilder};
 pub use producer::NewMessage;
 pub use relay::backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX};

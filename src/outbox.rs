@@ -7,6 +7,7 @@ use crossbeam_channel::{Receiver, Sender as ChannelSender};
 use postgres::NoTls;
 
 use crate::config::Config;
+use crate::observability::Telemetry;
 use crate::relay::backoff::Backoff;
 use crate::relay::handle::Handle;
 use crate::relay::sender::Sender;
@@ -57,6 +58,9 @@ pub(crate) struct Inner<T: MakeTls> {
     /// Wakes an idle relay worker of this outbox after a local `add_message`.
     pub(crate) wake_tx: ChannelSender<()>,
     pub(crate) wake_rx: Receiver<()>,
+    /// The outbox's OpenTelemetry instruments, shared by all its relays.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) otel: Arc<crate::observability::otel::Instruments>,
 }
 
 impl<T: MakeTls> Clone for Outbox<T> {
@@ -109,10 +113,16 @@ impl<T: MakeTls> Outbox<T> {
             sql: self.inner.sql.clone(),
             send_timeout: self.inner.config.send_timeout,
         };
+        let telemetry = Telemetry {
+            #[cfg(feature = "opentelemetry")]
+            otel: Some(self.inner.otel.clone()),
+            ..Telemetry::default()
+        };
         crate::relay::spawn(
             Arc::new(relay),
             sender,
             &self.inner.config,
+            Arc::new(telemetry),
             self.inner.wake_tx.clone(),
             self.inner.wake_rx.clone(),
         )
@@ -209,20 +219,66 @@ impl<T: MakeTls> OutboxBuilder<T> {
         self
     }
 
+    /// Uses `meter` for the outbox's metrics (see the README's "Observability"). Defaults to
+    /// the global meter provider's meter named `troutbox`.
+    #[cfg(feature = "opentelemetry")]
+    pub fn with_meter(mut self, meter: opentelemetry::metrics::Meter) -> Self {
+        self.config.meter = Some(meter);
+        self
+    }
+
+    /// Uses `tracer` for the span of each batch. Defaults to the global tracer provider's
+    /// tracer named `troutbox`.
+    #[cfg(feature = "opentelemetry")]
+    pub fn with_tracer<R, S>(mut self, tracer: R) -> Self
+    where
+        R: opentelemetry::trace::Tracer<Span = S> + Send + Sync + 'static,
+        S: opentelemetry::trace::Span + Send + Sync + 'static,
+    {
+        self.config.tracer = Some(Arc::new(opentelemetry::global::BoxedTracer::new(Box::new(
+            tracer,
+        ))));
+        self
+    }
+
+    /// Whether [`add_message`](Outbox::add_message) records the current trace context
+    /// (`traceparent`, `tracestate`, through the global text-map propagator) in the message
+    /// headers, so the relay's batch span can link to the producer's span. Headers you set
+    /// yourself with those names win. Defaults to `true`.
+    #[cfg(feature = "opentelemetry")]
+    pub fn propagate_trace_context(mut self, on: bool) -> Self {
+        self.config.propagate_trace_context = on;
+        self
+    }
+
     /// Validates the options and the store's schema and table names, and builds the outbox.
     /// Does not touch the database.
     pub fn build(self) -> Result<Outbox<T>, Error> {
         self.config.validate()?;
         let sql = self.store.sql()?;
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
-        Ok(Outbox {
-            inner: Arc::new(Inner {
+        // The backlog gauges hold the outbox weakly, so a dropped outbox stops reporting
+        // instead of being kept alive (with its pool) by the meter provider.
+        let inner = Arc::new_cyclic(|_weak: &std::sync::Weak<Inner<T>>| {
+            #[cfg(feature = "opentelemetry")]
+            let otel = {
+                let weak = _weak.clone();
+                Arc::new(crate::observability::otel::Instruments::new(
+                    self.config.meter.clone(),
+                    self.config.tracer.clone(),
+                    Arc::new(move || weak.upgrade()?.store.backlog().ok()),
+                ))
+            };
+            Inner {
                 store: self.store,
                 sql,
                 config: self.config,
                 wake_tx,
                 wake_rx,
-            }),
-        })
+                #[cfg(feature = "opentelemetry")]
+                otel,
+            }
+        });
+        Ok(Outbox { inner })
     }
 }

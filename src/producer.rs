@@ -137,7 +137,10 @@ impl<T: MakeTls> Outbox<T> {
         message: &NewMessage<'_>,
     ) -> Result<(), Error> {
         message.validate(self.inner.config.max_value_size)?;
-        let flat: Vec<&str> = message.headers.iter().flat_map(|(n, v)| [*n, *v]).collect();
+        let injected = self.trace_headers();
+        let flat: Vec<&str> = with_injected(&message.headers, &injected)
+            .flat_map(|(n, v)| [n, v])
+            .collect();
         // query_typed: parse, bind and execute in one round trip, on any connection.
         client
             .execute_typed(
@@ -180,9 +183,10 @@ impl<T: MakeTls> Outbox<T> {
         messages.iter().try_for_each(|m| m.validate(max))?;
         let keys: Vec<&str> = messages.iter().map(|m| m.key).collect();
         let values: Vec<&[u8]> = messages.iter().map(|m| m.value).collect();
+        let injected = self.trace_headers();
         let headers: Vec<String> = messages
             .iter()
-            .map(|m| encode_headers(m.headers.iter().copied()))
+            .map(|m| encode_headers(with_injected(&m.headers, &injected)))
             .collect();
         let added = client
             .execute_typed(
@@ -198,6 +202,16 @@ impl<T: MakeTls> Outbox<T> {
         Ok(added)
     }
 
+    /// Trace-context headers to add to new messages: with the `opentelemetry` feature, the
+    /// current context through the global propagator; otherwise none.
+    fn trace_headers(&self) -> Vec<(String, String)> {
+        #[cfg(feature = "opentelemetry")]
+        if self.inner.config.propagate_trace_context {
+            return crate::observability::otel::current_trace_headers();
+        }
+        Vec::new()
+    }
+
     /// Tells an idle local relay worker to poll soon. The producer's transaction has not
     /// committed yet, so the worker may find nothing; its adaptive polling then retries after
     /// 1 ms, 2 ms, 4 ms, ... which catches the commit quickly without any NOTIFY in the
@@ -205,4 +219,16 @@ impl<T: MakeTls> Outbox<T> {
     fn nudge_relay(&self) {
         let _ = self.inner.wake_tx.try_send(());
     }
+}
+
+/// The message's own headers, then the injected ones whose names it does not already use.
+fn with_injected<'h>(
+    own: &'h [(&'h str, &'h str)],
+    injected: &'h [(String, String)],
+) -> impl Iterator<Item = (&'h str, &'h str)> + 'h {
+    let extra = injected
+        .iter()
+        .filter(move |(name, _)| !own.iter().any(|(n, _)| n == name))
+        .map(|(n, v)| (n.as_str(), v.as_str()));
+    own.iter().copied().chain(extra)
 }

@@ -1,3 +1,47 @@
-//! Observability: what is waiting in the outbox.
+//! Observability: counters and timings of the relay ([`Stats`](crate::Stats)), the backlog
+//! ([`Backlog`](crate::Backlog)), and with the `opentelemetry` feature, metrics and traces.
 
 pub(crate) mod backlog;
+#[cfg(feature = "opentelemetry")]
+pub(crate) mod otel;
+pub(crate) mod stats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::store::SettleReport;
+use stats::Counters;
+
+/// Everything a relay handle reports to: its own counters, and the outbox's OpenTelemetry
+/// instruments when the feature is on.
+#[derive(Default)]
+pub(crate) struct Telemetry {
+    pub(crate) counters: Counters,
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) otel: Option<Arc<otel::Instruments>>,
+}
+
+impl Telemetry {
+    pub(crate) fn record_settled(&self, report: SettleReport, duration: Duration) {
+        self.counters.record_settled(report, duration);
+        #[cfg(feature = "opentelemetry")]
+        if let Some(otel) = &self.otel {
+            otel.record_settled(report, duration);
+        }
+    }
+
+    pub(crate) fn record_latency(&self, latency: Duration) {
+        self.counters.record_latency(latency);
+        #[cfg(feature = "opentelemetry")]
+        if let Some(otel) = &self.otel {
+            otel.record_latency(latency);
+        }
+    }
+
+    pub(crate) fn record_error(&self) {
+        self.counters.record_error();
+    }
+}
+
+/// Shared handle to a [`Telemetry`].
+pub(crate) type SharedTelemetry = Arc<Telemetry>;

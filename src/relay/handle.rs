@@ -7,6 +7,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender as ChannelSender};
 
 use crate::config::Config;
 use crate::error::panic_message;
+use crate::observability::stats::Stats;
+use crate::observability::SharedTelemetry;
 use crate::Error;
 
 /// Controls a running relay started by [`Outbox::start`](crate::Outbox::start).
@@ -15,13 +17,22 @@ use crate::Error;
 /// finish the batch it is sending (its outcome is recorded as usual), joins the threads and
 /// reports what went wrong. Dropping the handle does the same, logging instead of returning
 /// errors. Shutting down twice is harmless.
-#[derive(Debug)]
 pub struct Handle {
     stop: Option<ChannelSender<()>>,
     done: Receiver<()>,
     threads: Vec<JoinHandle<()>>,
     timeout: Duration,
     wake: ChannelSender<()>,
+    telemetry: SharedTelemetry,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("workers", &self.threads.len())
+            .field("stopped", &self.stop.is_none())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Handle {
@@ -31,6 +42,7 @@ impl Handle {
         threads: Vec<JoinHandle<()>>,
         config: &Config,
         wake: ChannelSender<()>,
+        telemetry: SharedTelemetry,
     ) -> Handle {
         Handle {
             stop,
@@ -38,7 +50,15 @@ impl Handle {
             threads,
             timeout: config.shutdown_timeout,
             wake,
+            telemetry,
         }
+    }
+
+    /// The relay's counters and timings so far. Each counter moves only after the database
+    /// committed what it counts. See [`PgStore::backlog`](crate::PgStore::backlog) for what
+    /// is waiting.
+    pub fn stats(&self) -> Stats {
+        self.telemetry.counters.snapshot()
     }
 
     /// Stops the relay and waits for its threads, up to the configured shutdown timeout

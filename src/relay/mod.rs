@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender as ChannelSender};
 
 use crate::config::Config;
+use crate::observability::SharedTelemetry;
 use crate::store::RelayStore;
 use crate::Error;
 use handle::Handle;
@@ -30,6 +31,7 @@ pub(crate) fn spawn<S, F>(
     store: Arc<S>,
     sender: F,
     config: &Config,
+    telemetry: SharedTelemetry,
     wake_tx: ChannelSender<()>,
     wake_rx: Receiver<()>,
 ) -> Result<Handle, Error>
@@ -48,6 +50,7 @@ where
             first_session.take(),
             sender.clone(),
             config,
+            telemetry.clone(),
             stop_rx.clone(),
             wake_rx.clone(),
             wake_tx.clone(),
@@ -60,7 +63,8 @@ where
             Ok(thread) => threads.push(thread),
             Err(e) => {
                 drop(done_tx);
-                let mut partial = Handle::new(Some(stop_tx), done_rx, threads, config, wake_tx);
+                let mut partial =
+                    Handle::new(Some(stop_tx), done_rx, threads, config, wake_tx, telemetry);
                 let _ = partial.shutdown();
                 return Err(Error::Spawn(e));
             }
@@ -73,6 +77,7 @@ where
         threads,
         config,
         wake_tx,
+        telemetry,
     ))
 }
 

@@ -30,7 +30,15 @@ where
     F: FnMut(&mut Batch) -> Result<(), String> + Clone + Send + 'static,
 {
     let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
-    super::spawn(Arc::new(store.clone()), sender, config, wake_tx, wake_rx).unwrap()
+    super::spawn(
+        Arc::new(store.clone()),
+        sender,
+        config,
+        Arc::default(),
+        wake_tx,
+        wake_rx,
+    )
+    .unwrap()
 }
 
 #[test]

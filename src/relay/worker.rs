@@ -2,18 +2,19 @@
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender as ChannelSender, TryRecvError};
 
 use crate::config::{Config, ErrorHandler, MIN_POLL_INTERVAL};
 use crate::error::{panic_message, BoxError};
 use crate::message::Message;
+use crate::observability::SharedTelemetry;
 use crate::relay::backoff::Backoff;
 use crate::relay::batch::Batch;
 use crate::relay::outcome;
 use crate::relay::sender::Sender;
-use crate::store::{RelaySession, RelayStore, Settlement};
+use crate::store::{RelaySession, RelayStore, SettleReport, Settlement};
 use crate::Error;
 
 /// Pause after database errors: short, so the relay resumes within seconds of the database
@@ -38,6 +39,7 @@ pub(crate) struct Worker<S: RelayStore, F: Sender + Clone> {
     backoff: Backoff,
     poll_interval: Duration,
     error_handler: ErrorHandler,
+    telemetry: SharedTelemetry,
     stop: Receiver<()>,
     wake: Receiver<()>,
     /// Held so the wake channel never disconnects while a worker waits on it.
@@ -53,6 +55,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
         session: Option<S::Session>,
         sender: F,
         config: &Config,
+        telemetry: SharedTelemetry,
         stop: Receiver<()>,
         wake: Receiver<()>,
         wake_tx: ChannelSender<()>,
@@ -68,6 +71,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             backoff: config.backoff,
             poll_interval: config.poll_interval,
             error_handler: config.error_handler.clone(),
+            telemetry,
             stop,
             wake,
             _wake_tx: wake_tx,
@@ -105,19 +109,47 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
                 continue;
             }
             idle_sleep = MIN_POLL_INTERVAL;
+            let started = Instant::now();
+            #[cfg(feature = "opentelemetry")]
+            let (started_at, size, links) = (
+                std::time::SystemTime::now(),
+                messages.len(),
+                crate::observability::otel::links(&messages),
+            );
+            self.record_latencies(&messages);
             let (settlement, sender_error) = self.deliver(messages);
             let whole_batch_failed = sender_error.is_some() && settlement.sent.is_empty();
             if let Some(e) = &sender_error {
                 self.report(e);
             }
-            log::debug!(
-                "batch settled: {} sent, {} returned",
-                settlement.sent.len(),
-                settlement.returned.len()
-            );
-            if let Err(e) = self.settle(settlement) {
-                self.report(&e);
+            #[cfg(feature = "opentelemetry")]
+            let dead: Vec<(i64, u32, String)> = settlement
+                .returned
+                .iter()
+                .filter(|r| r.dead)
+                .map(|r| (r.message.id, r.attempts, r.error.clone()))
+                .collect();
+            let report = self.settle(settlement);
+            // Counted only now, after the commit: the counters follow the rows.
+            self.telemetry.record_settled(report, started.elapsed());
+            #[cfg(feature = "opentelemetry")]
+            if let Some(otel) = &self.telemetry.otel {
+                let error = sender_error.as_ref().map(ToString::to_string);
+                otel.batch_span(crate::observability::otel::BatchSpan {
+                    start: started_at,
+                    size,
+                    report,
+                    dead: &dead,
+                    links,
+                    error: error.as_deref(),
+                });
             }
+            log::debug!(
+                "batch settled: {} sent, {} retried, {} dead",
+                report.sent,
+                report.retried,
+                report.dead
+            );
             // A Sender failing whole batches usually means the broker is down: slow down
             // rather than spend every message's retries at full speed.
             if whole_batch_failed {
@@ -147,8 +179,25 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
         self.session()?.claim(batch_size)
     }
 
-    fn settle(&mut self, settlement: Settlement) -> Result<(), Error> {
-        self.session()?.settle(settlement)
+    /// Settles the batch on the session that claimed it; reports what was committed.
+    fn settle(&mut self, settlement: Settlement) -> SettleReport {
+        let outcome = match self.session.as_mut() {
+            Some(session) => session.settle(settlement),
+            None => (SettleReport::default(), None),
+        };
+        if let (_, Some(e)) = &outcome {
+            self.report(e);
+        }
+        outcome.0
+    }
+
+    /// Time from each message's producing transaction (database clock) to now.
+    fn record_latencies(&self, messages: &[Message]) {
+        let now = time::OffsetDateTime::now_utc();
+        for m in messages {
+            let latency = (now - m.created_at).try_into().unwrap_or(Duration::ZERO);
+            self.telemetry.record_latency(latency);
+        }
     }
 
     /// Hands the messages to the Sender, catching panics, and decides each message's fate.
@@ -185,6 +234,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
     }
 
     fn report(&self, error: &Error) {
+        self.telemetry.record_error();
         let handler = &self.error_handler;
         if panic::catch_unwind(AssertUnwindSafe(|| handler(error))).is_err() {
             log::error!("troutbox error handler panicked while handling: {error}");

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{RelaySession, RelayStore, Settlement};
+use super::{RelaySession, RelayStore, SettleReport, Settlement};
 use crate::message::{Message, Status};
 use crate::Error;
 
@@ -139,7 +139,8 @@ impl RelaySession for MemorySession {
         Ok(batch)
     }
 
-    fn settle(&mut self, settlement: Settlement) -> Result<(), Error> {
+    fn settle(&mut self, settlement: Settlement) -> (SettleReport, Option<Error>) {
+        let report = SettleReport::of(&settlement);
         let store = self.store.clone();
         let mut state = store.state();
         for id in &settlement.sent {
@@ -161,7 +162,7 @@ impl RelaySession for MemorySession {
         state.settlements += 1;
         drop(state);
         store.changed.notify_all();
-        Ok(())
+        (report, None)
     }
 
     fn is_broken(&self) -> bool {

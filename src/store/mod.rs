@@ -41,6 +41,29 @@ pub(crate) struct Returned {
     pub(crate) error: String,
 }
 
+/// The row transitions a settlement committed: what the counters count.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SettleReport {
+    /// Messages removed as sent.
+    pub(crate) sent: u64,
+    /// Failed messages put back for another attempt.
+    pub(crate) retried: u64,
+    /// Failed messages declared dead.
+    pub(crate) dead: u64,
+}
+
+impl SettleReport {
+    /// What a settlement commits when its transaction commits as a whole.
+    pub(crate) fn of(settlement: &Settlement) -> SettleReport {
+        let dead = settlement.returned.iter().filter(|r| r.dead).count() as u64;
+        SettleReport {
+            sent: settlement.sent.len() as u64,
+            retried: settlement.returned.len() as u64 - dead,
+            dead,
+        }
+    }
+}
+
 /// Storage as the relay sees it. Implemented by [`PgStore`](crate::PgStore), and in the unit
 /// tests by an in-memory store.
 pub(crate) trait RelayStore: Send + Sync + 'static {
@@ -61,8 +84,9 @@ pub(crate) trait RelaySession: Send {
 
     /// Records the outcome of the open claim and ends it. Applied atomically: either the
     /// whole settlement is recorded, or (after a lost connection) it is applied afterwards
-    /// to the rows no other relay has claimed since.
-    fn settle(&mut self, settlement: Settlement) -> Result<(), Error>;
+    /// to the rows no other relay has claimed since. Returns the transitions that were
+    /// committed, and the error that lost the claim transaction, if one did.
+    fn settle(&mut self, settlement: Settlement) -> (SettleReport, Option<Error>);
 
     /// True when the session cannot be used any more and a new one must be opened.
     fn is_broken(&self) -> bool;

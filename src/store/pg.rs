@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use super::ident::{Ident, DERIVED_SUFFIX_LEN, MAX_IDENT_LEN};
 use super::sql::{self, Sql, SCHEMA_VERSION};
-use super::{RelaySession, RelayStore, Settlement};
+use super::{RelaySession, RelayStore, SettleReport, Settlement};
 use crate::message::{Message, Status};
 use crate::Error;
 
@@ -273,13 +273,15 @@ impl<T: MakeTls> PgSession<T> {
 
     /// Applies a settlement whose claim transaction was lost, on a fresh connection. The
     /// rows are back as they were before the claim, unless another relay holds them now.
-    fn settle_late(&self, settlement: &Settlement) -> Result<(), Error> {
+    fn settle_late(&self, settlement: &Settlement) -> Result<SettleReport, Error> {
         let context = "recording a batch outcome after its transaction was lost";
         let mut client = self.store.connection(context)?;
         let map = self.store.db_error(context);
+        let mut report = SettleReport::default();
         if !settlement.sent.is_empty() {
-            if let Err(e) = client.execute(&self.sql.late_delete_sent, &[&settlement.sent]) {
-                return Err(map(e));
+            match client.execute(&self.sql.late_delete_sent, &[&settlement.sent]) {
+                Ok(deleted) => report.sent = deleted,
+                Err(e) => return Err(map(e)),
             }
         }
         if !settlement.returned.is_empty() {
@@ -289,14 +291,21 @@ impl<T: MakeTls> PgSession<T> {
             let delays: Vec<i64> = r.iter().map(|x| millis(x.delay)).collect();
             let states: Vec<&str> = r.iter().map(|x| state(x.dead)).collect();
             let errors: Vec<&str> = r.iter().map(|x| x.error.as_str()).collect();
-            client
-                .execute(
+            let rows = client
+                .query(
                     &self.sql.late_record_failed,
                     &[&ids, &attempts, &delays, &states, &errors],
                 )
                 .map_err(map)?;
+            for row in rows {
+                if row.get::<_, &str>(0) == "dead" {
+                    report.dead += 1;
+                } else {
+                    report.retried += 1;
+                }
+            }
         }
-        Ok(())
+        Ok(report)
     }
 }
 
@@ -362,10 +371,15 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
         Ok(rows.iter().map(message_from_row).collect())
     }
 
-    fn settle(&mut self, settlement: Settlement) -> Result<(), Error> {
+    fn settle(&mut self, settlement: Settlement) -> (SettleReport, Option<Error>) {
         let conn = match (self.open, self.conn.as_mut()) {
             (true, Some(conn)) => conn,
-            _ => return self.settle_late(&settlement),
+            _ => {
+                return match self.settle_late(&settlement) {
+                    Ok(report) => (report, None),
+                    Err(e) => (SettleReport::default(), Some(e)),
+                }
+            }
         };
         let mut result = Ok(());
         if !settlement.returned.is_empty() {
@@ -404,19 +418,24 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
         match result {
             Ok(()) => {
                 self.open = false;
-                Ok(())
+                (SettleReport::of(&settlement), None)
             }
             Err(e) => {
                 let error = self.fail("settling a batch", e);
                 match self.settle_late(&settlement) {
-                    Ok(()) => log::warn!(
-                        "batch transaction lost ({error}); its outcome was recorded afterwards on a new connection"
-                    ),
-                    Err(late) => log::warn!(
-                        "batch transaction lost ({error}) and its outcome could not be recorded ({late}); its messages will be delivered again"
-                    ),
+                    Ok(report) => {
+                        log::warn!(
+                            "batch transaction lost ({error}); its outcome was recorded afterwards on a new connection"
+                        );
+                        (report, Some(error))
+                    }
+                    Err(late) => {
+                        log::warn!(
+                            "batch transaction lost ({error}) and its outcome could not be recorded ({late}); its messages will be delivered again"
+                        );
+                        (SettleReport::default(), Some(error))
+                    }
                 }
-                Err(error)
             }
         }
     }

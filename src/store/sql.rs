@@ -153,7 +153,8 @@ impl Sql {
                      last_error = u.e
                  FROM unnest($1::int8[], $2::int4[], $3::int8[], $4::text[], $5::text[]) AS u(id, a, d, s, e)
                  WHERE m.id = u.id AND m.attempts = u.a - 1 AND m.state = 'pending'
-                   AND m.id IN (SELECT id FROM {t} WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)"
+                   AND m.id IN (SELECT id FROM {t} WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)
+                 RETURNING m.state"
             ),
             // Admin: newest dead messages first, through the dead index.
             dead_list: format!(
