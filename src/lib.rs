@@ -69,6 +69,8 @@ mod message;
 mod observability;
 mod outbox;
 mod producer;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 mod relay;
 mod store;
 pub mod testing;

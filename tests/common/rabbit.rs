@@ -1,0 +1,309 @@
+//! A private, throw-away RabbitMQ broker for the `rabbitmq` test and example: started from the
+//! system's `rabbitmq-server` on free loopback ports, with its node name, data and logs in a
+//! temporary directory, so it can be stopped, killed and started again without touching any
+//! other broker on the machine (Debian's own service listens on 5672; this one never does).
+//!
+//! Included with `#[path]` by `tests/rabbitmq.rs` and `examples/rabbitmq.rs`.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The one line printed when the broker cannot be had.
+pub const INSTALL_HINT: &str = "no rabbitmq-server found (looked in /usr/lib/rabbitmq/bin and on PATH): install it (Debian/Ubuntu: apt-get install rabbitmq-server; nothing needs to be running)";
+
+/// How long a start or a stop may take on a loaded machine.
+const PATIENCE: Duration = Duration::from_secs(90);
+
+pub struct TempRabbit {
+    dir: PathBuf,
+    program: PathBuf,
+    port: u16,
+    dist_port: u16,
+    node: String,
+    /// The `rabbitmq-server` script, leader of its own process group (the Erlang VM and its
+    /// helpers are in that group too), while the broker runs.
+    server: Option<Child>,
+    /// A shell that, when our end of its stdin closes (drop or death of this process), kills
+    /// the broker's process group and removes the directory.
+    watchdog: Option<(Child, ChildStdin)>,
+    /// How many times the broker was started.
+    pub starts: usize,
+}
+
+impl TempRabbit {
+    /// Starts a broker, or says in one line why it cannot.
+    pub fn start() -> Result<TempRabbit, String> {
+        let program = find_server().ok_or_else(|| INSTALL_HINT.to_string())?;
+        let dir = std::env::temp_dir().join(format!(
+            "troutbox-rabbit-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let port = free_port()?;
+        let dist_port = free_port()?;
+        let node = format!("troutbox{}x{}@localhost", std::process::id(), unique());
+        // Our own files, so that nothing in /etc/rabbitmq (a node name, a port, plugins) applies.
+        let files = [
+            ("env.conf", String::new()),
+            ("enabled_plugins", "[].\n".to_string()),
+            (
+                "rabbitmq.conf",
+                format!("listeners.tcp.default = 127.0.0.1:{port}\n"),
+            ),
+        ];
+        for (name, text) in files {
+            fs::write(dir.join(name), text).map_err(|e| format!("cannot write {name}: {e}"))?;
+        }
+        let watchdog = spawn_watchdog(&dir)?;
+        let mut rabbit = TempRabbit {
+            dir,
+            program,
+            port,
+            dist_port,
+            node,
+            server: None,
+            watchdog: Some(watchdog),
+            starts: 0,
+        };
+        rabbit.start_again()?;
+        Ok(rabbit)
+    }
+
+    /// `amqp://` URL of the broker (the built-in `guest` account, allowed from loopback). The
+    /// short heartbeat makes a connection to a broker that died noticed within seconds.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f?heartbeat=5", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Starts the broker (again), on the same port, with the same node and data, and waits
+    /// until it accepts connections.
+    pub fn start_again(&mut self) -> Result<(), String> {
+        if self.server.is_some() {
+            return Ok(());
+        }
+        let console = fs::File::create(self.dir.join("console.log"))
+            .map_err(|e| format!("cannot create console.log: {e}"))?;
+        let console_err = console
+            .try_clone()
+            .map_err(|e| format!("cannot open console.log: {e}"))?;
+        let d = &self.dir;
+        let child = Command::new(&self.program)
+            .current_dir(d)
+            // The Erlang cookie goes to $HOME: keep it in the directory.
+            .env("HOME", d)
+            .env("RABBITMQ_CONF_ENV_FILE", d.join("env.conf"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", d.join("advanced.config"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_PID_FILE", d.join("rabbit.pid"))
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env_remove("RABBITMQ_ALLOW_INPUT")
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(console_err)
+            // Its own process group, so that one signal reaches the script and the VM.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.program.display()))?;
+        self.guard(Some(child.id()));
+        self.server = Some(child);
+        self.starts += 1;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            // The AMQP listener opens once the broker has booted.
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .server
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.server = None;
+                return Err(format!(
+                    "rabbitmq-server exited during start-up ({status}): {}",
+                    self.log_tail()
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = self.kill();
+                return Err(format!(
+                    "rabbitmq-server did not listen on port {} within {PATIENCE:?}: {}",
+                    self.port,
+                    self.log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the broker gracefully (SIGTERM: queues are closed cleanly) and waits for it.
+    pub fn stop(&mut self) -> Result<(), String> {
+        self.signal("TERM")
+    }
+
+    /// Kills the broker (SIGKILL: no chance to flush anything) and waits for it.
+    pub fn kill(&mut self) -> Result<(), String> {
+        self.signal("KILL")
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        self.signal_group("STOP");
+    }
+
+    /// Thaws a broker frozen by [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.signal_group("CONT");
+    }
+
+    fn signal_group(&self, signal: &str) -> bool {
+        let Some(child) = &self.server else {
+            return false;
+        };
+        Command::new("kill")
+            .args([&format!("-{signal}"), "--", &format!("-{}", child.id())])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn signal(&mut self, signal: &str) -> Result<(), String> {
+        let Some(mut child) = self.server.take() else {
+            return Ok(());
+        };
+        let group = format!("-{}", child.id());
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), "--", &group])
+            .status()
+            .map_err(|e| format!("cannot run kill: {e}"))?;
+        if !sent.success() {
+            return Err(format!("kill -{signal} -- {group} failed"));
+        }
+        // A frozen broker ignores SIGTERM until it runs again.
+        let _ = Command::new("kill").args(["-CONT", "--", &group]).status();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(None) => {
+                    return Err(format!(
+                        "rabbitmq-server still running {PATIENCE:?} after SIG{signal}"
+                    ))
+                }
+                Err(e) => return Err(format!("waiting for rabbitmq-server: {e}")),
+            }
+        }
+        // The VM is the script's child: wait until the port is free again, so that the next
+        // start cannot fail on it.
+        let deadline = Instant::now() + PATIENCE;
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "port {} still open after the broker stopped",
+                    self.port
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.guard(None);
+        Ok(())
+    }
+
+    /// Tells the watchdog which process group to kill if we die.
+    fn guard(&mut self, group: Option<u32>) {
+        if let Some((_, stdin)) = &mut self.watchdog {
+            let line = group.map_or("-".to_string(), |g| g.to_string());
+            let _ = writeln!(stdin, "{line}");
+        }
+    }
+
+    /// The last lines the broker printed, for error messages.
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(8).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+}
+
+impl Drop for TempRabbit {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        // Closing its stdin makes the watchdog remove the directory.
+        if let Some((mut watchdog, stdin)) = self.watchdog.take() {
+            drop(stdin);
+            let _ = watchdog.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn spawn_watchdog(dir: &Path) -> Result<(Child, ChildStdin), String> {
+    // Each line names the broker's current process group ("-" for none); end of input means
+    // the test process is done or dead.
+    let script = r#"
+        group=-
+        while read -r line; do group=$line; done
+        [ "$group" != - ] && kill -KILL -- "-$group" 2>/dev/null
+        rm -rf "$RABBIT_DIR"
+    "#;
+    let mut child = Command::new("sh")
+        .args(["-c", script])
+        .env("RABBIT_DIR", dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the cleanup watchdog: {e}"))?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| "the watchdog has no stdin".to_string())?;
+    Ok((child, stdin))
+}
+
+/// Debian keeps the real script in /usr/lib/rabbitmq/bin; the one on PATH there re-runs it
+/// as the `rabbitmq` account with its output sent to /var/log, so it is the last resort.
+fn find_server() -> Option<PathBuf> {
+    let debian = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
+    if debian.is_file() {
+        return Some(debian);
+    }
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("rabbitmq-server"))
+            .find(|p| p.is_file())
+    })
+}
+
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port: {e}"))
+}
+
+fn unique() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}

@@ -1,0 +1,477 @@
+//! The RabbitMQ Sender against a real broker (`cargo test --features rabbitmq --test rabbitmq`).
+//!
+//! Each test starts a private `rabbitmq-server` from the system's package on free loopback
+//! ports (see `common/rabbit.rs`), and reads what arrived with a real AMQP consumer.
+
+mod common;
+#[path = "common/rabbit.rs"]
+mod rabbit;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    AmqpValue, Connection, ConsumerMessage, ConsumerOptions, ExchangeDeclareOptions, ExchangeType,
+    FieldTable, QueueDeclareOptions,
+};
+use troutbox::rabbitmq::RabbitSender;
+use troutbox::{Backoff, NewMessage, Outbox, PgStore};
+
+use common::{count, eventually, pool, store, PATIENCE};
+use rabbit::TempRabbit;
+
+const EXCHANGE: &str = "troutbox.test";
+
+fn broker() -> TempRabbit {
+    TempRabbit::start().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Opens a connection, retrying while the broker is (re)starting.
+fn connect(url: &str, timeout: Duration) -> Result<Connection, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match Connection::insecure_open(url) {
+            Ok(conn) => return Ok(conn),
+            Err(e) if Instant::now() > deadline => return Err(format!("connect {url}: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// A durable direct exchange and durable queues bound to it by their own name, each with the
+/// given arguments.
+fn declare(url: &str, queues: &[(&str, FieldTable)]) {
+    let mut conn = connect(url, PATIENCE).unwrap();
+    let channel = conn.open_channel(None).unwrap();
+    let exchange = channel
+        .exchange_declare(
+            ExchangeType::Direct,
+            EXCHANGE,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+        )
+        .unwrap();
+    for (name, arguments) in queues {
+        let queue = channel
+            .queue_declare(
+                *name,
+                QueueDeclareOptions {
+                    durable: true,
+                    arguments: arguments.clone(),
+                    ..QueueDeclareOptions::default()
+                },
+            )
+            .unwrap();
+        queue.bind(&exchange, *name, FieldTable::new()).unwrap();
+    }
+    conn.close().unwrap();
+}
+
+/// Ready messages in `queue` (not counting delivered, unacknowledged ones).
+fn ready(url: &str, queue: &str) -> u32 {
+    let mut conn = connect(url, PATIENCE).unwrap();
+    let channel = conn.open_channel(None).unwrap();
+    let n = channel
+        .queue_declare_passive(queue)
+        .unwrap()
+        .declared_message_count()
+        .unwrap_or(0);
+    conn.close().unwrap();
+    n
+}
+
+/// message-id -> (deliveries, body, headers of the first delivery).
+type ById = HashMap<String, (usize, Vec<u8>, Option<FieldTable>)>;
+
+/// What a consumer received, per AMQP `message-id`.
+#[derive(Default)]
+struct Received {
+    by_id: Mutex<ById>,
+    changed: Condvar,
+    /// Deliveries with no message-id, which the Sender never produces.
+    anonymous: AtomicUsize,
+    /// Times the consumer had to connect again.
+    reconnects: AtomicUsize,
+    /// Deliveries flagged `redelivered`: handed out before, and not acknowledged when the
+    /// connection or the broker went down. Duplicates beyond these are the relay publishing
+    /// again a message whose confirm it did not get.
+    redelivered: AtomicUsize,
+}
+
+impl Received {
+    fn distinct(&self) -> usize {
+        self.by_id.lock().unwrap().len()
+    }
+
+    fn duplicates(&self) -> usize {
+        self.by_id
+            .lock()
+            .unwrap()
+            .values()
+            .map(|(n, _, _)| n - 1)
+            .sum()
+    }
+
+    /// Waits until `n` distinct messages arrived; false on timeout.
+    fn wait_for(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.by_id.lock().unwrap();
+        while state.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self.changed.wait_timeout(state, left).unwrap().0;
+        }
+        true
+    }
+}
+
+/// A real consumer on its own thread: manual acks, one after recording each delivery, so a
+/// broker restart redelivers what was unacknowledged (counted as duplicates). Reconnects
+/// whenever the connection ends, until `stop`.
+fn consume(url: String, queue: &'static str) -> (Arc<Received>, Arc<AtomicBool>, JoinHandle<()>) {
+    let received = Arc::new(Received::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (r, s) = (received.clone(), stop.clone());
+    let thread = std::thread::spawn(move || {
+        let mut first = true;
+        while !s.load(Ordering::SeqCst) {
+            if !first {
+                r.reconnects.fetch_add(1, Ordering::SeqCst);
+            }
+            first = false;
+            let Ok(mut conn) = connect(&url, Duration::from_millis(200)) else {
+                continue;
+            };
+            let Ok(channel) = conn.open_channel(None) else {
+                continue;
+            };
+            if channel.qos(0, 500, false).is_err() {
+                continue;
+            }
+            let Ok(consumer) = channel.basic_consume(queue, ConsumerOptions::default()) else {
+                continue;
+            };
+            while !s.load(Ordering::SeqCst) {
+                let delivery = match consumer.receiver().recv_timeout(Duration::from_millis(100)) {
+                    Ok(ConsumerMessage::Delivery(d)) => d,
+                    Ok(_) => break, // cancelled or closed: connect again
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                };
+                if delivery.redelivered {
+                    r.redelivered.fetch_add(1, Ordering::SeqCst);
+                }
+                match delivery.properties.message_id().clone() {
+                    Some(id) => {
+                        let mut state = r.by_id.lock().unwrap();
+                        let entry = state.entry(id).or_insert_with(|| {
+                            (
+                                0,
+                                delivery.body.clone(),
+                                delivery.properties.headers().clone(),
+                            )
+                        });
+                        entry.0 += 1;
+                        drop(state);
+                        r.changed.notify_all();
+                    }
+                    None => {
+                        r.anonymous.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                if consumer.ack(delivery).is_err() {
+                    break;
+                }
+            }
+            // Closing a connection to a dead broker fails, which is expected here.
+            let _ = conn.close();
+        }
+    });
+    (received, stop, thread)
+}
+
+/// The acceptance test: 10,000 committed messages, all consumed back, while the broker
+/// is stopped gracefully once and killed once mid-run. Duplicates are allowed and counted.
+#[test]
+fn ten_thousand_messages_survive_broker_restarts() {
+    const TOTAL: usize = 10_000;
+    const PER_TX: usize = 100;
+    const QUEUE: &str = "orders";
+    let started = Instant::now();
+    let mut rabbit = broker();
+    let url = rabbit.url();
+    declare(&url, &[(QUEUE, FieldTable::new())]);
+
+    let pool = pool(8);
+    let store: PgStore = store("rabbitmq_restarts", &pool);
+    let failed_batches = Arc::new(AtomicUsize::new(0));
+    let outbox = Outbox::builder(store)
+        .batch_size(250)
+        .workers(2)
+        // An outage must not kill messages: retry for as long as the test lasts, quickly.
+        .max_retries(10_000)
+        .backoff(Backoff::exponential(
+            Duration::from_millis(20),
+            Duration::from_millis(500),
+        ))
+        .send_timeout(Duration::from_secs(30))
+        .error_handler({
+            let failures = failed_batches.clone();
+            move |_| {
+                failures.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .build()
+        .unwrap();
+    let (received, stop_consumer, consumer) = consume(url.clone(), QUEUE);
+    let sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .confirm_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut relay = outbox.start(sender).unwrap();
+
+    // Producer: business transactions of 100 messages each, on their own thread so that the
+    // broker restarts below happen while messages are still being committed and relayed.
+    let producer = {
+        let (outbox, pool) = (outbox.clone(), pool.clone());
+        std::thread::spawn(move || {
+            let mut conn = pool.get().unwrap();
+            for start in (0..TOTAL).step_by(PER_TX) {
+                let seqs: Vec<String> = (start..start + PER_TX).map(|i| i.to_string()).collect();
+                let bodies: Vec<String> = seqs.iter().map(|s| format!("order {s}")).collect();
+                let mut tx = conn.transaction().unwrap();
+                let messages = seqs
+                    .iter()
+                    .zip(&bodies)
+                    .map(|(seq, body)| NewMessage::new(QUEUE, body.as_bytes()).header("seq", seq));
+                outbox.add_messages(&mut tx, messages).unwrap();
+                tx.commit().unwrap();
+            }
+        })
+    };
+
+    // Mid-run: a graceful stop after a quarter, a SIGKILL after 60 %.
+    let mut restarts = Vec::new();
+    for (threshold, hard) in [(TOTAL / 4, false), (TOTAL * 6 / 10, true)] {
+        assert!(
+            received.wait_for(threshold, Duration::from_secs(120)),
+            "only {} of {threshold} messages arrived before the restart",
+            received.distinct()
+        );
+        let seen = received.distinct();
+        let down = Instant::now();
+        if hard {
+            rabbit.kill().unwrap();
+        } else {
+            rabbit.stop().unwrap();
+        }
+        rabbit.start_again().unwrap();
+        restarts.push((
+            if hard { "SIGKILL" } else { "SIGTERM" },
+            seen,
+            down.elapsed(),
+        ));
+    }
+    producer.join().unwrap();
+
+    assert!(
+        received.wait_for(TOTAL, Duration::from_secs(180)),
+        "only {} of {TOTAL} committed messages arrived",
+        received.distinct()
+    );
+    let table = "rabbitmq_restarts.outbox_messages";
+    assert!(
+        eventually(PATIENCE, || count(
+            &pool,
+            &format!("SELECT count(*) FROM {table}")
+        ) == 0),
+        "the outbox did not drain"
+    );
+    relay.shutdown().unwrap();
+    // Let the consumer take whatever is still queued (duplicates published before the last
+    // confirms), so the duplicate count is final.
+    assert!(eventually(PATIENCE, || ready(&url, QUEUE) == 0));
+    stop_consumer.store(true, Ordering::SeqCst);
+    consumer.join().unwrap();
+
+    // Every message exactly once after deduplication on message-id, with its own body.
+    let by_id = received.by_id.lock().unwrap();
+    assert_eq!(by_id.len(), TOTAL);
+    let mut seqs = vec![false; TOTAL];
+    for (id, (_, body, headers)) in by_id.iter() {
+        assert!(
+            id.parse::<i64>().is_ok(),
+            "message-id {id:?} is not an outbox id"
+        );
+        let seq = match headers.as_ref().and_then(|h| h.get("seq")) {
+            Some(AmqpValue::LongString(s)) => s.parse::<usize>().unwrap(),
+            other => panic!("message {id} has seq header {other:?}"),
+        };
+        assert_eq!(body, format!("order {seq}").as_bytes());
+        assert!(!seqs[seq], "two message-ids carry seq {seq}");
+        seqs[seq] = true;
+    }
+    assert!(seqs.iter().all(|&s| s));
+    drop(by_id);
+    assert_eq!(received.anonymous.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        count(
+            &pool,
+            &format!("SELECT count(*) FROM {table} WHERE state = 'dead'")
+        ),
+        0
+    );
+
+    let restarts: Vec<String> = restarts
+        .iter()
+        .map(|(how, seen, down)| format!("{how} after {seen} delivered, down {down:.1?}"))
+        .collect();
+    eprintln!(
+        "rabbitmq: {TOTAL} committed, {} delivered distinct, {} duplicates ({} deliveries flagged redelivered by the broker), {} broker restarts ({}), {} relay errors, {} consumer reconnects, {:.1?} in all",
+        received.distinct(),
+        received.duplicates(),
+        received.redelivered.load(Ordering::SeqCst),
+        rabbit.starts - 1,
+        restarts.join("; "),
+        failed_batches.load(Ordering::SeqCst),
+        received.reconnects.load(Ordering::SeqCst),
+        started.elapsed()
+    );
+}
+
+/// What one message looks like on the wire, and the three ways the broker refuses one:
+/// unroutable (basic.return), rejected (basic.nack), silent (no confirm in time).
+#[test]
+fn mapping_returns_nacks_and_confirm_timeouts() {
+    let rabbit = broker();
+    let url = rabbit.url();
+    // "full" holds one message and nacks publishes beyond it.
+    let mut full = FieldTable::new();
+    full.insert("x-max-length".into(), AmqpValue::LongInt(1));
+    full.insert(
+        "x-overflow".into(),
+        AmqpValue::LongString("reject-publish".into()),
+    );
+    declare(&url, &[("mapped", FieldTable::new()), ("full", full)]);
+    let pool = pool(4);
+    let store: PgStore = store("rabbitmq_mapping", &pool);
+    let table = "rabbitmq_mapping.outbox_messages";
+    let outbox = Outbox::builder(store)
+        .max_retries(0) // a refused message is dead at once, with the reason kept
+        .error_handler(|_| {})
+        .build()
+        .unwrap();
+    let mut conn = pool.get().unwrap();
+    let mut tx = conn.transaction().unwrap();
+    outbox
+        .add(
+            &mut tx,
+            &NewMessage::new("mapped", b"payload")
+                .header("traceparent", "00-abc-def-01")
+                .header("tag", "a")
+                .header("tag", "b"),
+        )
+        .unwrap();
+    outbox
+        .add_message(&mut tx, "nowhere", b"unroutable")
+        .unwrap();
+    for i in 0..3 {
+        outbox
+            .add_message(&mut tx, "full", format!("{i}").as_bytes())
+            .unwrap();
+    }
+    tx.commit().unwrap();
+    let ids: Vec<i64> = conn
+        .query(&format!("SELECT id FROM {table} ORDER BY id"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    let (received, stop_consumer, consumer) = consume(url.clone(), "mapped");
+    let sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .build()
+        .unwrap();
+    let mut relay = outbox.start(sender).unwrap();
+    assert!(received.wait_for(1, PATIENCE));
+    // Settled: one sent, the unroutable one and two of "full" dead.
+    assert!(eventually(PATIENCE, || count(
+        &pool,
+        &format!("SELECT count(*) FROM {table} WHERE state = 'dead'")
+    ) == 3));
+    relay.shutdown().unwrap();
+    stop_consumer.store(true, Ordering::SeqCst);
+    consumer.join().unwrap();
+
+    let by_id = received.by_id.lock().unwrap();
+    let (n, body, headers) = by_id
+        .get(&ids[0].to_string())
+        .expect("message-id = outbox id");
+    assert_eq!((*n, body.as_slice()), (1, &b"payload"[..]));
+    let headers = headers.as_ref().unwrap();
+    assert_eq!(
+        headers.get("traceparent"),
+        Some(&AmqpValue::LongString("00-abc-def-01".into()))
+    );
+    assert_eq!(
+        headers.get("tag"),
+        Some(&AmqpValue::FieldArray(vec![
+            AmqpValue::LongString("a".into()),
+            AmqpValue::LongString("b".into())
+        ]))
+    );
+    drop(by_id);
+    let errors: HashMap<i64, String> = conn
+        .query(
+            &format!("SELECT id, last_error FROM {table} WHERE state = 'dead'"),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(
+        errors[&ids[1]].contains("NO_ROUTE"),
+        "{:?}",
+        errors[&ids[1]]
+    );
+    let nacked = errors.values().filter(|e| e.contains("nacked")).count();
+    assert_eq!(nacked, 2, "{errors:?}");
+    assert_eq!(ready(&url, "full"), 1);
+
+    // A broker that stops answering: its VM frozen with SIGSTOP, the connection stays open
+    // but no confirm comes. The message must be failed after the confirm timeout, not left
+    // hanging. The sender connects (on a first message) while the broker still runs.
+    let sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .confirm_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let (received, stop_consumer, consumer) = consume(url.clone(), "mapped");
+    let mut relay = outbox.start(sender).unwrap();
+    outbox.add_message(&mut *conn, "mapped", b"first").unwrap();
+    assert!(received.wait_for(1, PATIENCE));
+    stop_consumer.store(true, Ordering::SeqCst);
+    consumer.join().unwrap();
+    rabbit.pause();
+    outbox.add_message(&mut *conn, "mapped", b"late").unwrap();
+    let timed_out = format!(
+        "SELECT count(*) FROM {table} WHERE state = 'dead' AND last_error LIKE '%no publisher confirm%'"
+    );
+    let failed = eventually(PATIENCE, || count(&pool, &timed_out) == 1);
+    rabbit.resume();
+    relay.shutdown().unwrap();
+    assert!(
+        failed,
+        "the unconfirmed message was not failed after the confirm timeout"
+    );
+}
