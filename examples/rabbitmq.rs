@@ -57,6 +57,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     )?;
     queue.bind(&exchange, ROUTING_KEY, FieldTable::new())?;
+    // The queue is the example's own: start from empty so that a broker of your own shows
+    // exactly this run's messages.
+    queue.purge()?;
 
     // The outbox, next to the business table.
     let pool = r2d2::Pool::new(PostgresConnectionManager::new(
