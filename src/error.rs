@@ -91,6 +91,18 @@ pub enum Error {
         supported: i32,
     },
 
+    /// The store's retention does not match the table's: the table was created with the
+    /// other one.
+    #[error("outbox table {table} was created for retention {found}, but the store is configured with {configured}; configure the store like the table, or migrate to a new table")]
+    RetentionMismatch {
+        /// The qualified table name.
+        table: String,
+        /// The store's configured retention.
+        configured: &'static str,
+        /// The table's.
+        found: &'static str,
+    },
+
     /// A statement failed in the database, or the connection to it failed.
     #[error("database error while {context}: {source}")]
     Database {

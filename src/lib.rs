@@ -82,6 +82,8 @@ pub use config::{
     MAX_WORKERS, MIN_POLL_INTERVAL,
 };
 pub use error::{BoxError, Error};
+pub use maintenance::partitions::{MaintenanceHandle, MaintenanceReport};
+pub use maintenance::retention::{Retention, DEFAULT_PARTITIONS_AHEAD, DEFAULT_PARTITION_INTERVAL};
 pub use message::{DeadMessage, Message, Status};
 pub use observability::backlog::Backlog;
 pub use observability::stats::{Stats, Timing};

@@ -56,4 +56,24 @@ impl<T: MakeTls> PgStore<T> {
             .execute(&sql.requeue_dead_all, &[])
             .map_err(self.db_error(context))
     }
+
+    /// Deletes the dead messages with these ids for good. Ids that are not dead are
+    /// ignored, so a pending or sent message is never purged. Returns how many were deleted.
+    pub fn purge_dead(&self, ids: &[i64]) -> Result<u64, Error> {
+        let sql = self.sql()?;
+        let context = "purging dead messages";
+        self.connection(context)?
+            .execute(&sql.purge_dead_ids, &[&ids])
+            .map_err(self.db_error(context))
+    }
+
+    /// Deletes the messages that died before `before` (database time), for good. Returns
+    /// how many were deleted.
+    pub fn purge_dead_before(&self, before: time::OffsetDateTime) -> Result<u64, Error> {
+        let sql = self.sql()?;
+        let context = "purging dead messages";
+        self.connection(context)?
+            .execute(&sql.purge_dead_before, &[&before])
+            .map_err(self.db_error(context))
+    }
 }

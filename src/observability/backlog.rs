@@ -14,6 +14,9 @@ pub struct Backlog {
     pub pending: i64,
     /// Messages that used up their retries.
     pub dead: i64,
+    /// Sent messages still retained ([`Retention::keep_sent`](crate::Retention::keep_sent);
+    /// always 0 otherwise).
+    pub sent: i64,
     /// Creation time of the oldest pending message: the relay's lag.
     pub oldest_pending: Option<OffsetDateTime>,
 }
@@ -31,7 +34,8 @@ impl<T: MakeTls> PgStore<T> {
         Ok(Backlog {
             pending: row.get(0),
             dead: row.get(1),
-            oldest_pending: row.get(2),
+            sent: row.get(2),
+            oldest_pending: row.get(3),
         })
     }
 }

@@ -1,5 +1,7 @@
 //! Turns a batch the Sender has seen into a [`Settlement`]: the Sender contract in code.
 
+use std::time::Duration;
+
 use crate::config::MAX_ERROR_TEXT;
 use crate::message::Status;
 use crate::relay::backoff::Backoff;
@@ -25,10 +27,16 @@ pub(crate) fn decide(
             None => settlement.sent.push(message.id),
             Some(reason) => {
                 let attempts = message.attempts.saturating_add(1);
+                let dead = attempts > max_retries;
                 settlement.returned.push(Returned {
                     attempts,
-                    delay: backoff.delay(attempts),
-                    dead: attempts > max_retries,
+                    // A dead message is not retried: its time is the time it died.
+                    delay: if dead {
+                        Duration::ZERO
+                    } else {
+                        backoff.delay(attempts)
+                    },
+                    dead,
                     error: storable_text(&reason),
                     message,
                 });
@@ -53,8 +61,6 @@ pub(crate) fn storable_text(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::message::Message;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use postgres::error::SqlState;
 use postgres::tls::{MakeTlsConnect, TlsConnect};
 use postgres::types::Type;
-use postgres::{NoTls, Socket, Statement};
+use postgres::{GenericClient, NoTls, Socket, Statement};
 use r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 use time::OffsetDateTime;
@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 use super::ident::{Ident, DERIVED_SUFFIX_LEN, MAX_IDENT_LEN};
 use super::sql::{self, Sql, SCHEMA_VERSION};
 use super::{RelaySession, RelayStore, SettleReport, Settlement};
+use crate::maintenance::retention::Retention;
 use crate::message::{Message, Status};
 use crate::Error;
 
@@ -69,8 +70,13 @@ pub struct PgStore<T: MakeTls = NoTls> {
     pool: PgPool<T>,
     schema: String,
     table: String,
+    retention: Retention,
+    clock: Clock,
     sql: OnceLock<Arc<Sql>>,
 }
+
+/// Where maintenance reads the time: the system clock unless a test injects another.
+pub(crate) type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 
 impl<T: MakeTls> Clone for PgStore<T> {
     fn clone(&self) -> Self {
@@ -78,6 +84,8 @@ impl<T: MakeTls> Clone for PgStore<T> {
             pool: self.pool.clone(),
             schema: self.schema.clone(),
             table: self.table.clone(),
+            retention: self.retention,
+            clock: self.clock.clone(),
             sql: self.sql.clone(),
         }
     }
@@ -88,6 +96,7 @@ impl<T: MakeTls> std::fmt::Debug for PgStore<T> {
         f.debug_struct("PgStore")
             .field("schema", &self.schema)
             .field("table", &self.table)
+            .field("retention", &self.retention)
             .finish_non_exhaustive()
     }
 }
@@ -101,6 +110,8 @@ impl<T: MakeTls> PgStore<T> {
             pool,
             schema: DEFAULT_SCHEMA.to_owned(),
             table: DEFAULT_TABLE.to_owned(),
+            retention: Retention::default(),
+            clock: Arc::new(OffsetDateTime::now_utc),
             sql: OnceLock::new(),
         }
     }
@@ -117,6 +128,34 @@ impl<T: MakeTls> PgStore<T> {
         self.table = name.to_owned();
         self.sql = OnceLock::new();
         self
+    }
+
+    /// What happens to sent messages: deleted (the default) or kept in partitions for an
+    /// audit window. Fixed when [`migrate`](Self::migrate) creates the table; a store whose
+    /// retention does not match its table's is refused by `migrate` and by
+    /// [`Outbox::start`](crate::Outbox::start). Defaults to [`Retention::delete_on_send`].
+    pub fn retention(mut self, retention: Retention) -> PgStore<T> {
+        self.retention = retention;
+        self.sql = OnceLock::new();
+        self
+    }
+
+    /// The clock partition maintenance uses to decide which partitions to create and drop.
+    /// For tests that move time forward; defaults to the system clock (UTC).
+    pub fn maintenance_clock(
+        mut self,
+        clock: impl Fn() -> OffsetDateTime + Send + Sync + 'static,
+    ) -> PgStore<T> {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    pub(crate) fn retention_config(&self) -> &Retention {
+        &self.retention
+    }
+
+    pub(crate) fn now(&self) -> OffsetDateTime {
+        (self.clock)()
     }
 
     /// The connection pool.
@@ -140,9 +179,10 @@ impl<T: MakeTls> PgStore<T> {
         }
         let schema = Ident::new("schema", &self.schema, MAX_IDENT_LEN)?;
         let table = Ident::new("table", &self.table, MAX_IDENT_LEN - DERIVED_SUFFIX_LEN)?;
+        self.retention.validate()?;
         Ok(self
             .sql
-            .get_or_init(|| Arc::new(Sql::new(&schema, &table)))
+            .get_or_init(|| Arc::new(Sql::new(&schema, &table, &self.retention)))
             .clone())
     }
 
@@ -182,8 +222,23 @@ impl<T: MakeTls> PgStore<T> {
         let mut tx = conn.transaction().map_err(map)?;
         let lock_key = format!("troutbox:migrate:{}", self.schema);
         tx.execute(sql::MIGRATION_LOCK, &[&lock_key]).map_err(map)?;
-        tx.batch_execute(&sql.create_schema).map_err(map)?;
-        tx.batch_execute(&sql.create_migrations).map_err(map)?;
+        let exists = |tx: &mut postgres::Transaction<'_>,
+                      sql: &str,
+                      params: &[&(dyn postgres::types::ToSql + Sync)]| {
+            tx.query_one(sql, params).map(|row| row.get::<_, bool>(0))
+        };
+        if !exists(&mut tx, sql::SCHEMA_EXISTS, &[&self.schema]).map_err(map)? {
+            tx.batch_execute(&sql.create_schema).map_err(map)?;
+        }
+        if !exists(
+            &mut tx,
+            sql::TABLE_EXISTS,
+            &[&self.schema, &sql::MIGRATIONS_TABLE],
+        )
+        .map_err(map)?
+        {
+            tx.batch_execute(&sql.create_migrations).map_err(map)?;
+        }
         let version: i32 = tx
             .query_one(&sql.current_version, &[&self.table])
             .map_err(map)?
@@ -200,8 +255,46 @@ impl<T: MakeTls> PgStore<T> {
             tx.execute(&sql.record_version, &[&self.table, &1i32])
                 .map_err(map)?;
             log::info!("created outbox table {}", self.qualified_table());
+        } else {
+            self.check_table_kind(&mut tx)?;
         }
-        tx.commit().map_err(map)
+        tx.commit().map_err(map)?;
+        drop(conn);
+        if self.retention.keep.is_some() {
+            // Partitions for now and ahead, so the DEFAULT partition stays a safety net.
+            self.run_maintenance_once()?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a store whose retention does not match the table's: relaying a partitioned
+    /// (keep-sent) table as delete-on-send, or the reverse, would lose the audit trail or
+    /// keep everything forever.
+    pub(crate) fn check_table_kind(&self, client: &mut impl GenericClient) -> Result<(), Error> {
+        let row = client
+            .query_one(sql::TABLE_KIND, &[&self.qualified_table()])
+            .map_err(self.db_error("checking the outbox table"))?;
+        let kind: Option<String> = row.get(0);
+        let partitioned = match kind.as_deref() {
+            Some("p") => true,
+            Some(_) => false,
+            None => return Ok(()), // missing: the next statement reports NotMigrated
+        };
+        if partitioned != self.retention.keep.is_some() {
+            let name = |p: bool| {
+                if p {
+                    "keep_sent (partitioned)"
+                } else {
+                    "delete_on_send"
+                }
+            };
+            return Err(Error::RetentionMismatch {
+                table: self.qualified_table(),
+                configured: name(self.retention.keep.is_some()),
+                found: name(partitioned),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -224,7 +317,8 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
             conn: None,
             open: false,
         };
-        session.connect()?;
+        let conn = session.connect()?;
+        self.store.check_table_kind(&mut *conn.client)?;
         Ok(session)
     }
 }
@@ -279,7 +373,7 @@ impl<T: MakeTls> PgSession<T> {
         let map = self.store.db_error(context);
         let mut report = SettleReport::default();
         if !settlement.sent.is_empty() {
-            match client.execute(&self.sql.late_delete_sent, &[&settlement.sent]) {
+            match client.execute(&self.sql.late_mark_sent, &[&settlement.sent]) {
                 Ok(deleted) => report.sent = deleted,
                 Err(e) => return Err(map(e)),
             }
@@ -323,6 +417,53 @@ fn state(dead: bool) -> &'static str {
     } else {
         "pending"
     }
+}
+
+/// Puts the failed messages of a settlement back, inside the claim transaction: one
+/// statement whatever their number. Delete mode re-inserts the rows the claim deleted (same
+/// ids); keep mode updates the rows the claim marked sent.
+fn return_failed(
+    client: &mut postgres::Client,
+    sql: &Sql,
+    settlement: &Settlement,
+    keep: bool,
+) -> Result<(), postgres::Error> {
+    let r = &settlement.returned;
+    let ids: Vec<i64> = r.iter().map(|x| x.message.id).collect();
+    let created: Vec<OffsetDateTime> = r.iter().map(|x| x.message.created_at).collect();
+    let attempts: Vec<i32> = r.iter().map(|x| attempts_i32(x.attempts)).collect();
+    let delays: Vec<i64> = r.iter().map(|x| millis(x.delay)).collect();
+    let states: Vec<&str> = r.iter().map(|x| state(x.dead)).collect();
+    let errors: Vec<&str> = r.iter().map(|x| x.error.as_str()).collect();
+    if keep {
+        return client
+            .execute(
+                &sql.return_failed,
+                &[&ids, &created, &attempts, &delays, &states, &errors],
+            )
+            .map(|_| ());
+    }
+    let keys: Vec<&str> = r.iter().map(|x| x.message.key.as_str()).collect();
+    let values: Vec<&[u8]> = r.iter().map(|x| x.message.value.as_slice()).collect();
+    let headers: Vec<String> = r
+        .iter()
+        .map(|x| {
+            sql::encode_headers(
+                x.message
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str())),
+            )
+        })
+        .collect();
+    client
+        .execute(
+            &sql.return_failed,
+            &[
+                &ids, &keys, &values, &headers, &created, &attempts, &delays, &states, &errors,
+            ],
+        )
+        .map(|_| ())
 }
 
 /// Builds a [`Message`] from a row with the columns of `sql::MESSAGE_COLUMNS`.
@@ -383,36 +524,8 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
         };
         let mut result = Ok(());
         if !settlement.returned.is_empty() {
-            let r = &settlement.returned;
-            let ids: Vec<i64> = r.iter().map(|x| x.message.id).collect();
-            let keys: Vec<&str> = r.iter().map(|x| x.message.key.as_str()).collect();
-            let values: Vec<&[u8]> = r.iter().map(|x| x.message.value.as_slice()).collect();
-            let headers: Vec<String> = r
-                .iter()
-                .map(|x| {
-                    sql::encode_headers(
-                        x.message
-                            .headers
-                            .iter()
-                            .map(|(n, v)| (n.as_str(), v.as_str())),
-                    )
-                })
-                .collect();
-            let created: Vec<OffsetDateTime> = r.iter().map(|x| x.message.created_at).collect();
-            let attempts: Vec<i32> = r.iter().map(|x| attempts_i32(x.attempts)).collect();
-            let delays: Vec<i64> = r.iter().map(|x| millis(x.delay)).collect();
-            let states: Vec<&str> = r.iter().map(|x| state(x.dead)).collect();
-            let errors: Vec<&str> = r.iter().map(|x| x.error.as_str()).collect();
-            result = conn
-                .client
-                .execute(
-                    &self.sql.return_failed,
-                    &[
-                        &ids, &keys, &values, &headers, &created, &attempts, &delays, &states,
-                        &errors,
-                    ],
-                )
-                .map(|_| ());
+            let keep = self.store.retention.keep.is_some();
+            result = return_failed(&mut conn.client, &self.sql, &settlement, keep);
         }
         let result = result.and_then(|()| conn.client.batch_execute(sql::COMMIT));
         match result {
