@@ -1,0 +1,346 @@
+//! `troutbox`: operate an outbox table from the shell (cargo feature `cli`).
+//!
+//! ```text
+//! troutbox --database-url "host=localhost user=app dbname=app" status
+//! troutbox dead list --limit 20
+//! troutbox dead requeue 17 18        # or --all
+//! troutbox dead purge --older-than 30d
+//! ```
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgGroup, Parser, Subcommand};
+use r2d2_postgres::PostgresConnectionManager;
+use serde_json::json;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use troutbox::{DeadMessage, PgStore, Retention};
+
+#[derive(Parser)]
+#[command(
+    name = "troutbox",
+    version,
+    about = "Operate a troutbox outbox table in PostgreSQL: create it, see what waits, run partition maintenance, inspect and re-queue dead messages.",
+    after_help = "The connection string is a libpq key=value string or a postgresql:// URL. Durations are like 30s, 15m, 12h, 7d."
+)]
+struct Cli {
+    /// PostgreSQL connection string.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+
+    /// Schema of the outbox table.
+    #[arg(long, default_value = troutbox::DEFAULT_SCHEMA, global = true)]
+    schema: String,
+
+    /// Name of the outbox table.
+    #[arg(long, default_value = troutbox::DEFAULT_TABLE, global = true)]
+    table: String,
+
+    /// The table keeps sent messages this long, in partitions (Retention::keep_sent). Give it
+    /// to `migrate` to create such a table, and to `maintain`.
+    #[arg(long, value_parser = humantime::parse_duration, global = true)]
+    keep_sent: Option<Duration>,
+
+    /// Width of one partition, with --keep-sent.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1d", global = true)]
+    partition_interval: Duration,
+
+    /// Partitions kept ready beyond the current one, with --keep-sent.
+    #[arg(long, default_value_t = troutbox::DEFAULT_PARTITIONS_AHEAD, global = true)]
+    partitions_ahead: u32,
+
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the schema and the outbox table, or bring them up to date. Safe to repeat.
+    Migrate,
+    /// Count pending, dead and retained sent messages, and show the age of the oldest pending one.
+    Status,
+    /// Run partition maintenance once (tables created with --keep-sent): create partitions
+    /// ahead, move rows out of the DEFAULT partition, drop expired partitions that hold
+    /// nothing but sent messages.
+    Maintain,
+    /// Look at, re-queue or purge dead messages (those that used up their retries).
+    #[command(subcommand)]
+    Dead(Dead),
+}
+
+#[derive(Subcommand)]
+enum Dead {
+    /// List dead messages, newest first, with attempts and last error.
+    List {
+        /// How many to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Show only messages with an id below this one (the next page).
+        #[arg(long)]
+        before: Option<i64>,
+    },
+    /// Put dead messages back in the queue; they are retried from scratch.
+    #[command(group(ArgGroup::new("which").required(true).args(["ids", "all"])))]
+    Requeue {
+        /// Ids of the dead messages to re-queue.
+        ids: Vec<i64>,
+        /// Re-queue every dead message.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead messages for good. Never touches pending or sent messages.
+    #[command(group(ArgGroup::new("which").required(true).args(["ids", "older_than"])))]
+    Purge {
+        /// Ids of the dead messages to delete.
+        ids: Vec<i64>,
+        /// Delete the messages that died longer ago than this.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("troutbox: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn run(cli: &Cli) -> Result<()> {
+    let config: postgres::Config = cli
+        .database_url
+        .parse()
+        .map_err(|e| format!("invalid --database-url: {e}"))?;
+    let pool = r2d2::Pool::builder()
+        .max_size(2)
+        .connection_timeout(Duration::from_secs(5))
+        .build(PostgresConnectionManager::new(config, postgres::NoTls))
+        .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+    let retention = match cli.keep_sent {
+        Some(window) => Retention::keep_sent(window)
+            .partition_interval(cli.partition_interval)
+            .partitions_ahead(cli.partitions_ahead),
+        None => Retention::delete_on_send(),
+    };
+    let store = PgStore::new(pool)
+        .schema(&cli.schema)
+        .table(&cli.table)
+        .retention(retention);
+    store.validate()?;
+    let table = store.qualified_table();
+    match &cli.command {
+        Command::Migrate => {
+            store.migrate()?;
+            print(
+                cli,
+                json!({"migrated": table}),
+                format!("{table} is up to date"),
+            );
+        }
+        Command::Status => {
+            let b = store.backlog()?;
+            let age = b.oldest_pending.map(age_secs);
+            print(
+                cli,
+                json!({
+                    "table": table,
+                    "pending": b.pending,
+                    "dead": b.dead,
+                    "sent_retained": b.sent,
+                    "oldest_pending": b.oldest_pending.map(rfc3339),
+                    "oldest_pending_age_seconds": age,
+                }),
+                table_text(&[
+                    ("table", table.clone()),
+                    ("pending", b.pending.to_string()),
+                    ("dead", b.dead.to_string()),
+                    ("sent (retained)", b.sent.to_string()),
+                    (
+                        "oldest pending",
+                        match (b.oldest_pending, age) {
+                            (Some(t), Some(age)) => format!("{} ({age:.0} s ago)", rfc3339(t)),
+                            _ => "-".into(),
+                        },
+                    ),
+                ]),
+            );
+        }
+        Command::Maintain => {
+            if cli.keep_sent.is_none() {
+                return Err("maintain needs --keep-sent (and the other retention options) as the table was created with".into());
+            }
+            let r = store.run_maintenance_once()?;
+            let kept: Vec<_> = r
+                .kept
+                .iter()
+                .map(|(name, unsent)| json!({"partition": name, "unsent": unsent}))
+                .collect();
+            print(
+                cli,
+                json!({"locked_out": r.locked_out, "created": r.created, "dropped": r.dropped, "kept": kept}),
+                if r.locked_out {
+                    "another instance is maintaining this table right now; nothing done".into()
+                } else {
+                    table_text(&[
+                        ("created", list(&r.created)),
+                        ("dropped", list(&r.dropped)),
+                        (
+                            "kept (expired, unsent rows)",
+                            list(
+                                &r.kept
+                                    .iter()
+                                    .map(|(n, c)| format!("{n}: {c}"))
+                                    .collect::<Vec<_>>(),
+                            ),
+                        ),
+                    ])
+                },
+            );
+        }
+        Command::Dead(Dead::List { limit, before }) => {
+            let dead = store.dead_messages(*limit, *before)?;
+            print(
+                cli,
+                serde_json::Value::Array(dead.iter().map(dead_json).collect()),
+                dead_table(&dead),
+            );
+        }
+        Command::Dead(Dead::Requeue { ids, all }) => {
+            let n = if *all {
+                store.requeue_all_dead()?
+            } else {
+                store.requeue_dead(ids)?
+            };
+            print(
+                cli,
+                json!({"requeued": n}),
+                format!("re-queued {n} dead message(s)"),
+            );
+        }
+        Command::Dead(Dead::Purge { ids, older_than }) => {
+            let n = match older_than {
+                Some(age) => {
+                    let age =
+                        time::Duration::try_from(*age).map_err(|_| "--older-than is too large")?;
+                    store.purge_dead_before(OffsetDateTime::now_utc() - age)?
+                }
+                None => store.purge_dead(ids)?,
+            };
+            print(
+                cli,
+                json!({"purged": n}),
+                format!("purged {n} dead message(s)"),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print(cli: &Cli, json: serde_json::Value, text: String) {
+    if cli.json {
+        println!("{json}");
+    } else {
+        println!("{text}");
+    }
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+fn age_secs(t: OffsetDateTime) -> f64 {
+    (OffsetDateTime::now_utc() - t).as_seconds_f64().max(0.0)
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// Two columns, the first padded to the widest label.
+fn table_text(rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(label, value)| format!("{label:<width$}  {value}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn dead_json(d: &DeadMessage) -> serde_json::Value {
+    json!({
+        "id": d.message.id(),
+        "key": d.message.key(),
+        "attempts": d.message.attempts(),
+        "created_at": rfc3339(d.message.created_at()),
+        "died_at": rfc3339(d.died_at),
+        "last_error": d.last_error,
+        "value_bytes": d.message.value().len(),
+    })
+}
+
+/// One line per dead message, columns aligned, long keys and errors shortened.
+fn dead_table(dead: &[DeadMessage]) -> String {
+    if dead.is_empty() {
+        return "no dead messages".into();
+    }
+    let short = |s: &str, n: usize| {
+        let mut out: String = s.chars().take(n).collect();
+        if s.chars().count() > n {
+            out.push('…');
+        }
+        out.replace(['\n', '\r'], " ")
+    };
+    let rows: Vec<[String; 5]> = dead
+        .iter()
+        .map(|d| {
+            [
+                d.message.id().to_string(),
+                short(d.message.key(), 30),
+                d.message.attempts().to_string(),
+                rfc3339(d.died_at),
+                short(d.last_error.as_deref().unwrap_or("-"), 60),
+            ]
+        })
+        .collect();
+    let header = ["ID", "KEY", "ATTEMPTS", "DIED AT", "LAST ERROR"];
+    let widths: Vec<usize> = (0..5)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: [&str; 5]| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    std::iter::once(line(header))
+        .chain(
+            rows.iter()
+                .map(|r| line([&r[0], &r[1], &r[2], &r[3], &r[4]])),
+        )
+        .collect::<Vec<_>>()
+        .join("\n")
+}
