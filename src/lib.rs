@@ -75,6 +75,15 @@ mod relay;
 mod store;
 pub mod testing;
 
+/// The `postgres` crate troutbox is built on, re-exported so your versions always match.
+pub use postgres;
+/// The `r2d2` crate troutbox is built on, re-exported so your versions always match.
+pub use r2d2;
+/// The `r2d2_postgres` crate troutbox is built on, re-exported so your versions always match.
+pub use r2d2_postgres;
+/// The `time` crate of [`Message::created_at`] and the dead-letter times, re-exported.
+pub use time;
+
 pub use config::{
     ErrorHandler, DEFAULT_BATCH_SIZE, DEFAULT_MAX_RETRIES, DEFAULT_MAX_VALUE_SIZE,
     DEFAULT_POLL_INTERVAL, DEFAULT_SEND_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WORKERS,
