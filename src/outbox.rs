@@ -112,6 +112,7 @@ impl<T: MakeTls> Outbox<T> {
             store: self.inner.store.clone(),
             sql: self.inner.sql.clone(),
             send_timeout: self.inner.config.send_timeout,
+            batch_size: self.inner.config.batch_size,
         };
         let telemetry = Telemetry {
             #[cfg(feature = "opentelemetry")]

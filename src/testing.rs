@@ -320,8 +320,13 @@ impl TempPostgres {
 impl Drop for TempPostgres {
     fn drop(&mut self) {
         // Closing the watchdog's stdin makes it stop the server and remove the directory.
+        // Reap the server as soon as it exits: until then it is a zombie that the
+        // watchdog's `kill -0` still sees alive, and it would wait out its full grace period.
         if let Some((mut watchdog, stdin)) = self.watchdog.take() {
             drop(stdin);
+            if let Some(mut server) = self.server.take() {
+                let _ = server.wait();
+            }
             let _ = watchdog.wait();
         }
         if let Some(mut server) = self.server.take() {

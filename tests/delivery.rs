@@ -379,3 +379,59 @@ fn a_sender_outliving_the_send_timeout_releases_its_rows_and_its_late_outcome_co
     let errors = errors.lock().unwrap();
     assert!(!errors.is_empty(), "the lost transaction was not reported");
 }
+
+#[test]
+fn a_row_committed_behind_a_draining_relay_is_not_left_until_the_end() {
+    // While a backlog drains in full batches the relay resumes after its last position; a
+    // message whose transaction started earlier (so it sorts before that position) but
+    // committed later must still be picked up soon, not only once the backlog is gone.
+    const N: i64 = 20_000;
+    let pool = pool(4);
+    let store = store("behind_the_mark", &pool);
+    let outbox = Outbox::builder(store)
+        .batch_size(10)
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let mut slow = pool.get().unwrap();
+    let mut late_tx = slow.transaction().unwrap();
+    outbox.add_message(&mut late_tx, "late", b"v").unwrap();
+    pool.get()
+        .unwrap()
+        .execute(
+            "INSERT INTO behind_the_mark.outbox_messages (key, value)
+             SELECT 'bulk', '\\x00'::bytea FROM generate_series(1, $1::int8)",
+            &[&N],
+        )
+        .unwrap();
+
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let late_seen_at = Arc::new(Mutex::new(None));
+    let (d, l) = (delivered.clone(), late_seen_at.clone());
+    let mut handle = outbox
+        .start(move |batch: &mut Batch| -> Result<(), String> {
+            if batch.iter().any(|m| m.key() == "late") {
+                *l.lock().unwrap() = Some(d.load(Ordering::SeqCst));
+            }
+            d.fetch_add(batch.len(), Ordering::SeqCst);
+            // Some work per batch, so draining the backlog takes several seconds.
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(())
+        })
+        .unwrap();
+    assert!(eventually(PATIENCE, || delivered.load(Ordering::SeqCst) >= 1_000));
+    late_tx.commit().unwrap();
+    let committed_at = delivered.load(Ordering::SeqCst);
+    assert!(eventually(PATIENCE, || delivered.load(Ordering::SeqCst)
+        as i64
+        >= N + 1));
+    handle.shutdown().unwrap();
+    let seen_at = late_seen_at
+        .lock()
+        .unwrap()
+        .expect("late message delivered");
+    assert!(
+        committed_at < (N as usize) / 2 && seen_at < (N as usize) * 3 / 4,
+        "late message committed after {committed_at} deliveries, delivered after {seen_at} of {N}"
+    );
+}

@@ -1,7 +1,7 @@
 //! The PostgreSQL store: configuration, migrations, and the relay's sessions.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
 use postgres::tls::{MakeTlsConnect, TlsConnect};
@@ -303,6 +303,7 @@ pub(crate) struct PgRelay<T: MakeTls> {
     pub(crate) store: PgStore<T>,
     pub(crate) sql: Arc<Sql>,
     pub(crate) send_timeout: Duration,
+    pub(crate) batch_size: usize,
 }
 
 impl<T: MakeTls> RelayStore for PgRelay<T> {
@@ -314,8 +315,12 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
             store: self.store.clone(),
             sql: self.sql.clone(),
             begin: sql::begin_claim(u64::try_from(timeout_ms).unwrap_or(u64::MAX)),
+            limit: self.batch_size,
             conn: None,
             open: false,
+            begun: false,
+            mark: None,
+            last_head_claim: Instant::now(),
         };
         let conn = session.connect()?;
         self.store.check_table_kind(&mut *conn.client)?;
@@ -325,27 +330,53 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
 
 struct SessionConn<T: MakeTls> {
     client: PooledConnection<PostgresConnectionManager<T>>,
-    claim: Statement,
+    /// Claims from the head of the pending index.
+    claim_head: Statement,
+    /// Claims past the session's position (see [`Sql::claim`]).
+    claim_after: Statement,
 }
 
-/// One relay worker's connection, with the claim statement prepared on it.
+/// How long a session may resume after its position before it claims from the head of the
+/// index again, to pick up rows that committed behind it.
+const HEAD_CLAIM_EVERY: Duration = Duration::from_secs(1);
+
+/// One relay worker's connection, with the claim statements prepared on it.
 pub(crate) struct PgSession<T: MakeTls> {
     store: PgStore<T>,
     sql: Arc<Sql>,
     begin: String,
+    /// The batch size the claim statements were prepared for.
+    limit: usize,
     conn: Option<SessionConn<T>>,
     /// A claim transaction is open on `conn`.
     open: bool,
+    /// A transaction was begun ahead, with the previous COMMIT, for the next claim.
+    begun: bool,
+    /// Position (available_at, id) of the last row of the last full batch: where the next
+    /// claim resumes while a backlog drains.
+    mark: Option<(OffsetDateTime, i64)>,
+    last_head_claim: Instant,
 }
 
 impl<T: MakeTls> PgSession<T> {
     fn connect(&mut self) -> Result<&mut SessionConn<T>, Error> {
         if self.conn.is_none() {
             let mut client = self.store.connection("opening a relay session")?;
-            let claim = client
-                .prepare_typed(&self.sql.claim, &[Type::INT8])
-                .map_err(self.store.db_error("preparing the claim statement"))?;
-            self.conn = Some(SessionConn { client, claim });
+            let context = "preparing the claim statements";
+            let claim_head = client
+                .prepare(&self.sql.claim(self.limit, false))
+                .map_err(self.store.db_error(context))?;
+            let claim_after = client
+                .prepare_typed(
+                    &self.sql.claim(self.limit, true),
+                    &[Type::TIMESTAMPTZ, Type::INT8],
+                )
+                .map_err(self.store.db_error(context))?;
+            self.conn = Some(SessionConn {
+                client,
+                claim_head,
+                claim_after,
+            });
         }
         Ok(self.conn.as_mut().expect("connection was just set"))
     }
@@ -353,15 +384,18 @@ impl<T: MakeTls> PgSession<T> {
     /// Turns a failure inside the claim transaction into an error, leaving the session
     /// either clean (transaction rolled back) or without a connection.
     fn fail(&mut self, context: &'static str, e: postgres::Error) -> Error {
+        let in_transaction = self.open || self.begun;
         if let Some(conn) = self.conn.as_mut() {
-            let rolled_back = self.open
+            let rolled_back = in_transaction
                 && !conn.client.is_closed()
                 && conn.client.batch_execute(sql::ROLLBACK).is_ok();
-            if conn.client.is_closed() || (self.open && !rolled_back) {
+            if conn.client.is_closed() || (in_transaction && !rolled_back) {
                 self.conn = None;
             }
         }
         self.open = false;
+        self.begun = false;
+        self.mark = None;
         self.store.db_error(context)(e)
     }
 
@@ -489,15 +523,41 @@ pub(crate) fn message_from_row(row: &postgres::Row) -> Message {
 impl<T: MakeTls> RelaySession for PgSession<T> {
     fn claim(&mut self, limit: usize) -> Result<Vec<Message>, Error> {
         debug_assert!(!self.open, "claim while a claim is open");
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        if limit != self.limit {
+            // Prepared for another batch size: prepare again (not on the relay's path).
+            self.limit = limit;
+            if self.begun {
+                self.begun = false;
+                if let Some(conn) = self.conn.as_mut() {
+                    let _ = conn.client.batch_execute(sql::ROLLBACK);
+                }
+            }
+            self.conn = None;
+        }
         let begin = self.begin.clone();
+        let begun = std::mem::take(&mut self.begun);
         let conn = self.connect()?;
-        if let Err(e) = conn.client.batch_execute(&begin) {
-            return Err(self.fail("opening a claim transaction", e));
+        if !begun {
+            if let Err(e) = conn.client.batch_execute(&begin) {
+                return Err(self.fail("opening a claim transaction", e));
+            }
         }
         self.open = true;
+        let mark = self
+            .mark
+            .take()
+            .filter(|_| self.last_head_claim.elapsed() < HEAD_CLAIM_EVERY);
         let conn = self.conn.as_mut().expect("connected above");
-        let rows = match conn.client.query(&conn.claim, &[&limit]) {
+        let mut rows = match mark {
+            Some((at, id)) => conn.client.query(&conn.claim_after, &[&at, &id]),
+            None => Ok(Vec::new()),
+        };
+        // Nothing past the position (or no position): claim from the head of the index.
+        if matches!(&rows, Ok(r) if r.is_empty()) {
+            self.last_head_claim = Instant::now();
+            rows = conn.client.query(&conn.claim_head, &[]);
+        }
+        let rows = match rows {
             Ok(rows) => rows,
             Err(e) => return Err(self.fail("claiming a batch", e)),
         };
@@ -508,6 +568,14 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
             }
             self.open = false;
             return Ok(Vec::new());
+        }
+        // Resume after this batch only while batches come back full (a backlog drains);
+        // otherwise the next claim starts from the head again.
+        if rows.len() >= limit {
+            self.mark = rows
+                .iter()
+                .map(|r| (r.get::<_, OffsetDateTime>(6), r.get::<_, i64>(0)))
+                .max();
         }
         Ok(rows.iter().map(message_from_row).collect())
     }
@@ -527,10 +595,21 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
             let keep = self.store.retention.keep.is_some();
             result = return_failed(&mut conn.client, &self.sql, &settlement, keep);
         }
-        let result = result.and_then(|()| conn.client.batch_execute(sql::COMMIT));
+        // After a full batch that was at least partly sent the worker claims again at once:
+        // begin its transaction in the same round trip as this COMMIT. (A batch that failed
+        // whole is followed by a pause, which must not hold a transaction open.)
+        let claims_next = settlement.sent.len() + settlement.returned.len() >= self.limit
+            && !settlement.sent.is_empty();
+        let end = if claims_next {
+            format!("{}; {}", sql::COMMIT, self.begin)
+        } else {
+            sql::COMMIT.to_owned()
+        };
+        let result = result.and_then(|()| conn.client.batch_execute(&end));
         match result {
             Ok(()) => {
                 self.open = false;
+                self.begun = claims_next;
                 (SettleReport::of(&settlement), None)
             }
             Err(e) => {
@@ -560,8 +639,8 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
 
 impl<T: MakeTls> Drop for PgSession<T> {
     fn drop(&mut self) {
-        // Never hand a connection with an open claim back to the pool.
-        if self.open {
+        // Never hand a connection with an open transaction back to the pool.
+        if self.open || self.begun {
             if let Some(conn) = self.conn.as_mut() {
                 let _ = conn.client.batch_execute(sql::ROLLBACK);
             }

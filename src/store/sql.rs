@@ -22,7 +22,8 @@ pub(crate) const MIGRATIONS_TABLE: &str = "troutbox_migrations";
 /// The schema version this build of the crate creates and expects.
 pub(crate) const SCHEMA_VERSION: i32 = 1;
 
-/// The columns the relay reads from a claimed row, in the order [`Sql::claim`] returns them.
+/// The columns of a message, in the order [`message_from_row`](super::pg::message_from_row)
+/// reads them.
 const MESSAGE_COLUMNS: &str = "id, key, value, headers, created_at, attempts";
 
 /// The columns of the outbox table. `available_at` is when a pending row may next be
@@ -48,7 +49,10 @@ pub(crate) struct Sql {
     pub(crate) migration_v1: String,
     pub(crate) insert_one: String,
     pub(crate) insert_many: String,
-    pub(crate) claim: String,
+    /// The qualified table and the retention, for the claim statements, which are built per
+    /// batch size (see [`Sql::claim`]).
+    table: String,
+    keep: bool,
     pub(crate) return_failed: String,
     pub(crate) late_mark_sent: String,
     pub(crate) late_record_failed: String,
@@ -104,8 +108,15 @@ pub(crate) const ROLLBACK: &str = "ROLLBACK";
 /// the session if the relay stays idle inside it (a hung Sender, a frozen process) longer than
 /// the send timeout: the transaction rolls back and its rows become claimable again. This is
 /// the bound on how long a batch can hold rows, enforced by the server itself.
+///
+/// `plan_cache_mode = force_generic_plan` keeps the claim that resumes after a position
+/// (its only parameters) from being re-planned at every execution: planning walks the index
+/// entries of rows already claimed, which is what a claim must not pay for.
 pub(crate) fn begin_claim(send_timeout_ms: u64) -> String {
-    format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {send_timeout_ms}")
+    format!(
+        "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {send_timeout_ms}; \
+         SET LOCAL plan_cache_mode = force_generic_plan"
+    )
 }
 
 impl Sql {
@@ -135,31 +146,6 @@ impl Sql {
             )
         } else {
             format!("CREATE TABLE {t} ({COLUMNS}, PRIMARY KEY (id)); {indexes}")
-        };
-        // The due rows a claim takes: the pending index in order, SKIP LOCKED passing over
-        // rows another relay holds, so concurrent relays never wait for, nor claim, each
-        // other's rows.
-        let due = "state = 'pending' AND available_at <= now()
-                    ORDER BY available_at, id
-                    LIMIT $1
-                    FOR UPDATE SKIP LOCKED";
-        let claim = if keep {
-            // Keep mode: mark the rows sent inside the still-open claim transaction; the
-            // failed ones are put back to pending before the COMMIT. The join on
-            // (id, created_at) lets each row be found in its own partition.
-            format!(
-                "WITH c AS MATERIALIZED (SELECT id, created_at FROM {t} WHERE {due})
-                 UPDATE {t} AS m SET state = 'sent', sent_at = now()
-                 FROM c WHERE m.id = c.id AND m.created_at = c.created_at
-                 RETURNING m.id, m.key, m.value, m.headers, m.created_at, m.attempts"
-            )
-        } else {
-            // Delete mode: delete the rows inside the still-open claim transaction. If it
-            // rolls back (crash, lost connection, timeout) they reappear exactly as they were.
-            format!(
-                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE {due})
-                 RETURNING {MESSAGE_COLUMNS}"
-            )
         };
         // Relay, same transaction as the claim: put failed rows back with their new attempt
         // count, retry time (from the clock now, after the send) or dead state, and error.
@@ -226,7 +212,8 @@ impl Sql {
                  FROM unnest($1::text[], $2::bytea[], $3::text[]) WITH ORDINALITY AS u(k, v, h, n)
                  ORDER BY n"
             ),
-            claim,
+            table: t.clone(),
+            keep,
             return_failed,
             late_mark_sent,
             // Same situation, for the failed ones: record the attempt, fenced on the attempt
@@ -273,6 +260,54 @@ impl Sql {
                  FROM {t}"
             ),
             partitions: keep.then(|| PartitionSql::new(schema, table)),
+        }
+    }
+
+    /// The claim statement for batches of `limit` messages; with `after_mark`, only rows
+    /// past the position `($1 available_at, $2 id)`. Returns the message columns plus
+    /// `available_at`, the position of each claimed row.
+    ///
+    /// The limit is written into the text (it is the outbox's batch size, an integer the crate
+    /// validated) rather than passed as `$1`: with a parameter, PostgreSQL re-plans the claim
+    /// at every execution, and planning costs as much as the claim itself once claimed rows
+    /// pile up at the head of the index.
+    ///
+    /// The due rows come from the pending index in order; SKIP LOCKED passes over rows another
+    /// relay holds, so concurrent relays never wait for, nor claim, each other's rows. The
+    /// position is only a hint to skip the index entries of rows this relay just claimed while
+    /// it drains a backlog; the relay claims from the head again as soon as a batch is not
+    /// full, and at least once a second, so a row that committed behind the position is never
+    /// left behind.
+    pub(crate) fn claim(&self, limit: usize, after_mark: bool) -> String {
+        let t = &self.table;
+        let mark = if after_mark {
+            "AND (available_at, id) > ($1::timestamptz, $2::int8)"
+        } else {
+            ""
+        };
+        let due = format!(
+            "state = 'pending' AND available_at <= now() {mark}
+                    ORDER BY available_at, id
+                    LIMIT {limit}
+                    FOR UPDATE SKIP LOCKED"
+        );
+        if self.keep {
+            // Keep mode: mark the rows sent inside the still-open claim transaction; the
+            // failed ones are put back to pending before the COMMIT. The join on
+            // (id, created_at) finds each row in its own partition.
+            format!(
+                "WITH c AS MATERIALIZED (SELECT id, created_at FROM {t} WHERE {due})
+                 UPDATE {t} AS m SET state = 'sent', sent_at = now()
+                 FROM c WHERE m.id = c.id AND m.created_at = c.created_at
+                 RETURNING m.id, m.key, m.value, m.headers, m.created_at, m.attempts, m.available_at"
+            )
+        } else {
+            // Delete mode: delete the rows inside the still-open claim transaction. If it
+            // rolls back (crash, lost connection, timeout) they reappear exactly as they were.
+            format!(
+                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE {due})
+                 RETURNING {MESSAGE_COLUMNS}, available_at"
+            )
         }
     }
 }
