@@ -119,16 +119,12 @@ impl Received {
 
     /// Waits until `n` distinct messages arrived; false on timeout.
     fn wait_for(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.by_id.lock().unwrap();
-        while state.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            state = self.changed.wait_timeout(state, left).unwrap().0;
-        }
-        true
+        let state = self.by_id.lock().unwrap();
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |s| s.len() < n)
+            .unwrap();
+        state.len() >= n
     }
 }
 

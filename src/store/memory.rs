@@ -71,20 +71,11 @@ impl MemoryStore {
 
     /// Waits until `done` holds, re-checking after every settlement, up to `timeout`.
     pub(crate) fn wait_until(&self, timeout: Duration, done: impl Fn(&State) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.state();
-        while !done(&state) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(self.state(), timeout, |s| !done(s))
+            .unwrap_or_else(|p| p.into_inner());
+        done(&state)
     }
 }
 

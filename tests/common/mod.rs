@@ -103,16 +103,12 @@ impl Deliveries {
 
     /// Waits until at least `n` distinct messages were delivered; false on timeout.
     pub fn wait_for(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.state.lock().unwrap();
-        while state.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            state = self.changed.wait_timeout(state, left).unwrap().0;
-        }
-        true
+        let state = self.state.lock().unwrap();
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |s| s.len() < n)
+            .unwrap();
+        state.len() >= n
     }
 }
 
