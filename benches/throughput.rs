@@ -61,6 +61,8 @@ enum Produce {
     /// The library's own INSERT text, sent unprepared (parse, bind, execute in one round trip)
     /// as the library does, without the library around it.
     Unprepared,
+    /// `Outbox::prepare` once per connection, then `PreparedProducer::add_message`.
+    Prepared,
 }
 
 impl Produce {
@@ -69,6 +71,7 @@ impl Produce {
             Produce::Library => "library",
             Produce::Reference => "reference",
             Produce::Unprepared => "unprepared",
+            Produce::Prepared => "prepared",
         }
     }
 }
@@ -84,6 +87,8 @@ enum Insert {
     Unnest,
     /// The library's own statement text, prepared.
     LibrarySqlPrepared,
+    /// `Outbox::prepare` once per connection, then `PreparedProducer::add_messages`.
+    LibraryPrepared,
 }
 
 impl Insert {
@@ -93,6 +98,7 @@ impl Insert {
             Insert::Values => "multi-row VALUES",
             Insert::Unnest => "unnest",
             Insert::LibrarySqlPrepared => "library SQL prepared",
+            Insert::LibraryPrepared => "library prepared",
         }
     }
 }
@@ -691,7 +697,7 @@ impl Bench {
             // At 1 thread the ladder adds the library's own statement sent unprepared by
             // hand, which splits the difference into server-side parsing and planning
             // (reference to ladder) and the library's client-side work (ladder to library).
-            let mut modes = vec![Produce::Library, Produce::Reference];
+            let mut modes = vec![Produce::Library, Produce::Reference, Produce::Prepared];
             if threads == 1 && ladder_enabled() {
                 modes.push(Produce::Unprepared);
             }
@@ -702,10 +708,11 @@ impl Bench {
                 eprintln!("  {:<10} {rate:>8.0} tx/s", mode.name());
             }
             emit(&scenario, rates[0], "tx/s", rates[1]);
-            if modes.len() > 2 {
+            emit(&format!("{scenario}_prepared"), rates[2], "tx/s", rates[1]);
+            if modes.len() > 3 {
                 emit(
                     &format!("ladder_{scenario}_unprepared"),
-                    rates[2],
+                    rates[3],
                     "tx/s",
                     rates[1],
                 );
@@ -783,6 +790,7 @@ impl Bench {
                         .prepare_typed(&raw_sql, &[Type::TEXT, Type::BYTEA])
                         .expect("prepare");
                     let no_headers: Vec<&str> = Vec::new();
+                    let prepared = outbox.prepare(&mut *c).expect("prepare the producer");
                     barrier.wait();
                     let end = Instant::now() + slice;
                     let mut commits = 0u64;
@@ -796,6 +804,9 @@ impl Bench {
                             Produce::Library => outbox
                                 .add_message(&mut tx, &key, &value)
                                 .expect("add_message"),
+                            Produce::Prepared => prepared
+                                .add_message(&mut tx, &key, &value)
+                                .expect("prepared add_message"),
                             Produce::Reference => {
                                 tx.execute(&raw, &[&key, &value]).expect("raw insert");
                             }
@@ -831,7 +842,12 @@ impl Bench {
     fn add_messages_batch(&self) {
         eprintln!("add_messages_batch");
         let outbox = Outbox::builder(self.lib.clone()).build().expect("options");
-        let mut modes = vec![Insert::Library, Insert::Values, Insert::Unnest];
+        let mut modes = vec![
+            Insert::Library,
+            Insert::Values,
+            Insert::Unnest,
+            Insert::LibraryPrepared,
+        ];
         if ladder_enabled() {
             modes.push(Insert::LibrarySqlPrepared);
         }
@@ -843,10 +859,11 @@ impl Bench {
         }
         let reference = rates[1].max(rates[2]);
         emit("add_messages_batch", rates[0], "rows/s", reference);
-        if modes.len() > 3 {
+        emit("add_messages_batch_prepared", rates[3], "rows/s", reference);
+        if modes.len() > 4 {
             emit(
                 "ladder_add_messages_library_sql_prepared",
-                rates[3],
+                rates[4],
                 "rows/s",
                 reference,
             );
@@ -866,7 +883,7 @@ impl Bench {
             .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
             .collect();
         let sql = match mode {
-            Insert::Library => String::new(),
+            Insert::Library | Insert::LibraryPrepared => String::new(),
             Insert::Values => format!(
                 "INSERT INTO {t} (key, value) VALUES {}",
                 placeholders.join(", ")
@@ -874,11 +891,12 @@ impl Bench {
             Insert::Unnest => format!(
                 "INSERT INTO {t} (key, value) SELECT * FROM unnest($1::text[], $2::bytea[])"
             ),
-            // The library's own statement text (see src/store/sql.rs).
+            // The library's own statement text for messages without headers (see
+            // src/store/sql.rs, `insert_many_plain`).
             Insert::LibrarySqlPrepared => format!(
-                "INSERT INTO {t} (key, value, headers)
-                 SELECT k, v, h::text[]
-                 FROM unnest($1::text[], $2::bytea[], $3::text[]) WITH ORDINALITY AS u(k, v, h, n)
+                "INSERT INTO {t} (key, value)
+                 SELECT k, v
+                 FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(k, v, n)
                  ORDER BY n"
             ),
         };
@@ -891,13 +909,14 @@ impl Bench {
                 let sql = sql.clone();
                 thread::spawn(move || {
                     let mut c = pool.get().expect("a connection");
-                    let stmt = (mode != Insert::Library).then(|| c.prepare(&sql).expect("prepare"));
+                    let stmt = (!matches!(mode, Insert::Library | Insert::LibraryPrepared))
+                        .then(|| c.prepare(&sql).expect("prepare"));
+                    let prepared = outbox.prepare(&mut *c).expect("prepare the producer");
                     let keys: Vec<String> = (0..ROWS_PER_CALL)
                         .map(|i| format!("key-{thread_no}-{i}"))
                         .collect();
                     let values: Vec<Vec<u8>> = (0..ROWS_PER_CALL as u64).map(value_for).collect();
                     let slices: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
-                    let headers: Vec<&str> = vec!["{}"; ROWS_PER_CALL];
                     let mut flat: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(2 * ROWS_PER_CALL);
                     for (k, v) in keys.iter().zip(&values) {
                         flat.push(k);
@@ -914,13 +933,19 @@ impl Bench {
                                     keys.iter().zip(&values).map(|(k, v)| NewMessage::new(k, v)),
                                 )
                                 .expect("add_messages"),
+                            (Insert::LibraryPrepared, _) => prepared
+                                .add_messages(
+                                    &mut *c,
+                                    keys.iter().zip(&values).map(|(k, v)| NewMessage::new(k, v)),
+                                )
+                                .expect("prepared add_messages"),
                             (Insert::Values, Some(stmt)) => c.execute(stmt, &flat).expect("insert"),
                             (Insert::Unnest, Some(stmt)) => {
                                 c.execute(stmt, &[&keys, &slices]).expect("insert")
                             }
-                            (Insert::LibrarySqlPrepared, Some(stmt)) => c
-                                .execute(stmt, &[&keys, &slices, &headers])
-                                .expect("insert"),
+                            (Insert::LibrarySqlPrepared, Some(stmt)) => {
+                                c.execute(stmt, &[&keys, &slices]).expect("insert")
+                            }
                             _ => unreachable!("every raw mode has a statement"),
                         };
                     }

@@ -97,7 +97,7 @@ pub use message::{DeadMessage, Message, Status};
 pub use observability::backlog::Backlog;
 pub use observability::stats::{Stats, Timing};
 pub use outbox::{Outbox, OutboxBuilder};
-pub use producer::NewMessage;
+pub use producer::{NewMessage, PreparedProducer};
 pub use relay::backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX};
 pub use relay::batch::Batch;
 pub use relay::handle::Handle;

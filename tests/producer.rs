@@ -182,3 +182,64 @@ fn adding_to_a_table_that_was_never_migrated_says_so() {
         .unwrap_err();
     assert!(matches!(err, Error::NotMigrated { .. }), "{err}");
 }
+
+#[test]
+fn a_prepared_producer_adds_the_same_rows_on_its_own_connection() {
+    let pool = pool(4);
+    let store = store("prepared_producer", &pool);
+    let outbox = Outbox::builder(store.clone()).build().unwrap();
+    let mut conn = pool.get().unwrap();
+    let producer = outbox.prepare(&mut *conn).unwrap();
+
+    let mut tx = conn.transaction().unwrap();
+    producer.add_message(&mut tx, "one", b"1").unwrap();
+    producer
+        .add(&mut tx, &NewMessage::new("two", b"2").header("h", "v"))
+        .unwrap();
+    assert_eq!(
+        producer
+            .add_messages(
+                &mut tx,
+                [
+                    NewMessage::new("three", b"3"),
+                    NewMessage::new("four", b"4")
+                ]
+            )
+            .unwrap(),
+        2
+    );
+    // Refused before the database, as without preparing.
+    assert!(matches!(
+        producer.add_message(&mut tx, "nul\0", b"x").unwrap_err(),
+        Error::KeyContainsNul { .. }
+    ));
+    tx.commit().unwrap();
+    let mut tx = conn.transaction().unwrap();
+    producer.add_message(&mut tx, "rolled back", b"x").unwrap();
+    tx.rollback().unwrap();
+
+    let rows = conn
+        .query(
+            "SELECT key, value, headers FROM prepared_producer.outbox_messages ORDER BY id",
+            &[],
+        )
+        .unwrap();
+    let got: Vec<(String, Vec<u8>, Vec<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("one".into(), b"1".to_vec(), vec![]),
+            ("two".into(), b"2".to_vec(), vec!["h".into(), "v".into()]),
+            ("three".into(), b"3".to_vec(), vec![]),
+            ("four".into(), b"4".to_vec(), vec![]),
+        ]
+    );
+
+    // On another connection the statement does not exist: a database error, no panic.
+    let mut other = pool.get().unwrap();
+    let err = producer.add_message(&mut *other, "k", b"v").unwrap_err();
+    assert!(matches!(err, Error::Database { .. }), "{err}");
+}

@@ -49,6 +49,7 @@ pub(crate) struct Sql {
     pub(crate) migration_v1: String,
     pub(crate) insert_one: String,
     pub(crate) insert_many: String,
+    pub(crate) insert_many_plain: String,
     /// The qualified table and the retention, for the claim statements, which are built per
     /// batch size (see [`Sql::claim`]).
     table: String,
@@ -210,6 +211,14 @@ impl Sql {
                 "INSERT INTO {t} (key, value, headers)
                  SELECT k, v, h::text[]
                  FROM unnest($1::text[], $2::bytea[], $3::text[]) WITH ORDINALITY AS u(k, v, h, n)
+                 ORDER BY n"
+            ),
+            // The same when no message has headers (the common case): no per-row literal to
+            // send and cast.
+            insert_many_plain: format!(
+                "INSERT INTO {t} (key, value)
+                 SELECT k, v
+                 FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(k, v, n)
                  ORDER BY n"
             ),
             table: t.clone(),
