@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::relay::backoff::Backoff;
+use crate::backoff::Backoff;
 use crate::Error;
 
 /// Default number of messages claimed per batch.

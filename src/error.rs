@@ -157,9 +157,33 @@ pub enum Error {
         running: usize,
     },
 
-    /// A relay worker thread panicked outside the Sender (a bug in troutbox: please report it).
+    /// A relay worker thread panicked outside the Sender (a bug in troutbox, or a panicking
+    /// error handler: please report it). The worker gives back the batch it held (which
+    /// counts as an attempt for its messages) and carries on.
     #[error("relay worker thread panicked: {0}")]
     WorkerPanicked(String),
+
+    /// The relay set a message aside as dead without sending it: its row cannot be decoded
+    /// (written by hand or by an older tool), or it was claimed `max_retries + 1` times by
+    /// relays that never settled (it crashes or hangs the relay). The rest of the queue
+    /// flows; the message waits in the dead letters for a person.
+    #[error("message {id} was set aside as dead: {reason}; inspect it with PgStore::dead_messages (or `troutbox dead list`), fix the cause, then requeue it or purge it")]
+    SetAside {
+        /// The message's id.
+        id: i64,
+        /// Why, as stored in its `last_error`.
+        reason: String,
+    },
+
+    /// A batch's transaction was lost (its Sender outlived the send timeout, or the
+    /// connection dropped) and, by the time its outcome came back, another relay had claimed
+    /// some of its messages again. Their outcome could not be recorded: they will be
+    /// delivered again, and the lost claim counts as an attempt for each of them.
+    #[error("the outcome of {messages} message(s) was not recorded: their batch's transaction was lost (send timeout exceeded or connection lost) and another relay claimed them again; they will be delivered again, and the lost claim counts as an attempt (raise OutboxBuilder::send_timeout if the Sender is legitimately slow)")]
+    OutcomeNotRecorded {
+        /// Number of messages whose outcome was dropped.
+        messages: usize,
+    },
 }
 
 impl Error {

@@ -62,6 +62,7 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
+mod backoff;
 mod config;
 mod error;
 mod maintenance;
@@ -92,15 +93,16 @@ pub use config::{
 };
 pub use error::{BoxError, Error};
 pub use maintenance::partitions::{MaintenanceHandle, MaintenanceReport};
-pub use maintenance::retention::{Retention, DEFAULT_PARTITIONS_AHEAD, DEFAULT_PARTITION_INTERVAL};
+pub use store::retention::{Retention, DEFAULT_PARTITIONS_AHEAD, DEFAULT_PARTITION_INTERVAL};
 pub use message::{DeadMessage, Message, Status};
 pub use observability::backlog::Backlog;
 pub use observability::stats::{Stats, Timing};
 pub use outbox::{Outbox, OutboxBuilder};
 pub use producer::{NewMessage, PreparedProducer};
-pub use relay::backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX};
+pub use backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX};
 pub use relay::batch::Batch;
 pub use relay::handle::Handle;
+pub use relay::health::Health;
 pub use relay::sender::Sender;
 pub use store::pg::{MakeTls, PgPool, PgStore, DEFAULT_SCHEMA, DEFAULT_TABLE};
 

@@ -20,7 +20,11 @@ pub enum Status {
 ///
 /// Delivery is at least once, so a consumer that must not act twice deduplicates on
 /// [`id`](Message::id): it is unique per outbox table and never changes, retries included.
-#[derive(Debug, Clone)]
+///
+/// Not `Clone`, on purpose: the relay settles each claimed message from the batch the Sender
+/// hands back, and a Sender that could overwrite one batch entry with a copy of another would
+/// make a committed message vanish. Copy what you need with the accessors.
+#[derive(Debug)]
 pub struct Message {
     pub(crate) id: i64,
     pub(crate) key: String,
@@ -93,7 +97,7 @@ impl Message {
 
 /// A message that ran out of retries, as listed by
 /// [`PgStore::dead_messages`](crate::PgStore::dead_messages).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DeadMessage {
     /// The message as it was last handed to the Sender; its
     /// [`attempts`](Message::attempts) counts every failed attempt.

@@ -8,10 +8,11 @@ use postgres::NoTls;
 
 use crate::config::Config;
 use crate::observability::Telemetry;
-use crate::relay::backoff::Backoff;
+use crate::backoff::Backoff;
 use crate::relay::handle::Handle;
 use crate::relay::sender::Sender;
-use crate::store::pg::{MakeTls, PgRelay, PgStore};
+use crate::store::claim::PgRelay;
+use crate::store::pg::{MakeTls, PgStore};
 use crate::store::sql::Sql;
 use crate::Error;
 
@@ -108,12 +109,13 @@ impl<T: MakeTls> Outbox<T> {
     where
         S: Sender + Clone,
     {
-        let relay = PgRelay {
-            store: self.inner.store.clone(),
-            sql: self.inner.sql.clone(),
-            send_timeout: self.inner.config.send_timeout,
-            batch_size: self.inner.config.batch_size,
-        };
+        let relay = PgRelay::new(
+            self.inner.store.clone(),
+            self.inner.sql.clone(),
+            self.inner.config.send_timeout,
+            self.inner.config.batch_size,
+            self.inner.config.max_retries,
+        );
         let telemetry = Telemetry {
             #[cfg(feature = "opentelemetry")]
             otel: Some(self.inner.otel.clone()),

@@ -50,7 +50,8 @@ fn producer_with_insert_only_and_relay_with_minimal_grants() {
              -- producer: exactly what the README documents
              GRANT INSERT ON {SCHEMA}.outbox_messages TO {PRODUCER};
              -- relay: exactly what the README documents
-             GRANT SELECT, INSERT, UPDATE, DELETE ON {SCHEMA}.outbox_messages TO {RELAY};"
+             GRANT SELECT, INSERT, UPDATE, DELETE ON {SCHEMA}.outbox_messages TO {RELAY};
+             GRANT SELECT, INSERT, DELETE ON {SCHEMA}.outbox_messages_claims TO {RELAY};"
         ))
         .unwrap();
 

@@ -2,7 +2,7 @@
 //! automatically, and re-queueable from here.
 
 use crate::message::DeadMessage;
-use crate::store::pg::{message_from_row, MakeTls, PgStore};
+use crate::store::pg::{dead_message_from_row, MakeTls, PgStore};
 use crate::Error;
 
 impl<T: MakeTls> PgStore<T> {
@@ -27,14 +27,7 @@ impl<T: MakeTls> PgStore<T> {
             .connection(context)?
             .query(&sql.dead_list, &[&i64::from(limit), &before_id])
             .map_err(self.db_error(context))?;
-        Ok(rows
-            .iter()
-            .map(|row| DeadMessage {
-                message: message_from_row(row),
-                last_error: row.get(6),
-                died_at: row.get(7),
-            })
-            .collect())
+        Ok(rows.iter().map(dead_message_from_row).collect())
     }
 
     /// Puts the dead messages with these ids back in the queue, as if just added: attempts

@@ -56,7 +56,16 @@ impl<T: MakeTls> PgStore<T> {
         let context = "maintaining outbox partitions";
         let map = self.db_error(context);
         let mut conn = self.connection(context)?;
-        let mut tx = conn.transaction().map_err(self.db_error(context))?;
+        // READ COMMITTED stated, not inherited: the count of unsent rows before a DROP must
+        // see the rows committed while maintenance waited for its lock, which a snapshot
+        // taken earlier (REPEATABLE READ or SERIALIZABLE as a database default) would not.
+        let mut tx = conn
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::ReadCommitted)
+            .start()
+            .map_err(self.db_error(context))?;
+        tx.batch_execute(sql::MAINTENANCE_TIMEOUTS)
+            .map_err(self.db_error(context))?;
         let lock_key = format!("troutbox:maintain:{}", self.qualified_table());
         let locked: bool = tx
             .query_one(sql::MAINTENANCE_LOCK, &[&lock_key])
@@ -66,8 +75,6 @@ impl<T: MakeTls> PgStore<T> {
             report.locked_out = true;
             return Ok(report);
         }
-        tx.batch_execute(sql::MAINTENANCE_LOCK_TIMEOUT)
-            .map_err(self.db_error(context))?;
 
         let interval = self.retention_config().interval_secs();
         let now = self.now().unix_timestamp();

@@ -27,15 +27,17 @@ impl<T: MakeTls> PgStore<T> {
     pub fn backlog(&self) -> Result<Backlog, Error> {
         let sql = self.sql()?;
         let context = "counting the backlog";
-        let row = self
-            .connection(context)?
+        let read = |row: postgres::Row| -> Result<Backlog, postgres::Error> {
+            Ok(Backlog {
+                pending: row.try_get(0)?,
+                dead: row.try_get(1)?,
+                sent: row.try_get(2)?,
+                oldest_pending: row.try_get(3)?,
+            })
+        };
+        self.connection(context)?
             .query_one(&sql.counts, &[])
-            .map_err(self.db_error(context))?;
-        Ok(Backlog {
-            pending: row.get(0),
-            dead: row.get(1),
-            sent: row.get(2),
-            oldest_pending: row.get(3),
-        })
+            .and_then(read)
+            .map_err(self.db_error(context))
     }
 }

@@ -22,11 +22,12 @@ pub(crate) struct Telemetry {
 }
 
 impl Telemetry {
-    pub(crate) fn record_settled(&self, report: SettleReport, duration: Duration) {
-        self.counters.record_settled(report, duration);
+    /// Counts committed transitions (see [`Counters::record_settled`]).
+    pub(crate) fn record_settled(&self, report: SettleReport, batch: Option<Duration>) {
+        self.counters.record_settled(report, batch);
         #[cfg(feature = "opentelemetry")]
         if let Some(otel) = &self.otel {
-            otel.record_settled(report, duration);
+            otel.record_settled(report, batch);
         }
     }
 

@@ -144,12 +144,14 @@ impl Instruments {
         }
     }
 
-    pub(crate) fn record_settled(&self, report: SettleReport, duration: Duration) {
+    pub(crate) fn record_settled(&self, report: SettleReport, batch: Option<Duration>) {
         self.sent.add(report.sent, &[]);
         self.failed.add(report.retried + report.dead, &[]);
         self.retried.add(report.retried, &[]);
         self.dead.add(report.dead, &[]);
-        self.batch_duration.record(duration.as_secs_f64(), &[]);
+        if let Some(duration) = batch {
+            self.batch_duration.record(duration.as_secs_f64(), &[]);
+        }
     }
 
     pub(crate) fn record_latency(&self, latency: Duration) {

@@ -90,12 +90,16 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn record_settled(&self, report: SettleReport, duration: Duration) {
+    /// Counts committed transitions; `batch` is the duration of the batch they settled, or
+    /// `None` for transitions a claim committed without a batch (messages set aside).
+    pub(crate) fn record_settled(&self, report: SettleReport, batch: Option<Duration>) {
         self.sent.fetch_add(report.sent, Ordering::Relaxed);
         self.retried.fetch_add(report.retried, Ordering::Relaxed);
         self.dead.fetch_add(report.dead, Ordering::Relaxed);
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        self.batch_duration.record(duration);
+        if let Some(duration) = batch {
+            self.batches.fetch_add(1, Ordering::Relaxed);
+            self.batch_duration.record(duration);
+        }
     }
 
     pub(crate) fn record_latency(&self, latency: Duration) {
@@ -135,14 +139,21 @@ mod tests {
                 retried: 2,
                 dead: 1,
             },
-            Duration::from_millis(10),
+            Some(Duration::from_millis(10)),
         );
-        c.record_settled(SettleReport::default(), Duration::from_millis(30));
+        c.record_settled(SettleReport::default(), Some(Duration::from_millis(30)));
+        c.record_settled(
+            SettleReport {
+                dead: 1,
+                ..SettleReport::default()
+            },
+            None,
+        );
         c.record_latency(Duration::from_millis(4));
         let s = c.snapshot();
         assert_eq!(
             (s.sent, s.failed, s.retried, s.dead, s.batches),
-            (3, 3, 2, 1, 2)
+            (3, 4, 2, 2, 2)
         );
         assert_eq!(s.batch_duration.mean(), Some(Duration::from_millis(20)));
         assert_eq!(s.batch_duration.max, Duration::from_millis(30));

@@ -1,5 +1,6 @@
 //! The running relay's handle: stop, wait, report.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,7 @@ use crate::config::Config;
 use crate::error::panic_message;
 use crate::observability::stats::Stats;
 use crate::observability::SharedTelemetry;
+use crate::relay::health::{Health, WorkerStatus};
 use crate::Error;
 
 /// Controls a running relay started by [`Outbox::start`](crate::Outbox::start).
@@ -21,6 +23,7 @@ pub struct Handle {
     stop: Option<ChannelSender<()>>,
     done: Receiver<()>,
     threads: Vec<JoinHandle<()>>,
+    statuses: Vec<Arc<WorkerStatus>>,
     timeout: Duration,
     wake: ChannelSender<()>,
     telemetry: SharedTelemetry,
@@ -40,6 +43,7 @@ impl Handle {
         stop: Option<ChannelSender<()>>,
         done: Receiver<()>,
         threads: Vec<JoinHandle<()>>,
+        statuses: Vec<Arc<WorkerStatus>>,
         config: &Config,
         wake: ChannelSender<()>,
         telemetry: SharedTelemetry,
@@ -48,6 +52,7 @@ impl Handle {
             stop,
             done,
             threads,
+            statuses,
             timeout: config.shutdown_timeout,
             wake,
             telemetry,
@@ -117,6 +122,22 @@ impl Handle {
     /// committed elsewhere (another process) and you know it.
     pub fn wake(&self) {
         let _ = self.wake.try_send(());
+    }
+
+    /// The workers' state, for a health check: how many are running, ended, or in a streak
+    /// of failed rounds (see [`Health`]). Workers never die of errors or panics, so an
+    /// ended worker before a shutdown, or a long failure streak, is worth an alert.
+    ///
+    /// ```no_run
+    /// # fn f(handle: &troutbox::Handle) {
+    /// let health = handle.health();
+    /// if !health.is_healthy() {
+    ///     eprintln!("relay unhealthy: {health:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn health(&self) -> Health {
+        Health::of(&self.statuses)
     }
 
     /// Number of worker threads not yet joined.

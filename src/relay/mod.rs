@@ -2,13 +2,12 @@
 //!
 //! - [`worker`]: the loop one thread runs (claim, send, settle, sleep when drained);
 //! - [`outcome`]: turning the Sender's marks and result into a settlement;
-//! - [`backoff`]: retry delays;
 //! - [`batch`] and [`sender`]: what user code sees;
-//! - [`handle`]: stopping and joining the threads.
+//! - [`handle`]: stopping and joining the threads; [`health`]: what workers report to it.
 
-pub(crate) mod backoff;
 pub(crate) mod batch;
 pub(crate) mod handle;
+pub(crate) mod health;
 pub(crate) mod outcome;
 pub(crate) mod sender;
 pub(crate) mod worker;
@@ -44,7 +43,10 @@ where
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
     let mut threads = Vec::with_capacity(config.workers);
+    let mut statuses = Vec::with_capacity(config.workers);
     for index in 0..config.workers {
+        let status = Arc::new(health::WorkerStatus::default());
+        statuses.push(status.clone());
         let worker = Worker::new(
             store.clone(),
             first_session.take(),
@@ -55,6 +57,7 @@ where
             wake_rx.clone(),
             wake_tx.clone(),
             done_tx.clone(),
+            status,
         );
         let spawned = std::thread::Builder::new()
             .name(format!("troutbox-relay-{index}"))
@@ -63,8 +66,15 @@ where
             Ok(thread) => threads.push(thread),
             Err(e) => {
                 drop(done_tx);
-                let mut partial =
-                    Handle::new(Some(stop_tx), done_rx, threads, config, wake_tx, telemetry);
+                let mut partial = Handle::new(
+                    Some(stop_tx),
+                    done_rx,
+                    threads,
+                    statuses,
+                    config,
+                    wake_tx,
+                    telemetry,
+                );
                 let _ = partial.shutdown();
                 return Err(Error::Spawn(e));
             }
@@ -75,6 +85,7 @@ where
         Some(stop_tx),
         done_rx,
         threads,
+        statuses,
         config,
         wake_tx,
         telemetry,

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::config::MAX_ERROR_TEXT;
 use crate::message::Status;
-use crate::relay::backoff::Backoff;
+use crate::backoff::Backoff;
 use crate::relay::batch::Batch;
 use crate::store::{Returned, Settlement};
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::relay::backoff::Backoff;
+use crate::backoff::Backoff;
 use crate::relay::batch::Batch;
 use crate::relay::handle::Handle;
 use crate::store::memory::MemoryStore;

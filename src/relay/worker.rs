@@ -10,16 +10,24 @@ use crate::config::{Config, ErrorHandler, MIN_POLL_INTERVAL};
 use crate::error::{panic_message, BoxError};
 use crate::message::Message;
 use crate::observability::SharedTelemetry;
-use crate::relay::backoff::Backoff;
+use crate::backoff::Backoff;
 use crate::relay::batch::Batch;
 use crate::relay::outcome;
 use crate::relay::sender::Sender;
-use crate::store::{RelaySession, RelayStore, SettleReport, Settlement};
+use crate::relay::health::{EndGuard, WorkerStatus};
+use crate::store::{Claimed, RelaySession, RelayStore, SettleReport, Settlement};
 use crate::Error;
 
 /// Pause after database errors: short, so the relay resumes within seconds of the database
 /// coming back, yet not a busy loop while it is down.
 const DB_RETRY: Backoff = Backoff::exponential(Duration::from_millis(50), Duration::from_secs(2));
+
+/// The pace of a worker's loop: its idle sleep and its failure streaks.
+struct Pace {
+    idle_sleep: Duration,
+    db_failures: u32,
+    send_failures: u32,
+}
 
 /// What ended a wait.
 enum Wake {
@@ -46,6 +54,8 @@ pub(crate) struct Worker<S: RelayStore, F: Sender + Clone> {
     _wake_tx: ChannelSender<()>,
     /// Dropped when the thread ends: how [`Handle`](super::handle::Handle) learns it did.
     _done: ChannelSender<()>,
+    /// What the handle's health check reads.
+    status: Arc<WorkerStatus>,
 }
 
 impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
@@ -60,6 +70,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
         wake: Receiver<()>,
         wake_tx: ChannelSender<()>,
         done: ChannelSender<()>,
+        status: Arc<WorkerStatus>,
     ) -> Self {
         Worker {
             store,
@@ -76,92 +87,126 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             wake,
             _wake_tx: wake_tx,
             _done: done,
+            status,
         }
     }
 
     pub(crate) fn run(mut self) {
-        let mut idle_sleep = MIN_POLL_INTERVAL;
-        let mut db_failures = 0u32;
-        let mut send_failures = 0u32;
+        let _ended = EndGuard(self.status.clone());
+        let mut pace = Pace {
+            idle_sleep: MIN_POLL_INTERVAL,
+            db_failures: 0,
+            send_failures: 0,
+        };
         log::debug!("relay worker started");
         while !self.stop_requested() {
-            let messages = match self.claim() {
-                Ok(messages) => {
-                    db_failures = 0;
-                    messages
-                }
-                Err(e) => {
-                    self.report(&e);
-                    db_failures = db_failures.saturating_add(1);
-                    if self.pause(DB_RETRY.delay(db_failures)) {
-                        break;
-                    }
-                    continue;
+            // Everything a round does runs inside this boundary, not only the Sender: a
+            // panic anywhere (a bug, a panicking error handler, a driver) is reported and
+            // the worker carries on. The session is dropped, which gives the batch it held
+            // back; its journal rows make that count as an attempt.
+            let round = panic::catch_unwind(AssertUnwindSafe(|| self.round(&mut pace)));
+            let stop = match round {
+                Ok(stop) => stop,
+                Err(payload) => {
+                    let message = panic_message(&*payload);
+                    let _ = panic::catch_unwind(AssertUnwindSafe(|| self.session = None));
+                    self.session = None;
+                    self.report(&Error::WorkerPanicked(message));
+                    pace.db_failures = pace.db_failures.saturating_add(1);
+                    self.status.failed(pace.db_failures);
+                    self.pause(DB_RETRY.delay(pace.db_failures))
                 }
             };
-            if messages.is_empty() {
-                // Drained: sleep, doubling the sleep while nothing comes, up to the poll interval.
-                match self.wait(idle_sleep) {
-                    Wake::Stop => break,
-                    Wake::Nudged => idle_sleep = MIN_POLL_INTERVAL,
-                    Wake::TimedOut => idle_sleep = (idle_sleep * 2).min(self.poll_interval),
-                }
-                continue;
-            }
-            idle_sleep = MIN_POLL_INTERVAL;
-            let started = Instant::now();
-            #[cfg(feature = "opentelemetry")]
-            let (started_at, size, links) = (
-                std::time::SystemTime::now(),
-                messages.len(),
-                crate::observability::otel::links(&messages),
-            );
-            self.record_latencies(&messages);
-            let (settlement, sender_error) = self.deliver(messages);
-            let whole_batch_failed = sender_error.is_some() && settlement.sent.is_empty();
-            if let Some(e) = &sender_error {
-                self.report(e);
-            }
-            #[cfg(feature = "opentelemetry")]
-            let dead: Vec<(i64, u32, String)> = settlement
-                .returned
-                .iter()
-                .filter(|r| r.dead)
-                .map(|r| (r.message.id, r.attempts, r.error.clone()))
-                .collect();
-            let report = self.settle(settlement);
-            // Counted only now, after the commit: the counters follow the rows.
-            self.telemetry.record_settled(report, started.elapsed());
-            #[cfg(feature = "opentelemetry")]
-            if let Some(otel) = &self.telemetry.otel {
-                let error = sender_error.as_ref().map(ToString::to_string);
-                otel.batch_span(crate::observability::otel::BatchSpan {
-                    start: started_at,
-                    size,
-                    report,
-                    dead: &dead,
-                    links,
-                    error: error.as_deref(),
-                });
-            }
-            log::debug!(
-                "batch settled: {} sent, {} retried, {} dead",
-                report.sent,
-                report.retried,
-                report.dead
-            );
-            // A Sender failing whole batches usually means the broker is down: slow down
-            // rather than spend every message's retries at full speed.
-            if whole_batch_failed {
-                send_failures = send_failures.saturating_add(1);
-                if self.pause(self.backoff.delay(send_failures)) {
-                    break;
-                }
-            } else {
-                send_failures = 0;
+            if stop {
+                break;
             }
         }
         log::debug!("relay worker stopped");
+    }
+
+    /// One round: claim, send, settle, or sleep when drained. True when stopped meanwhile.
+    fn round(&mut self, pace: &mut Pace) -> bool {
+        let claimed = match self.claim() {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                self.report(&e);
+                pace.db_failures = pace.db_failures.saturating_add(1);
+                self.status.failed(pace.db_failures);
+                return self.pause(DB_RETRY.delay(pace.db_failures));
+            }
+        };
+        pace.db_failures = 0;
+        self.status.succeeded();
+        if claimed.report != SettleReport::default() {
+            self.telemetry.record_settled(claimed.report, None);
+        }
+        for e in &claimed.set_aside {
+            self.report(e);
+        }
+        let messages = claimed.messages;
+        if messages.is_empty() {
+            // Drained: sleep, doubling the sleep while nothing comes, up to the poll interval.
+            match self.wait(pace.idle_sleep) {
+                Wake::Stop => return true,
+                Wake::Nudged => pace.idle_sleep = MIN_POLL_INTERVAL,
+                Wake::TimedOut => {
+                    pace.idle_sleep = (pace.idle_sleep * 2).min(self.poll_interval)
+                }
+            }
+            return false;
+        }
+        pace.idle_sleep = MIN_POLL_INTERVAL;
+        let started = Instant::now();
+        #[cfg(feature = "opentelemetry")]
+        let (started_at, size, links) = (
+            std::time::SystemTime::now(),
+            messages.len(),
+            crate::observability::otel::links(&messages),
+        );
+        self.record_latencies(&messages);
+        let (settlement, sender_error) = self.deliver(messages);
+        let whole_batch_failed = sender_error.is_some() && settlement.sent.is_empty();
+        #[cfg(feature = "opentelemetry")]
+        let dead: Vec<(i64, u32, String)> = settlement
+            .returned
+            .iter()
+            .filter(|r| r.dead)
+            .map(|r| (r.message.id, r.attempts, r.error.clone()))
+            .collect();
+        let report = self.settle(settlement);
+        // Counted only now, after the commit: the counters follow the rows.
+        self.telemetry.record_settled(report, Some(started.elapsed()));
+        // Reported after the settlement, so a slow error handler (an alerting call) never
+        // holds the batch's transaction open.
+        if let Some(e) = &sender_error {
+            self.report(e);
+        }
+        #[cfg(feature = "opentelemetry")]
+        if let Some(otel) = &self.telemetry.otel {
+            let error = sender_error.as_ref().map(ToString::to_string);
+            otel.batch_span(crate::observability::otel::BatchSpan {
+                start: started_at,
+                size,
+                report,
+                dead: &dead,
+                links,
+                error: error.as_deref(),
+            });
+        }
+        log::debug!(
+            "batch settled: {} sent, {} retried, {} dead",
+            report.sent,
+            report.retried,
+            report.dead
+        );
+        // A Sender failing whole batches usually means the broker is down: slow down
+        // rather than spend every message's retries at full speed.
+        if whole_batch_failed {
+            pace.send_failures = pace.send_failures.saturating_add(1);
+            return self.pause(self.backoff.delay(pace.send_failures));
+        }
+        pace.send_failures = 0;
+        false
     }
 
     fn session(&mut self) -> Result<&mut S::Session, Error> {
@@ -174,7 +219,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
         Ok(self.session.as_mut().expect("session was just opened"))
     }
 
-    fn claim(&mut self) -> Result<Vec<Message>, Error> {
+    fn claim(&mut self) -> Result<Claimed, Error> {
         let batch_size = self.batch_size;
         self.session()?.claim(batch_size)
     }

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{RelaySession, RelayStore, SettleReport, Settlement};
+use super::{Claimed, RelaySession, RelayStore, SettleReport, Settlement};
 use crate::message::{Message, Status};
 use crate::Error;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Row {
     pub(crate) message: Message,
     pub(crate) available_at: Instant,
@@ -106,7 +106,7 @@ impl MemorySession {
 }
 
 impl RelaySession for MemorySession {
-    fn claim(&mut self, limit: usize) -> Result<Vec<Message>, Error> {
+    fn claim(&mut self, limit: usize) -> Result<Claimed, Error> {
         let mut state = self.store.state();
         if state.failing_claims > 0 {
             state.failing_claims -= 1;
@@ -123,11 +123,23 @@ impl RelaySession for MemorySession {
             }
             if !row.locked && !row.dead && row.available_at <= now {
                 row.locked = true;
-                batch.push(row.message.clone());
+                let m = &row.message;
+                batch.push(Message {
+                    id: m.id,
+                    key: m.key.clone(),
+                    value: m.value.clone(),
+                    headers: m.headers.clone(),
+                    created_at: m.created_at,
+                    attempts: m.attempts,
+                    status: Status::Unmarked,
+                });
             }
         }
         self.claimed = batch.iter().map(|m| m.id).collect();
-        Ok(batch)
+        Ok(Claimed {
+            messages: batch,
+            ..Claimed::default()
+        })
     }
 
     fn settle(&mut self, settlement: Settlement) -> (SettleReport, Option<Error>) {

@@ -1,15 +1,24 @@
 //! Storage: the PostgreSQL store, its SQL, and the small interface the relay uses.
 //!
+//! - [`pg`]: the store's configuration and migrations;
+//! - [`claim`]: the claim strategy, the protocol by which a relay takes, holds and settles
+//!   batches (claim, journal, settle, late settle), all in one file;
+//! - [`sql`]: every statement; [`decode`]: rows to messages, fallibly; [`ident`]: names;
+//!   [`retention`]: what happens to sent messages.
+//!
 //! The relay never sees SQL. It talks to a [`RelayStore`], which opens one [`RelaySession`]
 //! per worker thread; a session claims a batch, and later settles or releases it. The
 //! interface is shaped by what PostgreSQL does well: a claim is one statement inside a
 //! transaction that stays open while the Sender runs, and a settlement is at most one
 //! statement plus the COMMIT, whatever the mix of sent, retried and dead messages.
 
+pub(crate) mod claim;
+pub(crate) mod decode;
 pub(crate) mod ident;
 #[cfg(test)]
 pub(crate) mod memory;
 pub(crate) mod pg;
+pub(crate) mod retention;
 pub(crate) mod sql;
 
 use std::time::Duration;
@@ -52,6 +61,27 @@ pub(crate) struct SettleReport {
     pub(crate) dead: u64,
 }
 
+impl std::ops::AddAssign for SettleReport {
+    fn add_assign(&mut self, other: SettleReport) {
+        self.sent += other.sent;
+        self.retried += other.retried;
+        self.dead += other.dead;
+    }
+}
+
+/// What a claim produced: the messages for the Sender, and what it settled by itself.
+#[derive(Debug, Default)]
+pub(crate) struct Claimed {
+    /// The messages to hand to the Sender, in id order. Their `attempts` includes the claims
+    /// of them that ended without a settlement.
+    pub(crate) messages: Vec<Message>,
+    /// Messages the claim set aside as dead (undecodable rows, messages whose claims were
+    /// abandoned `max_retries + 1` times), already committed: one error each, to report.
+    pub(crate) set_aside: Vec<Error>,
+    /// The row transitions committed while claiming.
+    pub(crate) report: SettleReport,
+}
+
 impl SettleReport {
     /// What a settlement commits when its transaction commits as a whole.
     pub(crate) fn of(settlement: &Settlement) -> SettleReport {
@@ -78,9 +108,9 @@ pub(crate) trait RelayStore: Send + Sync + 'static {
 /// One worker's connection. At most one claim is open at a time.
 pub(crate) trait RelaySession: Send {
     /// Claims up to `limit` due messages, locking them against other relays until
-    /// [`settle`](Self::settle) (or until the session is dropped, which gives them back
-    /// untouched). An empty result leaves nothing open.
-    fn claim(&mut self, limit: usize) -> Result<Vec<Message>, Error>;
+    /// [`settle`](Self::settle) (or until the session is dropped, which gives them back, and
+    /// counts the claim as an attempt). No message to send leaves nothing open.
+    fn claim(&mut self, limit: usize) -> Result<Claimed, Error>;
 
     /// Records the outcome of the open claim and ends it. Applied atomically: either the
     /// whole settlement is recorded, or (after a lost connection) it is applied afterwards

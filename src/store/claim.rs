@@ -1,0 +1,725 @@
+//! The claim strategy: how a relay takes a batch, holds it while the Sender runs, and settles
+//! it, so that every claim is accounted for.
+//!
+//! # The protocol (unordered strategy)
+//!
+//! 1. **Claim.** In a transaction on the worker's connection, one statement deletes (or, in
+//!    keep mode, marks sent) up to `batch_size` due rows, `FOR UPDATE SKIP LOCKED`, and
+//!    returns them with the number of journal rows each has (see 3). The transaction stays
+//!    open while the Sender runs, bounded by `idle_in_transaction_session_timeout`: if it
+//!    rolls back, the rows are back exactly as they were.
+//! 2. **Journal.** Before the Sender runs, the claim's message ids are committed to the
+//!    claim journal (an UNLOGGED table) on a second connection shared by the relay's workers.
+//! 3. **Settle.** One statement puts the failed messages back (re-inserted in delete mode,
+//!    updated in keep mode), and the same round trip as the COMMIT deletes the journal rows
+//!    of every claimed message. A settled claim leaves no journal row.
+//!
+//! So a journal row of a message that a claim has just locked can only come from a claim that
+//! ended without settling: the process was killed or aborted by its Sender, the connection
+//! was lost, the server ended the session at the send timeout. Each such row is an attempt the
+//! message is charged for at its next claim. A message with such rows is a suspect: if it came
+//! in a batch with others, the batch is given back untouched and each suspect is then claimed
+//! alone, so a message that crashes or hangs the relay is charged alone and ends dead after
+//! `max_retries + 1` attempts, while the innocent messages of its batch go through. Dead
+//! messages are set aside in the claim transaction without ever reaching the Sender.
+//!
+//! 4. **Late settle.** If the claim transaction is lost before its COMMIT, the outcome is
+//!    applied on the second connection to the messages still listed under this claim in the
+//!    journal (which is also what keeps an outcome from being applied twice) and not held by
+//!    another relay since. Messages another relay holds keep their journal row: the lost
+//!    claim counts as an attempt, and the dropped outcome is reported, never silent.
+//!
+//! Rows that cannot be decoded are set aside as dead with the column named. A second claim
+//! strategy (per-key ordering) is a different claim statement over the same steps.
+
+use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use postgres::types::{ToSql, Type};
+use postgres::{Client, Statement};
+use r2d2::PooledConnection;
+use r2d2_postgres::PostgresConnectionManager;
+use time::OffsetDateTime;
+
+use super::decode::{self, Undecodable};
+use super::pg::{MakeTls, PgStore};
+use super::sql::{self, ClaimKind, Sql};
+use super::{Claimed, RelaySession, RelayStore, Returned, SettleReport, Settlement};
+use crate::message::Message;
+use crate::relay::outcome::storable_text;
+use crate::Error;
+
+/// How long a session may resume after its position before it claims from the head of the
+/// index again, to pick up rows that committed behind it.
+const HEAD_CLAIM_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a session clears journal rows left by races (see `Sql::journal_cleanup`).
+const JOURNAL_CLEANUP_EVERY: Duration = Duration::from_secs(60);
+
+/// The relay's view of a [`PgStore`]: the store, the claim transaction's time bound, and
+/// the second connection its workers share.
+pub(crate) struct PgRelay<T: MakeTls> {
+    pub(crate) store: PgStore<T>,
+    pub(crate) sql: Arc<Sql>,
+    pub(crate) send_timeout: Duration,
+    pub(crate) batch_size: usize,
+    pub(crate) max_retries: u32,
+    pub(crate) side: Arc<SideConnection<T>>,
+}
+
+impl<T: MakeTls> PgRelay<T> {
+    pub(crate) fn new(
+        store: PgStore<T>,
+        sql: Arc<Sql>,
+        send_timeout: Duration,
+        batch_size: usize,
+        max_retries: u32,
+    ) -> PgRelay<T> {
+        let side = Arc::new(SideConnection {
+            store: store.clone(),
+            conn: Mutex::new(None),
+        });
+        PgRelay {
+            store,
+            sql,
+            send_timeout,
+            batch_size,
+            max_retries,
+            side,
+        }
+    }
+}
+
+type Pooled<T> = PooledConnection<PostgresConnectionManager<T>>;
+
+/// The relay's second connection, shared by its workers: journal records, late settlements
+/// and rows set aside. Each use is one short transaction, so sharing costs a worker at most
+/// the wait for another's sub-millisecond statement, and the pool one connection per relay
+/// rather than one per worker.
+pub(crate) struct SideConnection<T: MakeTls> {
+    store: PgStore<T>,
+    conn: Mutex<Option<Pooled<T>>>,
+}
+
+impl<T: MakeTls> SideConnection<T> {
+    fn lock(&self) -> MutexGuard<'_, Option<Pooled<T>>> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the connection (taken from the pool when there is none); a connection
+    /// that failed is dropped, and a transaction left open by `f` is rolled back.
+    fn run<R>(
+        &self,
+        context: &'static str,
+        f: impl FnOnce(&mut Client) -> Result<R, postgres::Error>,
+    ) -> Result<R, Error> {
+        let mut guard = self.lock();
+        if guard.as_ref().is_some_and(|c| c.is_closed()) {
+            *guard = None;
+        }
+        if guard.is_none() {
+            *guard = Some(self.store.connection(context)?);
+        }
+        let client = guard.as_mut().expect("connection was just set");
+        match f(client) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if client.is_closed() || client.batch_execute(sql::ROLLBACK).is_err() {
+                    *guard = None;
+                }
+                Err(self.store.db_error(context)(e))
+            }
+        }
+    }
+}
+
+impl<T: MakeTls> RelayStore for PgRelay<T> {
+    type Session = PgSession<T>;
+
+    fn open_session(&self) -> Result<PgSession<T>, Error> {
+        let timeout_ms = self.send_timeout.as_millis().max(1);
+        let ids = RandomState::new();
+        let mut session = PgSession {
+            store: self.store.clone(),
+            sql: self.sql.clone(),
+            side: self.side.clone(),
+            begin: sql::begin_claim(u64::try_from(timeout_ms).unwrap_or(u64::MAX)),
+            limit: self.batch_size,
+            max_retries: self.max_retries,
+            send_timeout: self.send_timeout,
+            conn: None,
+            open: false,
+            begun: false,
+            mark: None,
+            last_head_claim: Instant::now(),
+            claim_id: 0,
+            claim_ids: ids,
+            claims: 0,
+            claimed: Vec::new(),
+            suspects: VecDeque::new(),
+            last_cleanup: None,
+        };
+        let conn = session.connect()?;
+        self.store.check_table_kind(&mut *conn.client)?;
+        session.cleanup_journal();
+        Ok(session)
+    }
+}
+
+struct SessionConn<T: MakeTls> {
+    client: Pooled<T>,
+    /// Claims from the head of the pending index.
+    claim_head: Statement,
+    /// Claims past the session's position (see [`Sql::claim`]).
+    claim_after: Statement,
+    /// Claims one given message.
+    claim_one: Statement,
+}
+
+/// One relay worker's connection, with the claim statements prepared on it.
+pub(crate) struct PgSession<T: MakeTls> {
+    store: PgStore<T>,
+    sql: Arc<Sql>,
+    side: Arc<SideConnection<T>>,
+    begin: String,
+    /// The batch size the claim statements were prepared for.
+    limit: usize,
+    max_retries: u32,
+    send_timeout: Duration,
+    conn: Option<SessionConn<T>>,
+    /// A claim transaction is open on `conn`.
+    open: bool,
+    /// A transaction was begun ahead, with the previous COMMIT, for the next claim.
+    begun: bool,
+    /// Position (available_at, id) of the last row of the last full batch: where the next
+    /// claim resumes while a backlog drains.
+    mark: Option<(OffsetDateTime, i64)>,
+    last_head_claim: Instant,
+    /// The open claim's id in the journal: random, so claims of every relay differ.
+    claim_id: i64,
+    claim_ids: RandomState,
+    claims: u64,
+    /// Ids of the open claim's messages, kept apart from the batch the Sender can touch.
+    claimed: Vec<i64>,
+    /// Messages found with abandoned claims in a batch of several, to claim alone next.
+    suspects: VecDeque<i64>,
+    last_cleanup: Option<Instant>,
+}
+
+/// A claimed row, decoded, with the number of its claims that were abandoned.
+struct Row {
+    message: Message,
+    abandoned: u32,
+}
+
+impl<T: MakeTls> PgSession<T> {
+    fn connect(&mut self) -> Result<&mut SessionConn<T>, Error> {
+        if self.conn.is_none() {
+            let mut client = self.store.connection("opening a relay session")?;
+            let context = "preparing the claim statements";
+            let map = self.store.db_error(context);
+            let prepared = (|| {
+                let claim_head = client.prepare(&self.sql.claim(self.limit, ClaimKind::Head))?;
+                let claim_after = client.prepare_typed(
+                    &self.sql.claim(self.limit, ClaimKind::AfterMark),
+                    &[Type::TIMESTAMPTZ, Type::INT8],
+                )?;
+                let claim_one =
+                    client.prepare_typed(&self.sql.claim(1, ClaimKind::One), &[Type::INT8])?;
+                Ok((claim_head, claim_after, claim_one))
+            })();
+            let (claim_head, claim_after, claim_one) = prepared.map_err(map)?;
+            self.conn = Some(SessionConn {
+                client,
+                claim_head,
+                claim_after,
+                claim_one,
+            });
+        }
+        Ok(self.conn.as_mut().expect("connection was just set"))
+    }
+
+    /// Turns a failure inside the claim transaction into an error, leaving the session
+    /// either clean (transaction rolled back) or without a connection.
+    fn fail(&mut self, context: &'static str, e: postgres::Error) -> Error {
+        self.rollback();
+        self.mark = None;
+        self.store.db_error(context)(e)
+    }
+
+    /// Ends the open (or begun) transaction without changes; drops a connection on which
+    /// that fails.
+    fn rollback(&mut self) {
+        let in_transaction = self.open || self.begun;
+        if let Some(conn) = self.conn.as_mut() {
+            let rolled_back = in_transaction
+                && !conn.client.is_closed()
+                && conn.client.batch_execute(sql::ROLLBACK).is_ok();
+            if conn.client.is_closed() || (in_transaction && !rolled_back) {
+                self.conn = None;
+            }
+        }
+        self.open = false;
+        self.begun = false;
+    }
+
+    /// Clears journal rows left behind by races, at most once a minute per session.
+    fn cleanup_journal(&mut self) {
+        if self
+            .last_cleanup
+            .is_some_and(|t| t.elapsed() < JOURNAL_CLEANUP_EVERY)
+        {
+            return;
+        }
+        self.last_cleanup = Some(Instant::now());
+        let statement = self.sql.journal_cleanup.clone();
+        let result = self.side.run("clearing the claim journal", |c| {
+            c.batch_execute(sql::BEGIN_SIDE)?;
+            let n = c.execute(&statement, &[])?;
+            c.batch_execute(sql::COMMIT)?;
+            Ok(n)
+        });
+        match result {
+            Ok(0) => {}
+            Ok(n) => log::debug!("cleared {n} stale claim journal row(s)"),
+            Err(e) => log::warn!("troutbox relay: {e}"),
+        }
+    }
+
+    /// Runs one claim statement in a new (or begun) claim transaction, leaving it open.
+    fn claim_rows(&mut self, kind: ClaimKind) -> Result<Vec<postgres::Row>, Error> {
+        let begin = self.begin.clone();
+        let begun = std::mem::take(&mut self.begun);
+        let conn = self.connect()?;
+        if !begun {
+            if let Err(e) = conn.client.batch_execute(&begin) {
+                return Err(self.fail("opening a claim transaction", e));
+            }
+        }
+        self.open = true;
+        let conn = self.conn.as_mut().expect("connected above");
+        let rows = match kind {
+            ClaimKind::One => {
+                let id = *self.suspects.front().expect("a suspect to claim");
+                conn.client.query(&conn.claim_one, &[&id])
+            }
+            ClaimKind::AfterMark | ClaimKind::Head => {
+                let mark = self
+                    .mark
+                    .take()
+                    .filter(|_| self.last_head_claim.elapsed() < HEAD_CLAIM_EVERY);
+                let mut rows = match mark {
+                    Some((at, id)) => conn.client.query(&conn.claim_after, &[&at, &id]),
+                    None => Ok(Vec::new()),
+                };
+                // Nothing past the position (or no position): claim from the head.
+                if matches!(&rows, Ok(r) if r.is_empty()) {
+                    self.last_head_claim = Instant::now();
+                    rows = conn.client.query(&conn.claim_head, &[]);
+                }
+                rows
+            }
+        };
+        rows.map_err(|e| self.fail("claiming a batch", e))
+    }
+
+    /// Ends an open claim transaction that took nothing (no WAL flush: nothing was written).
+    fn end_empty(&mut self) -> Result<(), Error> {
+        let conn = self.conn.as_mut().expect("a claim is open");
+        if let Err(e) = conn.client.batch_execute(sql::COMMIT) {
+            return Err(self.fail("ending an empty claim", e));
+        }
+        self.open = false;
+        Ok(())
+    }
+
+    /// Sets undecodable rows aside as dead, after the claim that found them was rolled back.
+    fn set_aside(&self, bad: Vec<(i64, Undecodable)>, claimed: &mut Claimed) {
+        for (id, why) in bad {
+            let reason = storable_text(&why.to_string());
+            let statement = self.sql.set_aside.clone();
+            let result = self.side.run("setting an undecodable message aside", |c| {
+                c.batch_execute(sql::BEGIN_SIDE)?;
+                let n: i64 = c.query_one(&statement, &[&id, &reason])?.try_get(0)?;
+                c.batch_execute(sql::COMMIT)?;
+                Ok(n)
+            });
+            match result {
+                Ok(n) => {
+                    claimed.report.dead += u64::try_from(n).unwrap_or(0);
+                    claimed.set_aside.push(Error::SetAside { id, reason });
+                }
+                Err(e) => claimed.set_aside.push(e),
+            }
+        }
+    }
+
+    /// Commits the open claim with `settlement` (messages set aside dead at the claim).
+    fn settle_in_claim(&mut self, settlement: Settlement) -> Result<SettleReport, Error> {
+        self.claimed = settlement
+            .returned
+            .iter()
+            .map(|r| r.message.id)
+            .chain(settlement.sent.iter().copied())
+            .collect();
+        match self.settle(settlement) {
+            (report, None) => Ok(report),
+            (_, Some(e)) => Err(e),
+        }
+    }
+
+    /// Records the claim's messages in the journal before the Sender sees them.
+    fn record_claim(&mut self, ids: &[i64]) -> Result<(), Error> {
+        self.claims = self.claims.wrapping_add(1);
+        // Random, positive and never 0 (0 means no claim recorded), so claims of different
+        // relays and sessions differ.
+        self.claim_id = ((self.claim_ids.hash_one(self.claims) >> 1) as i64) | 1;
+        let statement = sql::journal_record(self.sql.journal(), self.claim_id, ids);
+        self.side.run("recording a claim in the claim journal", |c| {
+            c.batch_execute(&statement)
+        })
+    }
+
+    /// Why a message with `abandoned` unsettled claims is dead.
+    fn abandoned_reason(&self, abandoned: u32) -> String {
+        format!(
+            "claim abandoned {abandoned} time(s): the relay never settled it (process killed or \
+             aborted, connection lost, or send timeout of {:?} exceeded)",
+            self.send_timeout
+        )
+    }
+
+    /// Applies a settlement whose claim transaction was lost, on the second connection, to
+    /// the messages still listed under this claim in the journal and not held by another
+    /// relay. Returns what was committed, and an error for the outcomes it could not record.
+    fn settle_late(&self, settlement: &Settlement) -> Result<(SettleReport, usize), Error> {
+        let sql = &self.sql;
+        let claim_id = self.claim_id;
+        let max_retries = i32::try_from(self.max_retries).unwrap_or(i32::MAX);
+        let sent = &settlement.sent;
+        let r = &settlement.returned;
+        let failed: Vec<i64> = r.iter().map(|x| x.message.id).collect();
+        let delays: Vec<i64> = r.iter().map(|x| millis(x.delay)).collect();
+        let errors: Vec<&str> = r.iter().map(|x| x.error.as_str()).collect();
+        let context = "recording a batch outcome after its transaction was lost";
+        self.side.run(context, |c| {
+            c.batch_execute(sql::BEGIN_SIDE)?;
+            let ours = c
+                .query(&sql.journal_unsettled, &[&claim_id])?
+                .iter()
+                .map(|row| row.try_get::<_, i64>(0))
+                .collect::<Result<Vec<i64>, _>>()?;
+            let mut report = SettleReport::default();
+            let mut done: Vec<i64> = Vec::new();
+            if !ours.is_empty() && !sent.is_empty() {
+                for row in c.query(&sql.late_mark_sent, &[sent, &ours])? {
+                    done.push(row.try_get(0)?);
+                    report.sent += 1;
+                }
+            }
+            if !ours.is_empty() && !failed.is_empty() {
+                let params: [&(dyn ToSql + Sync); 6] =
+                    [&failed, &delays, &errors, &ours, &claim_id, &max_retries];
+                for row in c.query(&sql.late_record_failed, &params)? {
+                    done.push(row.try_get(0)?);
+                    if row.try_get::<_, &str>(1)? == "dead" {
+                        report.dead += 1;
+                    } else {
+                        report.retried += 1;
+                    }
+                }
+            }
+            if !done.is_empty() {
+                c.execute(&sql.journal_forget, &[&done])?;
+            }
+            c.batch_execute(sql::COMMIT)?;
+            let ours_in_settlement = ours
+                .iter()
+                .filter(|id| sent.contains(id) || failed.contains(id))
+                .count();
+            Ok((report, ours_in_settlement - done.len()))
+        })
+    }
+
+    /// Decodes claimed rows: the good ones, and the ids of those that cannot be decoded.
+    fn decode(rows: &[postgres::Row]) -> (Vec<Row>, Vec<(i64, Undecodable)>) {
+        let mut good = Vec::with_capacity(rows.len());
+        let mut bad = Vec::new();
+        for row in rows {
+            let abandoned = decode::column::<i64>(row, 7, "journal count")
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+            match (decode::message(row), abandoned) {
+                (Ok(message), Ok(abandoned)) => good.push(Row { message, abandoned }),
+                (Err(why), _) | (_, Err(why)) => {
+                    // The id is the primary key: NOT NULL bigint, always readable.
+                    if let Ok(id) = row.try_get::<_, i64>(0) {
+                        bad.push((id, why));
+                    }
+                }
+            }
+        }
+        (good, bad)
+    }
+}
+
+fn attempts_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn state(dead: bool) -> &'static str {
+    if dead {
+        "dead"
+    } else {
+        "pending"
+    }
+}
+
+/// Puts the failed messages of a settlement back, inside the claim transaction: one
+/// statement whatever their number. Delete mode re-inserts the rows the claim deleted (same
+/// ids); keep mode updates the rows the claim marked sent.
+fn return_failed(
+    client: &mut Client,
+    sql: &Sql,
+    settlement: &Settlement,
+    keep: bool,
+) -> Result<(), postgres::Error> {
+    let r = &settlement.returned;
+    let ids: Vec<i64> = r.iter().map(|x| x.message.id).collect();
+    let created: Vec<OffsetDateTime> = r.iter().map(|x| x.message.created_at).collect();
+    let attempts: Vec<i32> = r.iter().map(|x| attempts_i32(x.attempts)).collect();
+    let delays: Vec<i64> = r.iter().map(|x| millis(x.delay)).collect();
+    let states: Vec<&str> = r.iter().map(|x| state(x.dead)).collect();
+    let errors: Vec<&str> = r.iter().map(|x| x.error.as_str()).collect();
+    if keep {
+        return client
+            .execute(
+                &sql.return_failed,
+                &[&ids, &created, &attempts, &delays, &states, &errors],
+            )
+            .map(|_| ());
+    }
+    let keys: Vec<&str> = r.iter().map(|x| x.message.key.as_str()).collect();
+    let values: Vec<&[u8]> = r.iter().map(|x| x.message.value.as_slice()).collect();
+    let headers: Vec<String> = r
+        .iter()
+        .map(|x| {
+            sql::encode_headers(
+                x.message
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str())),
+            )
+        })
+        .collect();
+    client
+        .execute(
+            &sql.return_failed,
+            &[
+                &ids, &keys, &values, &headers, &created, &attempts, &delays, &states, &errors,
+            ],
+        )
+        .map(|_| ())
+}
+
+impl<T: MakeTls> RelaySession for PgSession<T> {
+    fn claim(&mut self, limit: usize) -> Result<Claimed, Error> {
+        debug_assert!(!self.open, "claim while a claim is open");
+        if limit != self.limit {
+            // Prepared for another batch size: prepare again (not on the relay's path).
+            self.limit = limit;
+            self.rollback();
+            self.conn = None;
+        }
+        self.cleanup_journal();
+        let mut claimed = Claimed::default();
+        // Each round either hands messages to the Sender or settles something for good (a
+        // message set aside, a suspect taken by another relay): bounded by the suspects.
+        for _ in 0..limit.saturating_mul(2).saturating_add(8) {
+            let kind = if self.suspects.is_empty() {
+                ClaimKind::Head
+            } else {
+                ClaimKind::One
+            };
+            let rows = self.claim_rows(kind)?;
+            if kind == ClaimKind::One {
+                self.suspects.pop_front();
+            }
+            if rows.is_empty() {
+                self.end_empty()?;
+                if kind == ClaimKind::One {
+                    continue; // another relay holds it, or settled it
+                }
+                return Ok(claimed);
+            }
+            let full = rows.len() >= limit;
+            let (rows_ok, bad) = Self::decode(&rows);
+            if !bad.is_empty() {
+                // Give the batch back untouched, then set the bad rows aside on their own.
+                self.rollback();
+                self.set_aside(bad, &mut claimed);
+                continue;
+            }
+            if kind != ClaimKind::One && rows_ok.len() > 1 && rows_ok.iter().any(|r| r.abandoned > 0)
+            {
+                // Messages whose earlier claims were abandoned: one of them may be what
+                // crashes or hangs the relay. Give the batch back and claim them one by one,
+                // so that only the culprit is charged for what it does.
+                self.rollback();
+                self.suspects
+                    .extend(rows_ok.iter().filter(|r| r.abandoned > 0).map(|r| r.message.id));
+                continue;
+            }
+            let mut messages = Vec::with_capacity(rows_ok.len());
+            let mut dead = Vec::new();
+            for Row {
+                mut message,
+                abandoned,
+            } in rows_ok
+            {
+                message.attempts = message.attempts.saturating_add(abandoned);
+                if abandoned > 0 && message.attempts > self.max_retries {
+                    dead.push(Returned {
+                        attempts: message.attempts,
+                        delay: Duration::ZERO,
+                        dead: true,
+                        error: self.abandoned_reason(abandoned),
+                        message,
+                    });
+                } else {
+                    messages.push(message);
+                }
+            }
+            if !dead.is_empty() {
+                // Only ever a message claimed alone: set it aside in this very claim.
+                let errors: Vec<Error> = dead
+                    .iter()
+                    .map(|r| Error::SetAside {
+                        id: r.message.id,
+                        reason: r.error.clone(),
+                    })
+                    .collect();
+                let settlement = Settlement {
+                    sent: Vec::new(),
+                    returned: dead,
+                };
+                self.claim_id = 0; // nothing of this claim is in the journal
+                claimed.report += self.settle_in_claim(settlement)?;
+                claimed.set_aside.extend(errors);
+                continue;
+            }
+            // Resume after this batch only while batches come back full (a backlog drains);
+            // otherwise the next claim starts from the head again.
+            if full && kind != ClaimKind::One {
+                self.mark = rows
+                    .iter()
+                    .filter_map(|r| {
+                        let at = r.try_get::<_, OffsetDateTime>(6).ok()?;
+                        Some((at, r.try_get::<_, i64>(0).ok()?))
+                    })
+                    .max();
+            }
+            self.claimed = messages.iter().map(|m| m.id).collect();
+            if let Err(e) = self.record_claim(&self.claimed.clone()) {
+                // Nothing was sent: give the batch back untouched.
+                self.rollback();
+                return Err(e);
+            }
+            claimed.messages = messages;
+            return Ok(claimed);
+        }
+        Ok(claimed)
+    }
+
+    fn settle(&mut self, settlement: Settlement) -> (SettleReport, Option<Error>) {
+        let conn = match (self.open, self.conn.as_mut()) {
+            (true, Some(conn)) => conn,
+            _ => return self.settle_lost(settlement, None),
+        };
+        let mut result = Ok(());
+        if !settlement.returned.is_empty() {
+            let keep = self.store.retention_config().keep.is_some();
+            result = return_failed(&mut conn.client, &self.sql, &settlement, keep);
+        }
+        // After a full batch that was at least partly sent the worker claims again at once:
+        // begin its transaction in the same round trip as this COMMIT. (A batch that failed
+        // whole is followed by a pause, which must not hold a transaction open.)
+        let claims_next = settlement.sent.len() + settlement.returned.len() >= self.limit
+            && !settlement.sent.is_empty();
+        let forget = sql::journal_settled(self.sql.journal(), &self.claimed);
+        let end = if claims_next {
+            format!("{forget}; {}; {}", sql::COMMIT, self.begin)
+        } else {
+            format!("{forget}; {}", sql::COMMIT)
+        };
+        let result = result.and_then(|()| conn.client.batch_execute(&end));
+        match result {
+            Ok(()) => {
+                self.open = false;
+                self.begun = claims_next;
+                self.claimed.clear();
+                (SettleReport::of(&settlement), None)
+            }
+            Err(e) => {
+                let error = self.fail("settling a batch", e);
+                self.settle_lost(settlement, Some(error))
+            }
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.conn.as_ref().is_none_or(|c| c.client.is_closed())
+    }
+}
+
+impl<T: MakeTls> PgSession<T> {
+    /// The claim transaction is gone (`error` says how, when the settlement found out):
+    /// record what can still be recorded, and say what could not.
+    fn settle_lost(
+        &mut self,
+        settlement: Settlement,
+        error: Option<Error>,
+    ) -> (SettleReport, Option<Error>) {
+        self.claimed.clear();
+        match self.settle_late(&settlement) {
+            Ok((report, 0)) => {
+                if let Some(e) = &error {
+                    log::warn!(
+                        "batch transaction lost ({e}); its outcome was recorded afterwards on another connection"
+                    );
+                }
+                (report, error)
+            }
+            Ok((report, dropped)) => {
+                if let Some(e) = &error {
+                    log::warn!("batch transaction lost: {e}");
+                }
+                (report, Some(Error::OutcomeNotRecorded { messages: dropped }))
+            }
+            Err(late) => {
+                log::warn!(
+                    "batch transaction lost and its outcome could not be recorded ({late}); its messages will be delivered again, and the lost claim counts as an attempt"
+                );
+                (SettleReport::default(), Some(error.unwrap_or(late)))
+            }
+        }
+    }
+}
+
+impl<T: MakeTls> Drop for PgSession<T> {
+    fn drop(&mut self) {
+        // Never hand a connection with an open transaction back to the pool. A claim given
+        // back this way keeps its journal rows: it counts as an attempt.
+        if self.open || self.begun {
+            if let Some(conn) = self.conn.as_mut() {
+                let _ = conn.client.batch_execute(sql::ROLLBACK);
+            }
+        }
+    }
+}
