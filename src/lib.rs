@@ -85,6 +85,7 @@ pub use r2d2_postgres;
 /// The `time` crate of [`Message::created_at`] and the dead-letter times, re-exported.
 pub use time;
 
+pub use backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX};
 pub use config::{
     ErrorHandler, DEFAULT_BATCH_SIZE, DEFAULT_MAX_RETRIES, DEFAULT_MAX_VALUE_SIZE,
     DEFAULT_POLL_INTERVAL, DEFAULT_SEND_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WORKERS,
@@ -93,18 +94,17 @@ pub use config::{
 };
 pub use error::{BoxError, Error};
 pub use maintenance::partitions::{MaintenanceHandle, MaintenanceReport};
-pub use store::retention::{Retention, DEFAULT_PARTITIONS_AHEAD, DEFAULT_PARTITION_INTERVAL};
 pub use message::{DeadMessage, Message, Status};
 pub use observability::backlog::Backlog;
 pub use observability::stats::{Stats, Timing};
 pub use outbox::{Outbox, OutboxBuilder};
 pub use producer::{NewMessage, PreparedProducer};
-pub use backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX};
 pub use relay::batch::Batch;
 pub use relay::handle::Handle;
 pub use relay::health::Health;
 pub use relay::sender::Sender;
 pub use store::pg::{MakeTls, PgPool, PgStore, DEFAULT_SCHEMA, DEFAULT_TABLE};
+pub use store::retention::{Retention, DEFAULT_PARTITIONS_AHEAD, DEFAULT_PARTITION_INTERVAL};
 
 /// The README's examples, compiled as doctests so the README stays true to the API.
 #[cfg(doctest)]

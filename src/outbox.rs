@@ -6,9 +6,9 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender as ChannelSender};
 use postgres::NoTls;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::observability::Telemetry;
-use crate::backoff::Backoff;
 use crate::relay::handle::Handle;
 use crate::relay::sender::Sender;
 use crate::store::claim::PgRelay;

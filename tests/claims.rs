@@ -83,13 +83,21 @@ fn a_message_that_crashes_the_process_ends_dead_and_the_rest_flows() {
     // 100 good messages, the poison one, 100 more: the poison sits in the third batch of 50.
     let mut conn = pool.get().unwrap();
     let mut tx = conn.transaction().unwrap();
-    let values: Vec<Vec<u8>> = (0..GOOD).map(|i| format!("good-{i}").into_bytes()).collect();
+    let values: Vec<Vec<u8>> = (0..GOOD)
+        .map(|i| format!("good-{i}").into_bytes())
+        .collect();
     outbox
-        .add_messages(&mut tx, values[..100].iter().map(|v| NewMessage::new("k", v)))
+        .add_messages(
+            &mut tx,
+            values[..100].iter().map(|v| NewMessage::new("k", v)),
+        )
         .unwrap();
     outbox.add_message(&mut tx, "k", POISON).unwrap();
     outbox
-        .add_messages(&mut tx, values[100..].iter().map(|v| NewMessage::new("k", v)))
+        .add_messages(
+            &mut tx,
+            values[100..].iter().map(|v| NewMessage::new("k", v)),
+        )
         .unwrap();
     tx.commit().unwrap();
     drop(conn);
@@ -101,8 +109,14 @@ fn a_message_that_crashes_the_process_ends_dead_and_the_rest_flows() {
     let started = Instant::now();
     let mut crashes = 0;
     while count(&pool, &delivered) < GOOD || count(&pool, &dead) < 1 {
-        assert!(crashes <= 20, "still crash-looping after {crashes} restarts");
-        assert!(started.elapsed() < PATIENCE * 4, "crash loop did not settle");
+        assert!(
+            crashes <= 20,
+            "still crash-looping after {crashes} restarts"
+        );
+        assert!(
+            started.elapsed() < PATIENCE * 4,
+            "crash loop did not settle"
+        );
         let mut child = Command::new(&exe)
             .args([
                 "crash_looping_child_relay",
@@ -159,7 +173,10 @@ fn a_message_that_crashes_the_process_ends_dead_and_the_rest_flows() {
     assert!(last_error.contains("claim abandoned"), "{last_error}");
     // max_retries(3): dead after 4 abandoned claims, each one a crash.
     assert_eq!(attempts, 4);
-    assert_eq!(crashes, 4, "one crash per attempt of the poison message, no more");
+    assert_eq!(
+        crashes, 4,
+        "one crash per attempt of the poison message, no more"
+    );
     assert_eq!(pending, 0);
     // The innocent messages of the poison's batch were charged at most once, never resent
     // without limit: every good message was delivered, the 50 of the poison's batch at most
@@ -203,9 +220,14 @@ fn a_sender_always_slower_than_the_send_timeout_is_bounded_and_settled() {
         &pool,
         &format!("SELECT count(*) FROM {SCHEMA}.outbox_messages WHERE state = 'dead'"),
     );
-    println!("FIGURES always_slow: deliveries={n} dead={dead} (bound 3)");
+    println!("FIGURES always_slow: deliveries={n} dead={dead} (bound 4)");
     assert_eq!(n, settled_at);
-    assert!(n <= 3, "delivered {n} times, bound is max_retries + 1 = 3");
+    // max_retries + 1 = 3 attempts, plus at most one claim per other worker made before the
+    // abandoned claim it raced with was charged (the README's "How it works" says why).
+    assert!(
+        n <= 4,
+        "delivered {n} times, bound is max_retries + workers = 4"
+    );
     assert!(n >= 1);
 }
 
@@ -269,7 +291,10 @@ fn a_late_outcome_without_competition_is_recorded_once() {
             !errors.iter().any(|e| e.contains("was not recorded")),
             "{errors:?}"
         );
-        assert!(errors.iter().any(|e| e.contains("settling a batch")), "{errors:?}");
+        assert!(
+            errors.iter().any(|e| e.contains("settling a batch")),
+            "{errors:?}"
+        );
     }
 }
 
@@ -334,11 +359,20 @@ fn undecodable_rows_are_set_aside_and_the_relay_stays_alive() {
         .map(|d| d.last_error.unwrap_or_default())
         .collect();
     assert_eq!(reasons.len(), 2);
-    assert!(reasons.iter().any(|r| r.contains("column headers")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("column created_at")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("column headers")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("column created_at")),
+        "{reasons:?}"
+    );
     let errors = errors.lock().unwrap();
     assert_eq!(
-        errors.iter().filter(|e| e.contains("set aside as dead")).count(),
+        errors
+            .iter()
+            .filter(|e| e.contains("set aside as dead"))
+            .count(),
         2,
         "{errors:?}"
     );

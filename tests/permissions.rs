@@ -51,7 +51,7 @@ fn producer_with_insert_only_and_relay_with_minimal_grants() {
              GRANT INSERT ON {SCHEMA}.outbox_messages TO {PRODUCER};
              -- relay: exactly what the README documents
              GRANT SELECT, INSERT, UPDATE, DELETE ON {SCHEMA}.outbox_messages TO {RELAY};
-             GRANT SELECT, INSERT, DELETE ON {SCHEMA}.outbox_messages_claims TO {RELAY};"
+             GRANT SELECT, INSERT, DELETE ON {SCHEMA}.outbox_messages_claims, {SCHEMA}.outbox_messages_charges TO {RELAY};"
         ))
         .unwrap();
 

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use crate::backoff::Backoff;
 use crate::config::MAX_ERROR_TEXT;
 use crate::message::Status;
-use crate::backoff::Backoff;
 use crate::relay::batch::Batch;
 use crate::store::{Returned, Settlement};
 

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::Config;
 use crate::backoff::Backoff;
+use crate::config::Config;
 use crate::relay::batch::Batch;
 use crate::relay::handle::Handle;
 use crate::store::memory::MemoryStore;

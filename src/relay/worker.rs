@@ -6,15 +6,15 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender as ChannelSender, TryRecvError};
 
+use crate::backoff::Backoff;
 use crate::config::{Config, ErrorHandler, MIN_POLL_INTERVAL};
 use crate::error::{panic_message, BoxError};
 use crate::message::Message;
 use crate::observability::SharedTelemetry;
-use crate::backoff::Backoff;
 use crate::relay::batch::Batch;
+use crate::relay::health::{EndGuard, WorkerStatus};
 use crate::relay::outcome;
 use crate::relay::sender::Sender;
-use crate::relay::health::{EndGuard, WorkerStatus};
 use crate::store::{Claimed, RelaySession, RelayStore, SettleReport, Settlement};
 use crate::Error;
 
@@ -149,9 +149,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             match self.wait(pace.idle_sleep) {
                 Wake::Stop => return true,
                 Wake::Nudged => pace.idle_sleep = MIN_POLL_INTERVAL,
-                Wake::TimedOut => {
-                    pace.idle_sleep = (pace.idle_sleep * 2).min(self.poll_interval)
-                }
+                Wake::TimedOut => pace.idle_sleep = (pace.idle_sleep * 2).min(self.poll_interval),
             }
             return false;
         }
@@ -175,7 +173,8 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             .collect();
         let report = self.settle(settlement);
         // Counted only now, after the commit: the counters follow the rows.
-        self.telemetry.record_settled(report, Some(started.elapsed()));
+        self.telemetry
+            .record_settled(report, Some(started.elapsed()));
         // Reported after the settlement, so a slow error handler (an alerting call) never
         // holds the batch's transaction open.
         if let Some(e) = &sender_error {

@@ -3,31 +3,35 @@
 //!
 //! # The protocol (unordered strategy)
 //!
-//! 1. **Claim.** In a transaction on the worker's connection, one statement deletes (or, in
-//!    keep mode, marks sent) up to `batch_size` due rows, `FOR UPDATE SKIP LOCKED`, and
-//!    returns them with the number of journal rows each has (see 3). The transaction stays
-//!    open while the Sender runs, bounded by `idle_in_transaction_session_timeout`: if it
-//!    rolls back, the rows are back exactly as they were.
-//! 2. **Journal.** Before the Sender runs, the claim's message ids are committed to the
-//!    claim journal (an UNLOGGED table) on a second connection shared by the relay's workers.
+//! 1. **Claim.** In a transaction on the worker's connection, which first takes an advisory
+//!    lock on a random claim id, one statement deletes (or, in keep mode, marks sent) up to
+//!    `batch_size` due rows, `FOR UPDATE SKIP LOCKED`, and returns them with their charges
+//!    (see 4). The transaction stays open while the Sender runs, bounded by
+//!    `idle_in_transaction_session_timeout`: if it rolls back, the rows are back exactly as
+//!    they were.
+//! 2. **Journal.** Before the Sender runs, one row (claim id, message ids) is committed to
+//!    the claim journal, an UNLOGGED table, on a second connection shared by the relay's
+//!    workers.
 //! 3. **Settle.** One statement puts the failed messages back (re-inserted in delete mode,
-//!    updated in keep mode), and the same round trip as the COMMIT deletes the journal rows
-//!    of every claimed message. A settled claim leaves no journal row.
-//!
-//! So a journal row of a message that a claim has just locked can only come from a claim that
-//! ended without settling: the process was killed or aborted by its Sender, the connection
-//! was lost, the server ended the session at the send timeout. Each such row is an attempt the
-//! message is charged for at its next claim. A message with such rows is a suspect: if it came
-//! in a batch with others, the batch is given back untouched and each suspect is then claimed
-//! alone, so a message that crashes or hangs the relay is charged alone and ends dead after
-//! `max_retries + 1` attempts, while the innocent messages of its batch go through. Dead
-//! messages are set aside in the claim transaction without ever reaching the Sender.
-//!
-//! 4. **Late settle.** If the claim transaction is lost before its COMMIT, the outcome is
-//!    applied on the second connection to the messages still listed under this claim in the
-//!    journal (which is also what keeps an outcome from being applied twice) and not held by
-//!    another relay since. Messages another relay holds keep their journal row: the lost
-//!    claim counts as an attempt, and the dropped outcome is reported, never silent.
+//!    updated in keep mode), and the same round trip as the COMMIT deletes the claim's
+//!    journal row. A settled claim leaves nothing behind.
+//! 4. **Recover.** A journal row whose claim transaction has ended (its advisory lock is
+//!    free) is a claim that ended without a settlement: the process was killed or aborted by
+//!    its Sender, the connection was lost, the server ended the session at the send timeout.
+//!    Every relay checks for such rows when it starts and about once a second, and turns
+//!    each into one charge per message (another UNLOGGED table, empty in normal operation).
+//!    A charge is an attempt: the next claim of the message adds its charges to its attempts
+//!    and deletes them when it settles.
+//! 5. **Isolate.** A message with charges is a suspect: if it came in a batch with others,
+//!    the batch is given back untouched and each suspect is then claimed alone, so a message
+//!    that crashes or hangs the relay is charged alone and ends dead after `max_retries + 1`
+//!    attempts, set aside in its claim without reaching the Sender, while the innocent
+//!    messages of its batch go through.
+//! 6. **Late settle.** If the claim transaction is lost before its COMMIT, the outcome is
+//!    applied on the second connection if the claim's journal row is still there (taking it
+//!    is what keeps an outcome from being applied twice, or on top of a recovery), to the
+//!    messages no other relay has claimed since. Those another relay holds are charged for
+//!    the lost claim, and the dropped outcome is reported through the error handler.
 //!
 //! Rows that cannot be decoded are set aside as dead with the column named. A second claim
 //! strategy (per-key ordering) is a different claim statement over the same steps.
@@ -56,8 +60,11 @@ use crate::Error;
 /// index again, to pick up rows that committed behind it.
 const HEAD_CLAIM_EVERY: Duration = Duration::from_secs(1);
 
-/// How often a session clears journal rows left by races (see `Sql::journal_cleanup`).
-const JOURNAL_CLEANUP_EVERY: Duration = Duration::from_secs(60);
+/// How often a session looks for abandoned claims to charge (see `Sql::recover`).
+const RECOVER_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a session clears charges of messages that no longer wait.
+const CHARGES_CLEANUP_EVERY: Duration = Duration::from_secs(60);
 
 /// The relay's view of a [`PgStore`]: the store, the claim transaction's time bound, and
 /// the second connection its workers share.
@@ -146,7 +153,7 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
             store: self.store.clone(),
             sql: self.sql.clone(),
             side: self.side.clone(),
-            begin: sql::begin_claim(u64::try_from(timeout_ms).unwrap_or(u64::MAX)),
+            timeout_ms: u64::try_from(timeout_ms).unwrap_or(u64::MAX),
             limit: self.batch_size,
             max_retries: self.max_retries,
             send_timeout: self.send_timeout,
@@ -158,13 +165,16 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
             claim_id: 0,
             claim_ids: ids,
             claims: 0,
-            claimed: Vec::new(),
+            charged: Vec::new(),
             suspects: VecDeque::new(),
-            last_cleanup: None,
+            last_recovery: None,
+            last_cleanup: Instant::now(),
+            partial: false,
         };
         let conn = session.connect()?;
         self.store.check_table_kind(&mut *conn.client)?;
-        session.cleanup_journal();
+        // A relay restarted after a crash charges its own abandoned claim before it claims.
+        session.recover();
         Ok(session)
     }
 }
@@ -184,7 +194,8 @@ pub(crate) struct PgSession<T: MakeTls> {
     store: PgStore<T>,
     sql: Arc<Sql>,
     side: Arc<SideConnection<T>>,
-    begin: String,
+    /// The send timeout in milliseconds, as the claim transaction's bounds.
+    timeout_ms: u64,
     /// The batch size the claim statements were prepared for.
     limit: usize,
     max_retries: u32,
@@ -198,15 +209,19 @@ pub(crate) struct PgSession<T: MakeTls> {
     /// claim resumes while a backlog drains.
     mark: Option<(OffsetDateTime, i64)>,
     last_head_claim: Instant,
-    /// The open claim's id in the journal: random, so claims of every relay differ.
-    claim_id: i64,
+    /// The id of the open (or begun) claim transaction: the key of its advisory lock and of
+    /// its journal row. Random, so claims of every relay and session differ.
+    claim_id: i32,
     claim_ids: RandomState,
     claims: u64,
-    /// Ids of the open claim's messages, kept apart from the batch the Sender can touch.
-    claimed: Vec<i64>,
-    /// Messages found with abandoned claims in a batch of several, to claim alone next.
+    /// The open claim's messages that had charges, which its settlement consumes.
+    charged: Vec<i64>,
+    /// Messages found with charges in a batch of several, to claim alone next.
     suspects: VecDeque<i64>,
-    last_cleanup: Option<Instant>,
+    last_recovery: Option<Instant>,
+    last_cleanup: Instant,
+    /// The last claim handed fewer messages than the batch size to the Sender (but some).
+    partial: bool,
 }
 
 /// A claimed row, decoded, with the number of its claims that were abandoned.
@@ -266,35 +281,56 @@ impl<T: MakeTls> PgSession<T> {
         self.begun = false;
     }
 
-    /// Clears journal rows left behind by races, at most once a minute per session.
-    fn cleanup_journal(&mut self) {
-        if self
-            .last_cleanup
-            .is_some_and(|t| t.elapsed() < JOURNAL_CLEANUP_EVERY)
+    /// Turns abandoned claims into charges: at most once a second per session while a
+    /// backlog drains (full batches), and before every claim that follows a partial batch
+    /// (where a round trip costs nothing that matters, and a message being retried often is
+    /// a suspect). Clears charges of messages that no longer wait, once a minute.
+    fn recover(&mut self) {
+        if !self.partial
+            && self
+                .last_recovery
+                .is_some_and(|t| t.elapsed() < RECOVER_EVERY)
         {
             return;
         }
-        self.last_cleanup = Some(Instant::now());
-        let statement = self.sql.journal_cleanup.clone();
-        let result = self.side.run("clearing the claim journal", |c| {
+        self.last_recovery = Some(Instant::now());
+        let cleanup = self.last_cleanup.elapsed() >= CHARGES_CLEANUP_EVERY;
+        if cleanup {
+            self.last_cleanup = Instant::now();
+        }
+        let sql = &self.sql;
+        let result = self.side.run("charging abandoned claims", |c| {
             c.batch_execute(sql::BEGIN_SIDE)?;
-            let n = c.execute(&statement, &[])?;
+            let charged = c.execute(&sql.recover, &[])?;
+            if cleanup {
+                c.execute(&sql.charges_cleanup, &[])?;
+            }
             c.batch_execute(sql::COMMIT)?;
-            Ok(n)
+            Ok(charged)
         });
         match result {
             Ok(0) => {}
-            Ok(n) => log::debug!("cleared {n} stale claim journal row(s)"),
+            Ok(n) => log::warn!(
+                "troutbox relay: charged {n} message(s) for claims that ended without a settlement (a relay killed, a lost connection, or a send timeout)"
+            ),
             Err(e) => log::warn!("troutbox relay: {e}"),
         }
     }
 
+    /// A new claim id, and the statements that open its transaction.
+    fn begin_next(&mut self) -> String {
+        self.claims = self.claims.wrapping_add(1);
+        // Random, positive and never 0 (0 means no claim recorded).
+        self.claim_id = ((self.claim_ids.hash_one(self.claims) >> 33) as i32) | 1;
+        sql::begin_claim(self.timeout_ms, self.claim_id)
+    }
+
     /// Runs one claim statement in a new (or begun) claim transaction, leaving it open.
     fn claim_rows(&mut self, kind: ClaimKind) -> Result<Vec<postgres::Row>, Error> {
-        let begin = self.begin.clone();
         let begun = std::mem::take(&mut self.begun);
+        let begin = (!begun).then(|| self.begin_next());
         let conn = self.connect()?;
-        if !begun {
+        if let Some(begin) = begin {
             if let Err(e) = conn.client.batch_execute(&begin) {
                 return Err(self.fail("opening a claim transaction", e));
             }
@@ -359,12 +395,6 @@ impl<T: MakeTls> PgSession<T> {
 
     /// Commits the open claim with `settlement` (messages set aside dead at the claim).
     fn settle_in_claim(&mut self, settlement: Settlement) -> Result<SettleReport, Error> {
-        self.claimed = settlement
-            .returned
-            .iter()
-            .map(|r| r.message.id)
-            .chain(settlement.sent.iter().copied())
-            .collect();
         match self.settle(settlement) {
             (report, None) => Ok(report),
             (_, Some(e)) => Err(e),
@@ -373,14 +403,11 @@ impl<T: MakeTls> PgSession<T> {
 
     /// Records the claim's messages in the journal before the Sender sees them.
     fn record_claim(&mut self, ids: &[i64]) -> Result<(), Error> {
-        self.claims = self.claims.wrapping_add(1);
-        // Random, positive and never 0 (0 means no claim recorded), so claims of different
-        // relays and sessions differ.
-        self.claim_id = ((self.claim_ids.hash_one(self.claims) >> 1) as i64) | 1;
-        let statement = sql::journal_record(self.sql.journal(), self.claim_id, ids);
-        self.side.run("recording a claim in the claim journal", |c| {
-            c.batch_execute(&statement)
-        })
+        let statement = self.sql.journal_record(self.claim_id, ids);
+        self.side
+            .run("recording a claim in the claim journal", |c| {
+                c.batch_execute(&statement)
+            })
     }
 
     /// Why a message with `abandoned` unsettled claims is dead.
@@ -392,9 +419,10 @@ impl<T: MakeTls> PgSession<T> {
         )
     }
 
-    /// Applies a settlement whose claim transaction was lost, on the second connection, to
-    /// the messages still listed under this claim in the journal and not held by another
-    /// relay. Returns what was committed, and an error for the outcomes it could not record.
+    /// Applies a settlement whose claim transaction was lost, on the second connection, if
+    /// the claim's journal row is still there, to the messages no other relay holds now; the
+    /// others are charged for the lost claim. Returns what was committed and the number of
+    /// messages whose outcome could not be recorded.
     fn settle_late(&self, settlement: &Settlement) -> Result<(SettleReport, usize), Error> {
         let sql = &self.sql;
         let claim_id = self.claim_id;
@@ -404,25 +432,27 @@ impl<T: MakeTls> PgSession<T> {
         let failed: Vec<i64> = r.iter().map(|x| x.message.id).collect();
         let delays: Vec<i64> = r.iter().map(|x| millis(x.delay)).collect();
         let errors: Vec<&str> = r.iter().map(|x| x.error.as_str()).collect();
+        let claimed = sent.len() + failed.len();
         let context = "recording a batch outcome after its transaction was lost";
         self.side.run(context, |c| {
             c.batch_execute(sql::BEGIN_SIDE)?;
-            let ours = c
-                .query(&sql.journal_unsettled, &[&claim_id])?
-                .iter()
-                .map(|row| row.try_get::<_, i64>(0))
-                .collect::<Result<Vec<i64>, _>>()?;
+            let Some(row) = c.query_opt(&sql.journal_take, &[&claim_id])? else {
+                // Settled after all (the COMMIT went through, its answer was lost), or
+                // charged by a recovery meanwhile: either way nothing is to be applied.
+                c.batch_execute(sql::COMMIT)?;
+                return Ok((SettleReport::default(), claimed));
+            };
+            let ours: Vec<i64> = row.try_get(0)?;
             let mut report = SettleReport::default();
             let mut done: Vec<i64> = Vec::new();
-            if !ours.is_empty() && !sent.is_empty() {
-                for row in c.query(&sql.late_mark_sent, &[sent, &ours])? {
+            if !sent.is_empty() {
+                for row in c.query(&sql.late_mark_sent, &[sent])? {
                     done.push(row.try_get(0)?);
                     report.sent += 1;
                 }
             }
-            if !ours.is_empty() && !failed.is_empty() {
-                let params: [&(dyn ToSql + Sync); 6] =
-                    [&failed, &delays, &errors, &ours, &claim_id, &max_retries];
+            if !failed.is_empty() {
+                let params: [&(dyn ToSql + Sync); 4] = [&failed, &delays, &errors, &max_retries];
                 for row in c.query(&sql.late_record_failed, &params)? {
                     done.push(row.try_get(0)?);
                     if row.try_get::<_, &str>(1)? == "dead" {
@@ -433,14 +463,14 @@ impl<T: MakeTls> PgSession<T> {
                 }
             }
             if !done.is_empty() {
-                c.execute(&sql.journal_forget, &[&done])?;
+                c.execute(&sql.charges_forget, &[&done])?;
+            }
+            let held: Vec<i64> = ours.into_iter().filter(|id| !done.contains(id)).collect();
+            if !held.is_empty() {
+                c.execute(&sql.charges_add, &[&held, &claim_id])?;
             }
             c.batch_execute(sql::COMMIT)?;
-            let ours_in_settlement = ours
-                .iter()
-                .filter(|id| sent.contains(id) || failed.contains(id))
-                .count();
-            Ok((report, ours_in_settlement - done.len()))
+            Ok((report, held.len()))
         })
     }
 
@@ -537,7 +567,7 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
             self.rollback();
             self.conn = None;
         }
-        self.cleanup_journal();
+        self.recover();
         let mut claimed = Claimed::default();
         // Each round either hands messages to the Sender or settles something for good (a
         // message set aside, a suspect taken by another relay): bounded by the suspects.
@@ -552,6 +582,7 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                 self.suspects.pop_front();
             }
             if rows.is_empty() {
+                self.partial = false;
                 self.end_empty()?;
                 if kind == ClaimKind::One {
                     continue; // another relay holds it, or settled it
@@ -566,16 +597,27 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                 self.set_aside(bad, &mut claimed);
                 continue;
             }
-            if kind != ClaimKind::One && rows_ok.len() > 1 && rows_ok.iter().any(|r| r.abandoned > 0)
+            if kind != ClaimKind::One
+                && rows_ok.len() > 1
+                && rows_ok.iter().any(|r| r.abandoned > 0)
             {
                 // Messages whose earlier claims were abandoned: one of them may be what
                 // crashes or hangs the relay. Give the batch back and claim them one by one,
                 // so that only the culprit is charged for what it does.
                 self.rollback();
-                self.suspects
-                    .extend(rows_ok.iter().filter(|r| r.abandoned > 0).map(|r| r.message.id));
+                self.suspects.extend(
+                    rows_ok
+                        .iter()
+                        .filter(|r| r.abandoned > 0)
+                        .map(|r| r.message.id),
+                );
                 continue;
             }
+            self.charged = rows_ok
+                .iter()
+                .filter(|r| r.abandoned > 0)
+                .map(|r| r.message.id)
+                .collect();
             let mut messages = Vec::with_capacity(rows_ok.len());
             let mut dead = Vec::new();
             for Row {
@@ -609,7 +651,6 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                     sent: Vec::new(),
                     returned: dead,
                 };
-                self.claim_id = 0; // nothing of this claim is in the journal
                 claimed.report += self.settle_in_claim(settlement)?;
                 claimed.set_aside.extend(errors);
                 continue;
@@ -625,8 +666,9 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                     })
                     .max();
             }
-            self.claimed = messages.iter().map(|m| m.id).collect();
-            if let Err(e) = self.record_claim(&self.claimed.clone()) {
+            self.partial = messages.len() < limit;
+            let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+            if let Err(e) = self.record_claim(&ids) {
                 // Nothing was sent: give the batch back untouched.
                 self.rollback();
                 return Err(e);
@@ -638,36 +680,38 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
     }
 
     fn settle(&mut self, settlement: Settlement) -> (SettleReport, Option<Error>) {
-        let conn = match (self.open, self.conn.as_mut()) {
-            (true, Some(conn)) => conn,
-            _ => return self.settle_lost(settlement, None),
-        };
-        let mut result = Ok(());
-        if !settlement.returned.is_empty() {
-            let keep = self.store.retention_config().keep.is_some();
-            result = return_failed(&mut conn.client, &self.sql, &settlement, keep);
+        if !self.open || self.conn.is_none() {
+            return self.settle_lost(settlement, None);
         }
         // After a full batch that was at least partly sent the worker claims again at once:
         // begin its transaction in the same round trip as this COMMIT. (A batch that failed
         // whole is followed by a pause, which must not hold a transaction open.)
         let claims_next = settlement.sent.len() + settlement.returned.len() >= self.limit
             && !settlement.sent.is_empty();
-        let forget = sql::journal_settled(self.sql.journal(), &self.claimed);
+        let settling = self.claim_id;
+        let forget = self.sql.journal_settled(settling, &self.charged);
         let end = if claims_next {
-            format!("{forget}; {}; {}", sql::COMMIT, self.begin)
+            format!("{forget}; {}; {}", sql::COMMIT, self.begin_next())
         } else {
             format!("{forget}; {}", sql::COMMIT)
         };
+        let conn = self.conn.as_mut().expect("checked above");
+        let mut result = Ok(());
+        if !settlement.returned.is_empty() {
+            let keep = self.store.retention_config().keep.is_some();
+            result = return_failed(&mut conn.client, &self.sql, &settlement, keep);
+        }
         let result = result.and_then(|()| conn.client.batch_execute(&end));
         match result {
             Ok(()) => {
                 self.open = false;
                 self.begun = claims_next;
-                self.claimed.clear();
+                self.charged.clear();
                 (SettleReport::of(&settlement), None)
             }
             Err(e) => {
                 let error = self.fail("settling a batch", e);
+                self.claim_id = settling;
                 self.settle_lost(settlement, Some(error))
             }
         }
@@ -686,7 +730,7 @@ impl<T: MakeTls> PgSession<T> {
         settlement: Settlement,
         error: Option<Error>,
     ) -> (SettleReport, Option<Error>) {
-        self.claimed.clear();
+        self.charged.clear();
         match self.settle_late(&settlement) {
             Ok((report, 0)) => {
                 if let Some(e) = &error {
@@ -700,7 +744,10 @@ impl<T: MakeTls> PgSession<T> {
                 if let Some(e) = &error {
                     log::warn!("batch transaction lost: {e}");
                 }
-                (report, Some(Error::OutcomeNotRecorded { messages: dropped }))
+                (
+                    report,
+                    Some(Error::OutcomeNotRecorded { messages: dropped }),
+                )
             }
             Err(late) => {
                 log::warn!(

@@ -43,10 +43,7 @@ pub(crate) fn message(row: &Row) -> Result<Message, Undecodable> {
     if flat.len() % 2 != 0 {
         return Err(Undecodable {
             column: "headers",
-            reason: format!(
-                "{} elements, expected (name, value) pairs",
-                flat.len()
-            ),
+            reason: format!("{} elements, expected (name, value) pairs", flat.len()),
         });
     }
     let mut headers = Vec::with_capacity(flat.len() / 2);

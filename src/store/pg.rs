@@ -229,7 +229,8 @@ impl<T: MakeTls> PgStore<T> {
         let exists = |tx: &mut postgres::Transaction<'_>,
                       sql: &str,
                       params: &[&(dyn postgres::types::ToSql + Sync)]| {
-            tx.query_one(sql, params).and_then(|row| row.try_get::<_, bool>(0))
+            tx.query_one(sql, params)
+                .and_then(|row| row.try_get::<_, bool>(0))
         };
         if !exists(&mut tx, sql::SCHEMA_EXISTS, &[&self.schema]).map_err(map)? {
             tx.batch_execute(&sql.create_schema).map_err(map)?;

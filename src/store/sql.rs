@@ -77,14 +77,17 @@ pub(crate) struct Sql {
     /// batch size (see [`Sql::claim`]).
     table: String,
     keep: bool,
-    /// The claim journal (see [`Sql::claim`]).
+    /// The claim journal and the charges (see [`Sql::claim`]).
     journal: String,
+    charges: String,
     pub(crate) return_failed: String,
-    pub(crate) journal_unsettled: String,
+    pub(crate) journal_take: String,
     pub(crate) late_mark_sent: String,
     pub(crate) late_record_failed: String,
-    pub(crate) journal_forget: String,
-    pub(crate) journal_cleanup: String,
+    pub(crate) charges_add: String,
+    pub(crate) charges_forget: String,
+    pub(crate) recover: String,
+    pub(crate) charges_cleanup: String,
     pub(crate) set_aside: String,
     pub(crate) dead_list: String,
     pub(crate) requeue_dead_ids: String,
@@ -142,6 +145,11 @@ pub(crate) const COMMIT: &str = "COMMIT";
 /// Gives a claimed batch back untouched.
 pub(crate) const ROLLBACK: &str = "ROLLBACK";
 
+/// The class of the transaction-scoped advisory lock each claim transaction holds on its
+/// claim id (`pg_advisory_xact_lock(class, id)`, the two-key form, so it never meets the
+/// single-key locks an application takes): "trou" in ASCII.
+pub(crate) const CLAIM_LOCK_CLASS: i32 = 0x7472_6f75;
+
 /// Opens the claim transaction, stating everything it relies on rather than inheriting the
 /// server's, the database's or the role's settings:
 ///
@@ -162,43 +170,62 @@ pub(crate) const ROLLBACK: &str = "ROLLBACK";
 ///   35-67 ms per claim of 100 on a 100,000-row backlog: a quadratic drain. With them the
 ///   claim is always an ordered scan of the pending index that stops after `LIMIT` rows, and
 ///   a nested loop on the primary key. Local to the claim transaction.
-pub(crate) fn begin_claim(send_timeout_ms: u64) -> String {
+/// - The advisory lock on the claim id is how anyone can tell that this transaction has
+///   ended: while it runs, the lock is held (see [`Sql::recover`](Sql)).
+///
+/// The claim id is an integer the crate generated.
+pub(crate) fn begin_claim(send_timeout_ms: u64, claim_id: i32) -> String {
     format!(
         "BEGIN ISOLATION LEVEL READ COMMITTED; \
          SET LOCAL idle_in_transaction_session_timeout = {send_timeout_ms}; \
          SET LOCAL statement_timeout = {send_timeout_ms}; SET LOCAL lock_timeout = {send_timeout_ms}; \
          SET LOCAL plan_cache_mode = force_generic_plan; \
          SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
-         SET LOCAL enable_sort = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+         SET LOCAL enable_sort = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
+         SELECT pg_advisory_xact_lock({CLAIM_LOCK_CLASS}, {claim_id})"
     )
 }
 
-/// Deletes the claim journal's rows of the messages a committing claim transaction settled
-/// (its own, and those of earlier claims of them that were abandoned and are charged now),
-/// sent in the same round trip as the COMMIT.
-pub(crate) fn journal_settled(journal: &str, ids: &[i64]) -> String {
-    format!(
-        "DELETE FROM {journal} WHERE msg_id = ANY({})",
-        int8_array(ids)
-    )
+impl Sql {
+    /// Ends a claim's journal entry, in the claim transaction, in the same round trip as its
+    /// COMMIT: a settled claim leaves no journal row. `charged` are the claimed messages that
+    /// had charges (abandoned earlier claims), now accounted for in their attempts; charges
+    /// recorded after this transaction began (`now()`) were not, and stay.
+    pub(crate) fn journal_settled(&self, claim_id: i32, charged: &[i64]) -> String {
+        let journal = &self.journal;
+        if charged.is_empty() {
+            return format!("DELETE FROM {journal} WHERE claim_id = {claim_id}");
+        }
+        format!(
+            "DELETE FROM {journal} WHERE claim_id = {claim_id}; \
+             DELETE FROM {} WHERE msg_id = ANY({}) AND abandoned_at <= now()",
+            self.charges,
+            int8_array(charged)
+        )
+    }
+
+    /// Records, before the Sender runs, which messages claim `claim_id` hands to it: one row,
+    /// committed on its own (on a second connection) so that it survives the claim
+    /// transaction. The journal is UNLOGGED: its COMMIT needs no WAL flush. A server crash
+    /// empties it; that is not a poison message. One round trip, explicit isolation.
+    pub(crate) fn journal_record(&self, claim_id: i32, ids: &[i64]) -> String {
+        format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = 0; \
+             INSERT INTO {} (claim_id, ids) VALUES ({claim_id}, {}); COMMIT",
+            self.journal,
+            int8_array(ids)
+        )
+    }
 }
 
-/// Records, before the Sender runs, which messages claim `claim_id` hands to it: committed
-/// on its own (on a second connection) so it survives the claim transaction. The journal is
-/// UNLOGGED: its COMMIT needs no WAL flush (measured 6,540 vs 3,067 commits/s for a logged
-/// table on a 2-core machine). A server crash empties it; that is not a poison message.
-/// One round trip, explicit isolation and no statement timeout from the role.
-pub(crate) fn journal_record(journal: &str, claim_id: i64, ids: &[i64]) -> String {
-    format!(
-        "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = 0; \
-         INSERT INTO {journal} (claim_id, msg_id) SELECT {claim_id}, unnest({}); COMMIT",
-        int8_array(ids)
-    )
-}
+/// Opens the short transactions of the relay's second connection (journal records, late
+/// settlements, recovery, rows set aside), with the same explicit isolation as the claim.
+pub(crate) const BEGIN_SIDE: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
+     SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '10s'";
 
 /// An `int8[]` literal of integers the crate read from the database: the only values
-/// formatted into statement text besides validated identifiers, used where a statement
-/// must travel in one simple-query round trip with others.
+/// formatted into statement text besides validated identifiers and crate-generated integers,
+/// used where a statement must travel in one simple-query round trip with others.
 fn int8_array(ids: &[i64]) -> String {
     let mut out = String::with_capacity(ids.len() * 8 + 12);
     out.push_str("'{");
@@ -212,11 +239,6 @@ fn int8_array(ids: &[i64]) -> String {
     out
 }
 
-/// Opens the short transactions of the relay's second connection (late settlements, rows
-/// set aside), with the same explicit isolation as the claim.
-pub(crate) const BEGIN_SIDE: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
-     SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '10s'";
-
 impl Sql {
     pub(crate) fn new(schema: &Ident, table: &Ident, retention: &Retention) -> Sql {
         let s = schema.quoted();
@@ -226,7 +248,8 @@ impl Sql {
         let dead_idx = format!("\"{}_dead_idx\"", table.as_str());
         let keep = retention.keep.is_some();
         let journal = format!("{s}.\"{}_claims\"", table.as_str());
-        let journal_idx = format!("\"{}_claims_idx\"", table.as_str());
+        let charges = format!("{s}.\"{}_charges\"", table.as_str());
+        let charges_idx = format!("\"{}_charges_idx\"", table.as_str());
         let row_check = format!("\"{}_rows_check\"", table.as_str());
         let default_partition = format!("{s}.\"{}_default\"", table.as_str());
         // The pending index leads with `available_at` so the claim stops at the first row
@@ -274,30 +297,35 @@ impl Sql {
         // Relay, after the claim transaction was lost (the send outlived the timeout, or the
         // connection dropped): the rows are back as they were. Record the ones the Sender did
         // send, unless another relay has claimed them since (SKIP LOCKED: never wait for a
-        // relay that may itself be slow; that claim's journal row then stays, and the lost
-        // claim counts as an attempt).
-        // Only messages still unsettled by this claim ($2, from its journal rows).
+        // relay that may itself be slow; the lost claim is then charged to those messages).
         let late_mark_sent = if keep {
             format!(
                 "UPDATE {t} SET state = 'sent', sent_at = now()
                  WHERE state = 'pending' AND id IN (
-                    SELECT id FROM {t} WHERE id = ANY($1) AND id = ANY($2) FOR UPDATE SKIP LOCKED)
+                    SELECT id FROM {t} WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)
                  RETURNING id"
             )
         } else {
             format!(
                 "DELETE FROM {t} WHERE state = 'pending' AND id IN (
-                    SELECT id FROM {t} WHERE id = ANY($1) AND id = ANY($2) FOR UPDATE SKIP LOCKED)
+                    SELECT id FROM {t} WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)
                  RETURNING id"
             )
         };
-        // Migration 2: the claim journal, and the rows the relay must be able to decode.
-        // The journal holds one row per message per claim whose Sender is running or whose
-        // claim ended without a settlement; the index serves the claim's per-row count and
-        // the settlement's delete.
+        // Migration 2: the claim journal and the charges, and the rows the relay must be able
+        // to decode. Both tables are UNLOGGED (no WAL flush on the relay's path) and small:
+        // the journal holds one row per claim whose Sender is running, the charges one row
+        // per message per abandoned claim not yet charged (usually none).
         let migration_v2 = format!(
-            "CREATE UNLOGGED TABLE {journal} (claim_id bigint NOT NULL, msg_id bigint NOT NULL);
-             CREATE INDEX {journal_idx} ON {journal} (msg_id);
+            "CREATE UNLOGGED TABLE {journal} (
+                claim_id integer PRIMARY KEY,
+                ids bigint[] NOT NULL,
+                claimed_at timestamptz NOT NULL DEFAULT now());
+             CREATE UNLOGGED TABLE {charges} (
+                msg_id bigint NOT NULL,
+                claim_id integer NOT NULL,
+                abandoned_at timestamptz NOT NULL DEFAULT now());
+             CREATE INDEX {charges_idx} ON {charges} (msg_id);
              ALTER TABLE {t} ADD CONSTRAINT {row_check} {ROW_CHECK};"
         );
         Sql {
@@ -338,55 +366,65 @@ impl Sql {
             table: t.clone(),
             keep,
             journal: journal.clone(),
+            charges: charges.clone(),
             return_failed,
-            // Late settlement (the claim transaction was lost): which messages of claim $1
-            // are still unsettled. Its journal rows survive exactly when its settlement did
-            // not commit, so this is also what keeps an outcome from being applied twice.
-            journal_unsettled: format!("SELECT msg_id FROM {journal} WHERE claim_id = $1"),
+            // Late settlement (the claim transaction was lost): takes the claim's journal
+            // row. It is there exactly when the claim was neither settled (the settlement
+            // deletes it) nor recovered by someone else: that is what keeps an outcome from
+            // being applied twice, or on top of a recovery's charge.
+            journal_take: format!("DELETE FROM {journal} WHERE claim_id = $1 RETURNING ids"),
             late_mark_sent,
-            // Late settlement: forget the journal rows of the messages it did settle. The
-            // rows of messages another relay holds now stay: that claim ended without a
-            // settlement, and counts as an attempt.
-            journal_forget: format!("DELETE FROM {journal} WHERE msg_id = ANY($1)"),
-            // Journal rows whose message no longer waits (sent, dead, or gone): left by a
-            // race between a claim that was abandoned and one that settled the message. A
-            // claim in progress still has its rows pending in the committed state, so its
-            // journal rows are never taken.
-            journal_cleanup: format!(
-                "DELETE FROM {journal} j WHERE NOT EXISTS (
-                    SELECT 1 FROM {t} m WHERE m.id = j.msg_id AND m.state = 'pending')"
+            // Late settlement: the messages it could not settle (another relay holds them
+            // now) are charged for the lost claim, like a recovery would.
+            charges_add: format!(
+                "INSERT INTO {charges} (msg_id, claim_id) SELECT unnest($1::int8[]), $2"
             ),
-            // A row the relay cannot decode, or one whose claims keep being abandoned
-            // outside a claim: dead with the reason, never claimed again automatically.
-            // SKIP LOCKED: another relay holding it is doing the same.
+            charges_forget: format!("DELETE FROM {charges} WHERE msg_id = ANY($1)"),
+            // Recovery: journal rows of claims whose transaction has ended (its advisory lock
+            // is free) without deleting them, that is without a settlement, become charges,
+            // one per message. A claim still running holds its lock; a claim that committed
+            // meanwhile has deleted its row, which the DELETE then finds gone and skips.
+            // Concurrent recoveries: the lock taken by one makes the other skip the row.
+            recover: format!(
+                "WITH gone AS (
+                    DELETE FROM {journal}
+                    WHERE pg_try_advisory_xact_lock({CLAIM_LOCK_CLASS}, claim_id)
+                    RETURNING claim_id, ids)
+                 INSERT INTO {charges} (msg_id, claim_id)
+                 SELECT unnest(ids), claim_id FROM gone"
+            ),
+            // Charges whose message no longer waits (sent, dead, or gone): left when a late
+            // outcome or an operator settled the message. A claim in progress still has its
+            // rows pending in the committed state, so its charges are never taken.
+            charges_cleanup: format!(
+                "DELETE FROM {charges} c WHERE NOT EXISTS (
+                    SELECT 1 FROM {t} m WHERE m.id = c.msg_id AND m.state = 'pending')"
+            ),
+            // A row the relay cannot decode: dead with the reason, never claimed again
+            // automatically, its charges gone with it. SKIP LOCKED: another relay holding
+            // it is doing the same.
             set_aside: format!(
                 "WITH d AS (
                     UPDATE {t} SET state = 'dead', available_at = now(), last_error = $2
                     WHERE state = 'pending' AND id IN (
                         SELECT id FROM {t} WHERE id = $1 FOR UPDATE SKIP LOCKED)
                     RETURNING id),
-                 j AS (DELETE FROM {journal} WHERE msg_id IN (SELECT id FROM d))
+                 c AS (DELETE FROM {charges} WHERE msg_id IN (SELECT id FROM d))
                  SELECT count(*) FROM d"
             ),
-            // Same situation, for the failed ones: record the attempt, fenced on the attempt
-            // count so an outcome is never applied twice (for instance when the COMMIT did
-            // reach the server but its answer was lost).
-            // Its failure counts one attempt, plus one per other claim of it that was
-            // abandoned meanwhile (their journal rows); the message is dead once its attempts
-            // pass max_retries ($6). $5 is this claim's id.
+            // Same situation, for the failed ones: the failure counts one attempt, plus the
+            // charges the message had; it is dead once its attempts pass max_retries ($4).
             late_record_failed: format!(
                 "UPDATE {t} AS m
-                 SET attempts = m.attempts + 1 + ({abandoned})::int,
+                 SET attempts = m.attempts + 1 + ({charged})::int,
                      available_at = clock_timestamp() + u.d * interval '1 millisecond',
-                     state = CASE WHEN m.attempts + 1 + ({abandoned})::int > $6 THEN 'dead' ELSE 'pending' END,
+                     state = CASE WHEN m.attempts + 1 + ({charged})::int > $4 THEN 'dead' ELSE 'pending' END,
                      last_error = u.e
                  FROM unnest($1::int8[], $2::int8[], $3::text[]) AS u(id, d, e)
                  WHERE m.id = u.id AND m.state = 'pending'
-                   AND m.id IN (SELECT id FROM {t} WHERE id = ANY($1) AND id = ANY($4) FOR UPDATE SKIP LOCKED)
+                   AND m.id IN (SELECT id FROM {t} WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)
                  RETURNING m.id, m.state",
-                abandoned = format_args!(
-                    "SELECT count(*) FROM {journal} j WHERE j.msg_id = m.id AND j.claim_id <> $5"
-                ),
+                charged = format_args!("SELECT count(*) FROM {charges} c WHERE c.msg_id = m.id"),
             ),
             // Admin: newest dead messages first, through the dead index.
             dead_list: format!(
@@ -425,7 +463,7 @@ impl Sql {
     /// `limit` messages, the latter only rows past the position `($1 available_at, $2 id)`;
     /// for [`ClaimKind::One`], the single message `$1`, if it is due and not held. Returns the
     /// message columns, `available_at` (the position of each claimed row), and the number of
-    /// earlier claims of the message that ended without a settlement.
+    /// earlier claims of the message that ended without a settlement and are not charged yet.
     ///
     /// The limit is written into the text (it is the outbox's batch size, an integer the crate
     /// validated) rather than passed as `$1`: with a parameter, PostgreSQL re-plans the claim
@@ -439,15 +477,17 @@ impl Sql {
     /// full, and at least once a second, so a row that committed behind the position is never
     /// left behind.
     ///
-    /// The count of journal rows is how every claim is accounted for. A claim records its
-    /// messages in the journal (committed on a second connection) before the Sender runs, and
-    /// deletes those rows in the transaction that settles them. A journal row of a message
-    /// this claim just locked can therefore only belong to a claim that ended without a
-    /// settlement (killed process, lost connection, send timeout): each one is an attempt
-    /// the message has not been charged for yet. One index probe per claimed row.
+    /// The count of charges is how every claim is accounted for. A claim records its message
+    /// ids in the journal (one row, committed on a second connection) before the Sender runs,
+    /// and deletes that row in the transaction that settles them. A journal row whose claim
+    /// transaction has ended is therefore a claim that ended without a settlement (killed
+    /// process, lost connection, send timeout); recovery turns it into one charge per
+    /// message, and each charge is an attempt the message has not paid yet. The charges table
+    /// is empty unless claims were abandoned: one index probe per claimed row, of an empty
+    /// index.
     pub(crate) fn claim(&self, limit: usize, kind: ClaimKind) -> String {
         let t = &self.table;
-        let journal = &self.journal;
+        let charges = &self.charges;
         let due = match kind {
             ClaimKind::Head | ClaimKind::AfterMark => {
                 let mark = if kind == ClaimKind::AfterMark {
@@ -475,7 +515,7 @@ impl Sql {
                  UPDATE {t} AS m SET state = 'sent', sent_at = now()
                  FROM c WHERE m.id = c.id AND m.created_at = c.created_at
                  RETURNING m.id, m.key, m.value, m.headers, m.created_at, m.attempts, m.available_at,
-                           (SELECT count(*) FROM {journal} j WHERE j.msg_id = m.id)"
+                           (SELECT count(*) FROM {charges} c WHERE c.msg_id = m.id)"
             )
         } else {
             // Delete mode: delete the rows inside the still-open claim transaction. If it
@@ -483,16 +523,10 @@ impl Sql {
             format!(
                 "DELETE FROM {t} AS m WHERE id IN (SELECT id FROM {t} WHERE {due})
                  RETURNING {MESSAGE_COLUMNS}, available_at,
-                           (SELECT count(*) FROM {journal} j WHERE j.msg_id = m.id)"
+                           (SELECT count(*) FROM {charges} c WHERE c.msg_id = m.id)"
             )
         }
     }
-
-    /// The claim journal, qualified.
-    pub(crate) fn journal(&self) -> &str {
-        &self.journal
-    }
-
 }
 
 /// Statements of partition maintenance. Partition names are the table's validated name plus
