@@ -15,8 +15,8 @@
 //! - `TROUTBOX_BENCH_SCALE`: multiplies every message count and duration (default 1). Use
 //!   0.1 while developing; only a full run gives figures worth quoting.
 //! - `TROUTBOX_BENCH_ONLY`: comma-separated groups to run (`rss`, `burn_down`, `pinned`,
-//!   `producer`, `add_messages`, `latency`); all by default. `pinned` needs `burn_down` for
-//!   its reference.
+//!   `never_analyzed`, `producer`, `add_messages`, `latency`); all by default. `pinned` needs
+//!   `burn_down` for its reference.
 //! - `TROUTBOX_BENCH_BURN_DOWN`: burn-down configurations to run, as `batchxworkers`
 //!   (`100x1,1000x2`); all four by default.
 //! - `TROUTBOX_BENCH_LADDER=0`: skips the ladders, the `ladder_*` lines that step raw SQL
@@ -195,6 +195,9 @@ fn main() {
     }
     if runs("pinned") {
         bench.pinned_horizon(clean_b100_w1);
+    }
+    if runs("never_analyzed") {
+        bench.never_analyzed();
     }
     if runs("producer") {
         bench.producer_overhead();
@@ -649,6 +652,124 @@ impl Bench {
             );
             emit("ladder_pinned_horizon_reference", rate, "msg/s", clean_raw);
         }
+    }
+
+    /// Backlogs as production builds them: 100,000 and 1,000,000 messages added through
+    /// `add_messages` (1,000 per transaction) into a table created just before, with
+    /// autovacuum off on it, never vacuumed nor analyzed (every new outbox; every backlog
+    /// that grows faster than autovacuum runs). The raw reference gets the same treatment.
+    /// Then the 100,000 backlog again with a pinned horizon on top, on both sides.
+    fn never_analyzed(&self) {
+        let mut b100 = (f64::NAN, f64::NAN);
+        for nominal in [100_000u64, 1_000_000] {
+            let n = self.scaled(nominal);
+            // A 1,000,000 fill takes seconds per side: one round each.
+            let rounds = if nominal > 100_000 {
+                1
+            } else {
+                BURN_DOWN_ROUNDS
+            };
+            for batch in [100usize, 1000] {
+                let scenario = format!("never_analyzed_{}k_b{batch}", nominal / 1000);
+                eprintln!("{scenario}: {n} messages, {rounds} round(s)");
+                let (mut lib_best, mut raw_best) = (0.0f64, 0.0f64);
+                for round in 0..rounds {
+                    let lib_first = round % 2 == 0;
+                    for library in [lib_first, !lib_first] {
+                        if library {
+                            lib_best = lib_best.max(self.never_analyzed_library(batch, n, false));
+                        } else {
+                            raw_best = raw_best.max(self.never_analyzed_raw(batch, n, false));
+                        }
+                    }
+                }
+                emit(&scenario, lib_best, "msg/s", raw_best);
+                if nominal == 100_000 && batch == 100 {
+                    b100 = (lib_best, raw_best);
+                }
+            }
+        }
+        let n = self.scaled(100_000);
+        eprintln!("never_analyzed_100k_b100_pinned: {n} messages");
+        let lib = self.never_analyzed_library(100, n, true);
+        let raw = self.never_analyzed_raw(100, n, true);
+        emit("never_analyzed_100k_b100_pinned", lib, "msg/s", raw);
+        emit("never_analyzed_pinned_vs_unpinned", lib, "msg/s", b100.0);
+        emit(
+            "ladder_never_analyzed_reference_pinned_vs_unpinned",
+            raw,
+            "msg/s",
+            b100.1,
+        );
+    }
+
+    fn never_analyzed_library(&self, batch: usize, n: u64, pinned: bool) -> f64 {
+        self.recreate(&self.lib, LIB_SCHEMA);
+        self.fill_through_outbox(&self.lib, n);
+        let pin = pinned.then(|| self.pin_horizon());
+        let (seen, t) = self.relay_drain(batch, 1, n, Duration::from_secs(300));
+        drop(pin);
+        assert_eq!(
+            self.count(&self.lib.qualified_table()),
+            0,
+            "the relay drained everything"
+        );
+        let rate = seen as f64 / t.as_secs_f64();
+        eprintln!("    library   {rate:>8.0} msg/s ({:.2} s)", t.as_secs_f64());
+        rate
+    }
+
+    fn never_analyzed_raw(&self, batch: usize, n: u64, pinned: bool) -> f64 {
+        self.recreate(&self.reference, REF_SCHEMA);
+        self.fill_through_outbox(&self.reference, n);
+        let pin = pinned.then(|| self.pin_horizon());
+        let (drained, t) = self.raw_drain(RawShape::Reference, batch, 1);
+        drop(pin);
+        assert_eq!(drained, n, "the raw statement drained everything");
+        let rate = drained as f64 / t.as_secs_f64();
+        eprintln!("    reference {rate:>8.0} msg/s ({:.2} s)", t.as_secs_f64());
+        rate
+    }
+
+    /// Drops `store`'s schema and migrates it again, with autovacuum off on the new table:
+    /// no statistics at all, not even those an earlier ANALYZE left behind a TRUNCATE.
+    fn recreate(&self, store: &PgStore, schema: &str) {
+        self.exec(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+        store.migrate().expect("migrating");
+        self.exec(&format!(
+            "ALTER TABLE {} SET (autovacuum_enabled = off)",
+            store.qualified_table()
+        ));
+    }
+
+    /// Adds `n` messages through `Outbox::add_messages`, 1,000 per transaction, then
+    /// checkpoints (so the drain that follows pays the same full-page writes on each side).
+    fn fill_through_outbox(&self, store: &PgStore, n: u64) {
+        let t = Instant::now();
+        let outbox = Outbox::builder(store.clone()).build().expect("options");
+        let mut c = self.pool.get().expect("a connection");
+        let mut i = 0u64;
+        while i < n {
+            let chunk = (n - i).min(1_000);
+            let values: Vec<Vec<u8>> = (i..i + chunk).map(value_for).collect();
+            let mut tx = c.transaction().expect("begin");
+            outbox
+                .add_messages(
+                    &mut tx,
+                    values.iter().enumerate().map(|(j, v)| {
+                        NewMessage::new(if j % 2 == 0 { "key-a" } else { "key-b" }, v)
+                    }),
+                )
+                .expect("add_messages");
+            tx.commit().expect("commit");
+            i += chunk;
+        }
+        self.checkpoint(&mut c);
+        eprintln!(
+            "  added {n} messages to {} in {:.1} s",
+            store.qualified_table(),
+            t.elapsed().as_secs_f64()
+        );
     }
 
     /// A session idle in a transaction that holds an xid, until the guard is dropped.

@@ -47,9 +47,11 @@
 //! ## Layout
 //!
 //! - producer side: [`Outbox::add_message`], [`NewMessage`] (`producer.rs`);
-//! - relay side: [`Sender`], [`Batch`], [`Message`], [`Backoff`], [`Handle`] (`relay/`);
-//! - store: [`PgStore`], its SQL and migrations (`store/`);
-//! - maintenance: dead letters (`maintenance/`);
+//! - relay side: [`Sender`], [`Batch`], [`Message`], [`Handle`], [`Health`] (`relay/`), and
+//!   [`Backoff`] (`backoff.rs`);
+//! - store: [`PgStore`] and its migrations, the claim strategy (claim, journal, settle,
+//!   recover), its SQL, row decoding and [`Retention`] (`store/`);
+//! - maintenance: partitions and dead letters (`maintenance/`);
 //! - observability: [`Backlog`] (`observability/`);
 //! - [`testing`]: a throw-away PostgreSQL server for tests and examples.
 //!

@@ -71,7 +71,9 @@ impl Message {
         self.created_at
     }
 
-    /// How many earlier attempts to send this message failed: 0 on the first delivery.
+    /// How many earlier attempts to send this message failed: 0 on the first delivery. An
+    /// attempt whose batch never got an outcome (the relay was killed, its connection lost,
+    /// or the Sender outlived the send timeout) counts too.
     pub fn attempts(&self) -> u32 {
         self.attempts
     }

@@ -87,6 +87,7 @@ impl<T: MakeTls> PgRelay<T> {
     ) -> PgRelay<T> {
         let side = Arc::new(SideConnection {
             store: store.clone(),
+            sql: sql.clone(),
             conn: Mutex::new(None),
         });
         PgRelay {
@@ -108,12 +109,27 @@ type Pooled<T> = PooledConnection<PostgresConnectionManager<T>>;
 /// rather than one per worker.
 pub(crate) struct SideConnection<T: MakeTls> {
     store: PgStore<T>,
-    conn: Mutex<Option<Pooled<T>>>,
+    sql: Arc<Sql>,
+    conn: Mutex<Option<Side<T>>>,
+}
+
+/// The second connection, with the journal's INSERT prepared on it.
+struct Side<T: MakeTls> {
+    client: Pooled<T>,
+    record: Statement,
 }
 
 impl<T: MakeTls> SideConnection<T> {
-    fn lock(&self) -> MutexGuard<'_, Option<Pooled<T>>> {
+    fn lock(&self) -> MutexGuard<'_, Option<Side<T>>> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records claim `claim_id` of `ids` in the journal: the prepared INSERT, one round trip.
+    fn record(&self, claim_id: i32, ids: &[i64]) -> Result<(), Error> {
+        let ranges = sql::int8_multirange(ids);
+        self.run_with("recording a claim in the claim journal", |c, record| {
+            c.execute(record, &[&claim_id, &ranges]).map(|_| ())
+        })
     }
 
     /// Runs `f` on the connection (taken from the pool when there is none); a connection
@@ -123,15 +139,28 @@ impl<T: MakeTls> SideConnection<T> {
         context: &'static str,
         f: impl FnOnce(&mut Client) -> Result<R, postgres::Error>,
     ) -> Result<R, Error> {
+        self.run_with(context, |c, _| f(c))
+    }
+
+    fn run_with<R>(
+        &self,
+        context: &'static str,
+        f: impl FnOnce(&mut Client, &Statement) -> Result<R, postgres::Error>,
+    ) -> Result<R, Error> {
         let mut guard = self.lock();
-        if guard.as_ref().is_some_and(|c| c.is_closed()) {
+        if guard.as_ref().is_some_and(|c| c.client.is_closed()) {
             *guard = None;
         }
         if guard.is_none() {
-            *guard = Some(self.store.connection(context)?);
+            let mut client = self.store.connection(context)?;
+            let record = client
+                .prepare_typed(&self.sql.journal_insert, &[Type::INT4, Type::TEXT])
+                .map_err(self.store.db_error(context))?;
+            *guard = Some(Side { client, record });
         }
-        let client = guard.as_mut().expect("connection was just set");
-        match f(client) {
+        let side = guard.as_mut().expect("connection was just set");
+        let client = &mut side.client;
+        match f(client, &side.record) {
             Ok(r) => Ok(r),
             Err(e) => {
                 if client.is_closed() || client.batch_execute(sql::ROLLBACK).is_err() {
@@ -403,11 +432,7 @@ impl<T: MakeTls> PgSession<T> {
 
     /// Records the claim's messages in the journal before the Sender sees them.
     fn record_claim(&mut self, ids: &[i64]) -> Result<(), Error> {
-        let statement = self.sql.journal_record(self.claim_id, ids);
-        self.side
-            .run("recording a claim in the claim journal", |c| {
-                c.batch_execute(&statement)
-            })
+        self.side.record(self.claim_id, ids)
     }
 
     /// Why a message with `abandoned` unsettled claims is dead.

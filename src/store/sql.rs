@@ -81,6 +81,7 @@ pub(crate) struct Sql {
     journal: String,
     charges: String,
     pub(crate) return_failed: String,
+    pub(crate) journal_insert: String,
     pub(crate) journal_take: String,
     pub(crate) late_mark_sent: String,
     pub(crate) late_record_failed: String,
@@ -175,14 +176,21 @@ pub(crate) const CLAIM_LOCK_CLASS: i32 = 0x7472_6f75;
 ///
 /// The claim id is an integer the crate generated.
 pub(crate) fn begin_claim(send_timeout_ms: u64, claim_id: i32) -> String {
+    // One statement for all the settings (set_config(..., true) is SET LOCAL): each
+    // statement of a simple query costs its own parse and execution, per batch.
+    let t = send_timeout_ms;
     format!(
         "BEGIN ISOLATION LEVEL READ COMMITTED; \
-         SET LOCAL idle_in_transaction_session_timeout = {send_timeout_ms}; \
-         SET LOCAL statement_timeout = {send_timeout_ms}; SET LOCAL lock_timeout = {send_timeout_ms}; \
-         SET LOCAL plan_cache_mode = force_generic_plan; \
-         SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
-         SET LOCAL enable_sort = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
-         SELECT pg_advisory_xact_lock({CLAIM_LOCK_CLASS}, {claim_id})"
+         SELECT set_config('idle_in_transaction_session_timeout', '{t}', true), \
+                set_config('statement_timeout', '{t}', true), \
+                set_config('lock_timeout', '{t}', true), \
+                set_config('plan_cache_mode', 'force_generic_plan', true), \
+                set_config('enable_seqscan', 'off', true), \
+                set_config('enable_bitmapscan', 'off', true), \
+                set_config('enable_sort', 'off', true), \
+                set_config('enable_hashjoin', 'off', true), \
+                set_config('enable_mergejoin', 'off', true), \
+                pg_advisory_xact_lock({CLAIM_LOCK_CLASS}, {claim_id})"
     )
 }
 
@@ -203,25 +211,37 @@ impl Sql {
             int8_array(charged)
         )
     }
-
-    /// Records, before the Sender runs, which messages claim `claim_id` hands to it: one row,
-    /// committed on its own (on a second connection) so that it survives the claim
-    /// transaction. The journal is UNLOGGED: its COMMIT needs no WAL flush. A server crash
-    /// empties it; that is not a poison message. One round trip, explicit isolation.
-    pub(crate) fn journal_record(&self, claim_id: i32, ids: &[i64]) -> String {
-        format!(
-            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = 0; \
-             INSERT INTO {} (claim_id, ids) VALUES ({claim_id}, {}); COMMIT",
-            self.journal,
-            int8_array(ids)
-        )
-    }
 }
 
 /// Opens the short transactions of the relay's second connection (journal records, late
 /// settlements, recovery, rows set aside), with the same explicit isolation as the claim.
 pub(crate) const BEGIN_SIDE: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
      SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '10s'";
+
+/// An `int8multirange` literal of the message ids of a claim, sent as the text parameter of
+/// [`Sql::journal_insert`]: the runs of consecutive ids as half-open ranges.
+pub(crate) fn int8_multirange(ids: &[i64]) -> String {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = String::from("{");
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end += 1;
+        }
+        if out.len() > 1 {
+            out.push(',');
+        }
+        out.push_str(&format!("[{start},{})", end.saturating_add(1)));
+        i += 1;
+    }
+    out.push('}');
+    out
+}
 
 /// An `int8[]` literal of integers the crate read from the database: the only values
 /// formatted into statement text besides validated identifiers and crate-generated integers,
@@ -319,7 +339,7 @@ impl Sql {
         let migration_v2 = format!(
             "CREATE UNLOGGED TABLE {journal} (
                 claim_id integer PRIMARY KEY,
-                ids bigint[] NOT NULL,
+                ids int8multirange NOT NULL,
                 claimed_at timestamptz NOT NULL DEFAULT now());
              CREATE UNLOGGED TABLE {charges} (
                 msg_id bigint NOT NULL,
@@ -372,7 +392,25 @@ impl Sql {
             // row. It is there exactly when the claim was neither settled (the settlement
             // deletes it) nor recovered by someone else: that is what keeps an outcome from
             // being applied twice, or on top of a recovery's charge.
-            journal_take: format!("DELETE FROM {journal} WHERE claim_id = $1 RETURNING ids"),
+            // Records, before the Sender runs, which messages a claim hands to it: one row,
+            // committed on its own (on the relay's second connection) so that it survives
+            // the claim transaction. UNLOGGED: its commit needs no WAL flush; a server crash
+            // empties it, which is not a poison message. A single autocommit INSERT, prepared
+            // (one round trip, nothing parsed), without the explicit BEGIN of the other
+            // transactions: it reads nothing, so no isolation level changes what it does,
+            // and no serializable transaction can conflict with it.
+            //
+            // The ids travel as a multirange (`{[1,101),[105,106)}`): a batch claimed from
+            // the pending index is mostly runs of consecutive ids, so the row stays a few
+            // bytes where an array of 1,000 ids (8 kB) is TOASTed, measured at 0.59 ms per
+            // batch of 1,000 against 0.02 ms for 100.
+            journal_insert: format!(
+                "INSERT INTO {journal} (claim_id, ids) VALUES ($1, $2::text::int8multirange)"
+            ),
+            journal_take: format!(
+                "DELETE FROM {journal} WHERE claim_id = $1
+                 RETURNING ARRAY(SELECT generate_series(lower(r), upper(r) - 1) FROM unnest(ids) AS r)"
+            ),
             late_mark_sent,
             // Late settlement: the messages it could not settle (another relay holds them
             // now) are charged for the lost claim, like a recovery would.
@@ -391,7 +429,8 @@ impl Sql {
                     WHERE pg_try_advisory_xact_lock({CLAIM_LOCK_CLASS}, claim_id)
                     RETURNING claim_id, ids)
                  INSERT INTO {charges} (msg_id, claim_id)
-                 SELECT unnest(ids), claim_id FROM gone"
+                 SELECT generate_series(lower(r), upper(r) - 1), claim_id
+                 FROM gone, unnest(ids) AS r"
             ),
             // Charges whose message no longer waits (sent, dead, or gone): left when a late
             // outcome or an operator settled the message. A claim in progress still has its
@@ -487,7 +526,13 @@ impl Sql {
     /// index.
     pub(crate) fn claim(&self, limit: usize, kind: ClaimKind) -> String {
         let t = &self.table;
-        let charges = &self.charges;
+        // The charges table is empty unless claims were abandoned: an uncorrelated EXISTS
+        // (evaluated once per claim) spares every row its own index probe then.
+        let charged = format!(
+            "CASE WHEN EXISTS (SELECT 1 FROM {charges}) \
+             THEN (SELECT count(*) FROM {charges} c WHERE c.msg_id = m.id) ELSE 0 END",
+            charges = self.charges
+        );
         let due = match kind {
             ClaimKind::Head | ClaimKind::AfterMark => {
                 let mark = if kind == ClaimKind::AfterMark {
@@ -515,7 +560,7 @@ impl Sql {
                  UPDATE {t} AS m SET state = 'sent', sent_at = now()
                  FROM c WHERE m.id = c.id AND m.created_at = c.created_at
                  RETURNING m.id, m.key, m.value, m.headers, m.created_at, m.attempts, m.available_at,
-                           (SELECT count(*) FROM {charges} c WHERE c.msg_id = m.id)"
+                           {charged}"
             )
         } else {
             // Delete mode: delete the rows inside the still-open claim transaction. If it
@@ -523,7 +568,7 @@ impl Sql {
             format!(
                 "DELETE FROM {t} AS m WHERE id IN (SELECT id FROM {t} WHERE {due})
                  RETURNING {MESSAGE_COLUMNS}, available_at,
-                           (SELECT count(*) FROM {charges} c WHERE c.msg_id = m.id)"
+                           {charged}"
             )
         }
     }
@@ -675,6 +720,13 @@ mod tests {
         assert_eq!(p.partition_start("t_1_p86400"), Some(86_400));
         assert_eq!(p.partition_start("t_1_default"), None);
         assert_eq!(p.partition_start("other_p1"), None);
+    }
+
+    #[test]
+    fn multirange_literals_collapse_runs() {
+        assert_eq!(int8_multirange(&[]), "{}");
+        assert_eq!(int8_multirange(&[5, 3, 4, 9, 1]), "{[1,2),[3,6),[9,10)}");
+        assert_eq!(int8_multirange(&[7, 7]), "{[7,8)}");
     }
 
     #[test]
