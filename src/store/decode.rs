@@ -32,7 +32,12 @@ pub(crate) fn column<'a, V: postgres::types::FromSql<'a>>(
 ) -> Result<V, Undecodable> {
     row.try_get(index).map_err(|e| Undecodable {
         column,
-        reason: e.to_string(),
+        // The driver's own text ("error deserializing column 4") names only the index;
+        // its source says what was wrong with the value.
+        reason: match std::error::Error::source(&e) {
+            Some(source) => source.to_string(),
+            None => e.to_string(),
+        },
     })
 }
 
