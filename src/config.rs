@@ -51,6 +51,7 @@ pub(crate) struct Config {
     pub(crate) workers: usize,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) max_value_size: usize,
+    pub(crate) notify: bool,
     pub(crate) error_handler: ErrorHandler,
     /// The meter for the outbox's metrics; `None` means the global meter provider's.
     #[cfg(feature = "opentelemetry")]
@@ -74,6 +75,7 @@ impl fmt::Debug for Config {
             .field("workers", &self.workers)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("max_value_size", &self.max_value_size)
+            .field("notify", &self.notify)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +102,7 @@ impl Default for Config {
             workers: DEFAULT_WORKERS,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            notify: false,
             error_handler: Arc::new(log_error),
             #[cfg(feature = "opentelemetry")]
             meter: None,

@@ -155,7 +155,7 @@ impl<T: MakeTls> Outbox<T> {
         let result = match prepared {
             Some(statement) => client.execute(statement, &[&message.key, &message.value, &flat]),
             None => client.execute_typed(
-                &self.inner.sql.insert_one,
+                self.inner.sql.inserts(self.inner.config.notify).0,
                 &[
                     (&message.key, Type::TEXT),
                     (&message.value, Type::BYTEA),
@@ -214,7 +214,7 @@ impl<T: MakeTls> Outbox<T> {
             match prepared {
                 Some((_, plain)) => client.execute(plain, &[&keys, &values]),
                 None => client.execute_typed(
-                    &self.inner.sql.insert_many_plain,
+                    self.inner.sql.inserts(self.inner.config.notify).2,
                     &[(&keys, Type::TEXT_ARRAY), (&values, Type::BYTEA_ARRAY)],
                 ),
             }
@@ -228,7 +228,7 @@ impl<T: MakeTls> Outbox<T> {
                     client.execute(with_headers, &[&keys, &values, &headers])
                 }
                 None => client.execute_typed(
-                    &self.inner.sql.insert_many,
+                    self.inner.sql.inserts(self.inner.config.notify).1,
                     &[
                         (&keys, Type::TEXT_ARRAY),
                         (&values, Type::BYTEA_ARRAY),
@@ -267,23 +267,18 @@ impl<T: MakeTls> Outbox<T> {
                 .store
                 .db_error("preparing the producer statements")
         };
+        let (one, many, many_plain) = self.inner.sql.inserts(self.inner.config.notify);
         let insert_one = client
-            .prepare_typed(
-                &self.inner.sql.insert_one,
-                &[Type::TEXT, Type::BYTEA, Type::TEXT_ARRAY],
-            )
+            .prepare_typed(one, &[Type::TEXT, Type::BYTEA, Type::TEXT_ARRAY])
             .map_err(map())?;
         let insert_many = client
             .prepare_typed(
-                &self.inner.sql.insert_many,
+                many,
                 &[Type::TEXT_ARRAY, Type::BYTEA_ARRAY, Type::TEXT_ARRAY],
             )
             .map_err(map())?;
         let insert_many_plain = client
-            .prepare_typed(
-                &self.inner.sql.insert_many_plain,
-                &[Type::TEXT_ARRAY, Type::BYTEA_ARRAY],
-            )
+            .prepare_typed(many_plain, &[Type::TEXT_ARRAY, Type::BYTEA_ARRAY])
             .map_err(map())?;
         Ok(PreparedProducer {
             outbox: self.clone(),

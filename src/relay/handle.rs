@@ -21,7 +21,11 @@ use crate::Error;
 /// errors. Shutting down twice is harmless.
 pub struct Handle {
     stop: Option<ChannelSender<()>>,
+    /// What the threads watch for the stop (for a thread started after the workers).
+    stop_rx: Receiver<()>,
     done: Receiver<()>,
+    /// The listening thread (`notify(true)`) and the channel it drops when it ends.
+    listener: Option<(JoinHandle<()>, Receiver<()>)>,
     threads: Vec<JoinHandle<()>>,
     statuses: Vec<Arc<WorkerStatus>>,
     timeout: Duration,
@@ -39,8 +43,10 @@ impl std::fmt::Debug for Handle {
 }
 
 impl Handle {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         stop: Option<ChannelSender<()>>,
+        stop_rx: Receiver<()>,
         done: Receiver<()>,
         threads: Vec<JoinHandle<()>>,
         statuses: Vec<Arc<WorkerStatus>>,
@@ -50,13 +56,32 @@ impl Handle {
     ) -> Handle {
         Handle {
             stop,
+            stop_rx,
             done,
+            listener: None,
             threads,
             statuses,
             timeout: config.shutdown_timeout,
             wake,
             telemetry,
         }
+    }
+
+    /// Starts one more thread that runs until the relay stops: `start` gets the stop signal
+    /// and a sender to drop when it ends.
+    pub(crate) fn attach(
+        &mut self,
+        name: &str,
+        start: impl FnOnce(Receiver<()>, ChannelSender<()>) -> Box<dyn FnOnce() + Send>,
+    ) -> Result<(), Error> {
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+        let run = start(self.stop_rx.clone(), done_tx);
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(run)
+            .map_err(Error::Spawn)?;
+        self.listener = Some((thread, done_rx));
+        Ok(())
     }
 
     /// The relay's counters and timings so far. Each counter moves only after the database
@@ -84,10 +109,19 @@ impl Handle {
         // Dropping the only sender disconnects the channel, which every worker notices
         // between batches and in every sleep.
         self.stop = None;
+        let deadline = Instant::now() + timeout;
+        if let Some((thread, done)) = self.listener.take() {
+            // It notices the stop within its 100 ms wait, or while it pauses to reconnect.
+            if matches!(
+                done.recv_deadline(deadline),
+                Err(RecvTimeoutError::Disconnected)
+            ) {
+                let _ = thread.join();
+            }
+        }
         if self.threads.is_empty() {
             return Ok(());
         }
-        let deadline = Instant::now() + timeout;
         let all_done = loop {
             match self.done.recv_deadline(deadline) {
                 Ok(()) => continue,

@@ -3,11 +3,13 @@
 //! - [`worker`]: the loop one thread runs (claim, send, settle, sleep when drained);
 //! - [`outcome`]: turning the Sender's marks and result into a settlement;
 //! - [`batch`] and [`sender`]: what user code sees;
-//! - [`handle`]: stopping and joining the threads; [`health`]: what workers report to it.
+//! - [`handle`]: stopping and joining the threads; [`health`]: what workers report to it;
+//! - [`listener`]: cross-process wake-ups through `LISTEN` (`notify(true)`).
 
 pub(crate) mod batch;
 pub(crate) mod handle;
 pub(crate) mod health;
+pub(crate) mod listener;
 pub(crate) mod outcome;
 pub(crate) mod sender;
 pub(crate) mod worker;
@@ -68,6 +70,7 @@ where
                 drop(done_tx);
                 let mut partial = Handle::new(
                     Some(stop_tx),
+                    stop_rx,
                     done_rx,
                     threads,
                     statuses,
@@ -83,6 +86,7 @@ where
     drop(done_tx);
     Ok(Handle::new(
         Some(stop_tx),
+        stop_rx,
         done_rx,
         threads,
         statuses,

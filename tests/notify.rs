@@ -1,0 +1,199 @@
+//! Cross-process wake-ups (`OutboxBuilder::notify(true)`) against a real server: a commit
+//! through one `Outbox` wakes the relay of another while its poll is far away, a listening
+//! connection that is terminated comes back while polling carries on, and with notify off no
+//! notification is ever sent.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{eventually, pool, store, Deliveries, PATIENCE};
+use postgres::fallible_iterator::FallibleIterator;
+use r2d2_postgres::PostgresConnectionManager;
+use troutbox::{NewMessage, Outbox, PgPool, PgStore};
+
+/// A pool whose connections carry `application_name`, to find them in `pg_stat_activity`.
+fn named_pool(name: &str, size: u32) -> PgPool {
+    let mut config: postgres::Config = common::url().parse().unwrap();
+    config.application_name(name);
+    r2d2::Pool::builder()
+        .max_size(size)
+        .build(PostgresConnectionManager::new(config, postgres::NoTls))
+        .unwrap()
+}
+
+/// The table's channel, computed the way the crate documents it.
+fn channel(pool: &PgPool, schema: &str) -> String {
+    pool.get()
+        .unwrap()
+        .query_one(
+            &format!(
+                "SELECT 'troutbox_' || to_hex(hashtextextended('\"{schema}\".\"outbox_messages\"', 0))"
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Seconds since the relay worker of `app` last ended a claim (its empty claims end with a
+/// COMMIT), as the server sees it.
+fn worker_idle_seconds(admin: &PgPool, app: &str) -> f64 {
+    admin
+        .get()
+        .unwrap()
+        .query_one(
+            "SELECT coalesce(max(extract(epoch FROM now() - state_change))::float8, 0)
+             FROM pg_stat_activity
+             WHERE application_name = $1 AND state = 'idle' AND query = 'COMMIT'",
+            &[&app],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// The pid of the relay's listening connection, if it is listening.
+fn listener_pid(admin: &PgPool, app: &str) -> Option<i32> {
+    admin
+        .get()
+        .unwrap()
+        .query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+            &[&app],
+        )
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+#[test]
+fn a_commit_wakes_a_relay_of_another_outbox_long_before_its_next_poll() {
+    const SCHEMA: &str = "notify_wakes";
+    const APP: &str = "troutbox-test-notify-wakes";
+    let admin = pool(2);
+    store(SCHEMA, &admin);
+    let relay_pool = named_pool(APP, 4);
+    // A relay whose idle sleep grows towards an hour: only a notification wakes it early.
+    let relay = Outbox::builder(PgStore::new(relay_pool).schema(SCHEMA))
+        .notify(true)
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let deliveries = Deliveries::new();
+    let mut handle = relay.start(deliveries.sender()).unwrap();
+    // Its sleeps double from 1 ms; once it has been idle 10 s, the sleep it is in lasts
+    // 16.4 s at least, so its next poll is more than 6 s away.
+    assert!(eventually(PATIENCE * 2, || worker_idle_seconds(
+        &admin, APP
+    ) >= 10.0));
+    assert!(listener_pid(&admin, APP).is_some());
+    let producer = Outbox::builder(PgStore::new(admin.clone()).schema(SCHEMA))
+        .notify(true)
+        .build()
+        .unwrap();
+    let mut conn = admin.get().unwrap();
+    let committed = Instant::now();
+    let mut tx = conn.transaction().unwrap();
+    producer.add_message(&mut tx, "k", b"woken").unwrap();
+    tx.commit().unwrap();
+    assert!(deliveries.wait_for(1, Duration::from_secs(5)));
+    let latency = committed.elapsed();
+    handle.shutdown().unwrap();
+    println!(
+        "FIGURES notify_wakes: commit_to_sender_ms={}",
+        latency.as_millis()
+    );
+    assert_eq!(
+        listener_pid(&admin, APP),
+        None,
+        "the listener left the pool unsubscribed"
+    );
+}
+
+#[test]
+fn a_terminated_listener_comes_back_and_polling_carries_on() {
+    const SCHEMA: &str = "notify_terminated";
+    const APP: &str = "troutbox-test-notify-terminated";
+    let admin = pool(2);
+    store(SCHEMA, &admin);
+    let relay = Outbox::builder(PgStore::new(named_pool(APP, 4)).schema(SCHEMA))
+        .notify(true)
+        .poll_interval(Duration::from_millis(200))
+        .error_handler(|_| {})
+        .build()
+        .unwrap();
+    let producer = Outbox::builder(PgStore::new(admin.clone()).schema(SCHEMA))
+        .notify(true)
+        .build()
+        .unwrap();
+    let deliveries = Deliveries::new();
+    let mut handle = relay.start(deliveries.sender()).unwrap();
+    assert!(eventually(PATIENCE, || listener_pid(&admin, APP).is_some()));
+    let first = listener_pid(&admin, APP).unwrap();
+    let mut conn = admin.get().unwrap();
+    conn.execute("SELECT pg_terminate_backend($1)", &[&first])
+        .unwrap();
+    // While it is down, polling delivers.
+    producer
+        .add_message(&mut *conn, "k", b"while down")
+        .unwrap();
+    assert!(deliveries.wait_for(1, PATIENCE));
+    // It comes back on a new connection, and notifications wake the relay again.
+    assert!(eventually(PATIENCE, || listener_pid(&admin, APP)
+        .is_some_and(|pid| pid != first)));
+    producer
+        .add_messages(&mut *conn, [NewMessage::new("k", b"after")])
+        .unwrap();
+    assert!(deliveries.wait_for(2, PATIENCE));
+    handle.shutdown().unwrap();
+    assert_eq!(deliveries.duplicates(), 0);
+}
+
+#[test]
+fn one_notification_per_committed_transaction_and_none_with_notify_off() {
+    const SCHEMA: &str = "notify_off";
+    let admin = pool(3);
+    let store = store(SCHEMA, &admin);
+    let mut listener = admin.get().unwrap();
+    listener
+        .batch_execute(&format!("LISTEN \"{}\"", channel(&admin, SCHEMA)))
+        .unwrap();
+    let quiet = Outbox::builder(store.clone()).build().unwrap();
+    let loud = Outbox::builder(store.clone()).notify(true).build().unwrap();
+    let mut conn = admin.get().unwrap();
+    // Notify off: committed, one message and many.
+    let mut tx = conn.transaction().unwrap();
+    quiet.add_message(&mut tx, "k", b"1").unwrap();
+    quiet
+        .add_messages(
+            &mut tx,
+            [NewMessage::new("k", b"2"), NewMessage::new("k", b"3")],
+        )
+        .unwrap();
+    tx.commit().unwrap();
+    // Notify on, rolled back: nothing.
+    let mut tx = conn.transaction().unwrap();
+    loud.add_message(&mut tx, "k", b"4").unwrap();
+    tx.rollback().unwrap();
+    // Notify on, committed, three statements: one notification, the last in the stream.
+    let mut tx = conn.transaction().unwrap();
+    loud.add_message(&mut tx, "k", b"5").unwrap();
+    loud.add(&mut tx, &NewMessage::new("k", b"6").header("h", "v"))
+        .unwrap();
+    loud.add_messages(
+        &mut tx,
+        [NewMessage::new("k", b"7"), NewMessage::new("k", b"8")],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    // Notifications arrive in commit order: once the last one is in, any earlier one is too.
+    let mut notifications = listener.notifications();
+    let first = notifications.timeout_iter(PATIENCE).next().unwrap();
+    assert!(first.is_some(), "the notifying transaction sent nothing");
+    drop(notifications);
+    listener.batch_execute("SELECT 1").unwrap();
+    let more = listener.notifications().iter().count().unwrap();
+    assert_eq!(
+        more, 0,
+        "notify off, a rollback, or a repeat in one transaction notified"
+    );
+}
