@@ -15,7 +15,7 @@
 //! - `TROUTBOX_BENCH_SCALE`: multiplies every message count and duration (default 1). Use
 //!   0.1 while developing; only a full run gives figures worth quoting.
 //! - `TROUTBOX_BENCH_ONLY`: comma-separated groups to run (`rss`, `burn_down`, `pinned`,
-//!   `never_analyzed`, `producer`, `add_messages`, `latency`); all by default. `pinned` needs
+//!   `never_analyzed`, `producer`, `add_messages`, `latency`, `notify`); all by default. `pinned` needs
 //!   `burn_down` for its reference.
 //! - `TROUTBOX_BENCH_BURN_DOWN`: burn-down configurations to run, as `batchxworkers`
 //!   (`100x1,1000x2`); all four by default.
@@ -207,6 +207,9 @@ fn main() {
     }
     if runs("latency") {
         bench.latency();
+    }
+    if runs("notify") {
+        bench.notify();
     }
     bench.drop_schemas();
     let measured = started.elapsed();
@@ -1091,7 +1094,7 @@ impl Bench {
             "latency: ~1000 msg/s for {:.0} s, relay on defaults (poll interval {poll_ms} ms)",
             duration.as_secs_f64()
         );
-        let lat = self.latency_run(true, duration);
+        let lat = self.latency_run(true, false, 4, Duration::from_millis(4), duration);
         emit("latency_p50", percentile(&lat, 0.5), "ms", poll_ms);
         emit("latency_p99", percentile(&lat, 0.99), "ms", poll_ms);
 
@@ -1100,7 +1103,7 @@ impl Bench {
             "latency without the in-process wake-up (producers on another Outbox): {:.0} s",
             duration.as_secs_f64()
         );
-        let lat = self.latency_run(false, duration);
+        let lat = self.latency_run(false, false, 4, Duration::from_millis(4), duration);
         emit(
             "latency_p50_no_wakeup",
             percentile(&lat, 0.5),
@@ -1113,18 +1116,131 @@ impl Bench {
             "ms",
             poll_ms,
         );
-        self.idle_rate(poll_ms);
+        self.idle_rate(
+            "relay_idle_xact_per_s",
+            troutbox::DEFAULT_POLL_INTERVAL,
+            false,
+        );
     }
 
-    /// One latency run; returns the sorted commit-to-Sender latencies in ms.
-    fn latency_run(&self, wake_up: bool, duration: Duration) -> Vec<f64> {
+    /// `notify(true)` side by side with the default: what it costs producers (1 and 8
+    /// threads, `add_message`; `add_messages` on 2 threads), what it gives a relay in another
+    /// process (latency at 1,000 msg/s and at one message every 500 ms, producers on another
+    /// `Outbox`), and the idle relay's rate. Also the idle rate at a 10 ms poll interval: what
+    /// a user who shortens the interval instead pays.
+    fn notify(&self) {
+        let plain = Outbox::builder(self.lib.clone()).build().expect("options");
+        let loud = Outbox::builder(self.lib.clone())
+            .notify(true)
+            .build()
+            .expect("options");
+        let pick = |notify: bool| if notify { &loud } else { &plain };
+        // A listener on the channel, as a relay with notify keeps one: a notifying commit
+        // signals the listening backends. It never reads; the queue holds far more than a
+        // run adds.
+        let mut listening = self.pool.get().expect("a connection");
+        let channel: String = listening
+            .query_one(
+                "SELECT 'troutbox_' || to_hex(hashtextextended($1, 0))",
+                &[&self.lib.qualified_table()],
+            )
+            .expect("the channel name")
+            .get(0);
+        listening
+            .batch_execute(&format!("LISTEN \"{channel}\""))
+            .expect("LISTEN");
+        for threads in [1usize, 8] {
+            eprintln!("notify_producer_c{threads}");
+            let modes = [
+                (false, Produce::Library),
+                (true, Produce::Library),
+                (false, Produce::Prepared),
+                (true, Produce::Prepared),
+            ];
+            let rates = self.alternate(&modes, self.seconds(1.25), |(notify, mode), slice| {
+                self.produce(pick(notify), mode, threads, slice)
+            });
+            eprintln!(
+                "  add_message without {:>8.0} tx/s, with {:>8.0}; prepared without {:>8.0}, with {:>8.0}",
+                rates[0], rates[1], rates[2], rates[3]
+            );
+            emit(
+                &format!("notify_producer_c{threads}"),
+                rates[1],
+                "tx/s",
+                rates[0],
+            );
+            emit(
+                &format!("notify_producer_c{threads}_prepared"),
+                rates[3],
+                "tx/s",
+                rates[2],
+            );
+        }
+        eprintln!("notify_add_messages");
+        let rates = self.alternate(&[false, true], self.seconds(1.0), |notify, slice| {
+            self.insert_batches(pick(notify), Insert::Library, 2, slice)
+        });
+        emit("notify_add_messages", rates[1], "rows/s", rates[0]);
+        let runs = [
+            ("1000_per_s", 4u32, Duration::from_millis(4), 6.0),
+            ("every_500ms", 1, Duration::from_millis(500), 20.0),
+        ];
+        for (name, producers, period, seconds) in runs {
+            let duration = Duration::from_secs_f64((seconds * self.scale).max(5.0));
+            eprintln!(
+                "notify_latency_{name}: {:.0} s each, producers on another Outbox",
+                duration.as_secs_f64()
+            );
+            let off = self.latency_run(false, false, producers, period, duration);
+            let on = self.latency_run(false, true, producers, period, duration);
+            for (q, label) in [(0.5, "p50"), (0.99, "p99")] {
+                emit(
+                    &format!("notify_latency_{name}_{label}"),
+                    percentile(&on, q),
+                    "ms",
+                    percentile(&off, q),
+                );
+            }
+        }
+        let _ = listening.batch_execute("UNLISTEN *");
+        drop(listening);
+        self.idle_rate(
+            "relay_idle_xact_per_s_notify",
+            troutbox::DEFAULT_POLL_INTERVAL,
+            true,
+        );
+        self.idle_rate(
+            "relay_idle_xact_per_s_poll_10ms",
+            Duration::from_millis(10),
+            false,
+        );
+    }
+
+    /// One latency run: `producers` threads each committing one message every `period`,
+    /// with the relay on the producers' own `Outbox` (`wake_up`) or on another one, both with
+    /// `notify` as given. Returns the sorted commit-to-Sender latencies in ms.
+    fn latency_run(
+        &self,
+        wake_up: bool,
+        notify: bool,
+        producers: u32,
+        period: Duration,
+        duration: Duration,
+    ) -> Vec<f64> {
         let lib = self.lib.qualified_table();
         self.exec(&format!("TRUNCATE {lib}"));
-        let relay_outbox = Outbox::builder(self.lib.clone()).build().expect("options");
+        let relay_outbox = Outbox::builder(self.lib.clone())
+            .notify(notify)
+            .build()
+            .expect("options");
         let producer_outbox = if wake_up {
             relay_outbox.clone()
         } else {
-            Outbox::builder(self.lib.clone()).build().expect("options")
+            Outbox::builder(self.lib.clone())
+                .notify(notify)
+                .build()
+                .expect("options")
         };
 
         // Both sides record an Instant per message, keyed by the message's unique key
@@ -1147,10 +1263,8 @@ impl Bench {
         };
         let mut handle = relay_outbox.start(sender).expect("starting the relay");
 
-        // 4 producers, each on a fixed schedule of one commit per 4 ms (offset by 1 ms from
-        // each other): a steady 1,000 msg/s, whatever one commit costs on this disk.
-        let producers = 4u32;
-        let period = Duration::from_millis(u64::from(producers));
+        // Each producer on a fixed schedule of one commit per `period`, offset by 1 ms from
+        // each other (4 producers, 4 ms: a steady 1,000 msg/s, whatever one commit costs).
         let committed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
         let barrier = Arc::new(Barrier::new(producers as usize));
         let handles: Vec<JoinHandle<()>> = (0..producers)
@@ -1228,9 +1342,10 @@ impl Bench {
     /// that nothing else is counted, and since a backend publishes its counters at most
     /// about once a second, the rate is taken between two moments the counter moved: between
     /// two publications the count is exact.
-    fn idle_rate(&self, poll_ms: f64) {
+    fn idle_rate(&self, scenario: &str, poll: Duration, notify: bool) {
         const IDLE_DB: &str = "troutbox_bench_idle";
-        eprintln!("relay_idle_xact_per_s: a relay on defaults, in database {IDLE_DB}");
+        let poll_ms = poll.as_secs_f64() * 1000.0;
+        eprintln!("{scenario}: an idle relay (poll interval {poll_ms} ms, notify {notify}), in database {IDLE_DB}");
         // Separate statements: CREATE DATABASE refuses to run inside the implicit transaction
         // of a multi-statement string.
         let created = {
@@ -1240,23 +1355,22 @@ impl Bench {
         };
         if let Err(e) = created {
             eprintln!("  cannot create a database ({e}); idle rate not measured");
-            emit(
-                "relay_idle_xact_per_s",
-                f64::NAN,
-                "xact/s",
-                1000.0 / poll_ms,
-            );
+            emit(scenario, f64::NAN, "xact/s", 1000.0 / poll_ms);
             return;
         }
         let mut config = self.config.clone();
         config.dbname(IDLE_DB);
         let pool = r2d2::Pool::builder()
-            .max_size(2)
+            .max_size(3)
             .build(PostgresConnectionManager::new(config, postgres::NoTls))
             .expect("a connection pool");
         let store = PgStore::new(pool.clone());
         store.migrate().expect("migrating");
-        let outbox = Outbox::builder(store).build().expect("options");
+        let outbox = Outbox::builder(store)
+            .poll_interval(poll)
+            .notify(notify)
+            .build()
+            .expect("options");
         let mut handle = outbox
             .start(|_: &mut Batch| -> Result<(), Infallible> { Ok(()) })
             .expect("starting the relay");
@@ -1296,7 +1410,7 @@ impl Bench {
             }
             _ => f64::NAN,
         };
-        emit("relay_idle_xact_per_s", rate, "xact/s", 1000.0 / poll_ms);
+        emit(scenario, rate, "xact/s", 1000.0 / poll_ms);
         let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {IDLE_DB} WITH (FORCE)"));
     }
 }
