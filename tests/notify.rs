@@ -197,3 +197,42 @@ fn one_notification_per_committed_transaction_and_none_with_notify_off() {
         "notify off, a rollback, or a repeat in one transaction notified"
     );
 }
+
+#[test]
+fn the_listener_comes_back_after_a_server_restart() {
+    const APP: &str = "troutbox-test-notify-restart";
+    let mut server = troutbox::testing::TempPostgres::start().unwrap();
+    let pool_on = |name: &str| -> PgPool {
+        let mut config: postgres::Config = server.url().parse().unwrap();
+        config.application_name(name);
+        r2d2::Pool::builder()
+            .max_size(4)
+            .connection_timeout(Duration::from_secs(2))
+            .build_unchecked(PostgresConnectionManager::new(config, postgres::NoTls))
+    };
+    let admin = pool_on("troutbox-test-admin");
+    let relay_pool = pool_on(APP);
+    let store = PgStore::new(admin.clone());
+    store.migrate().unwrap();
+    let relay = Outbox::builder(PgStore::new(relay_pool))
+        .notify(true)
+        .poll_interval(Duration::from_millis(200))
+        .error_handler(|_| {})
+        .build()
+        .unwrap();
+    let producer = Outbox::builder(store).notify(true).build().unwrap();
+    let deliveries = Deliveries::new();
+    let mut handle = relay.start(deliveries.sender()).unwrap();
+    assert!(eventually(PATIENCE, || listener_pid(&admin, APP).is_some()));
+    server.stop_server().unwrap();
+    server.start_server().unwrap();
+    // The pools' connections died with the server; the listener reconnects with backoff.
+    assert!(eventually(PATIENCE, || admin.get().is_ok()
+        && listener_pid(&admin, APP).is_some()));
+    let mut conn = admin.get().unwrap();
+    producer
+        .add_message(&mut *conn, "k", b"after restart")
+        .unwrap();
+    assert!(deliveries.wait_for(1, PATIENCE));
+    handle.shutdown().unwrap();
+}
