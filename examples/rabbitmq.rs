@@ -126,11 +126,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             println!("skipped duplicate message-id={id}");
         }
-        consumer.ack(delivery)?;
+        consumer
+            .ack(delivery)
+            .map_err(|e| format!("acknowledging a delivery: {e}"))?;
     }
     relay.shutdown()?;
-    drop(consumer);
-    amqp.close()?;
+    // Cancel and wait for the broker's confirmation before closing: a consumer merely
+    // dropped is cancelled in the background, and closing the connection meanwhile races
+    // with the I/O thread (amiquip: "i/o loop thread tried to communicate with a
+    // nonexistent client").
+    consumer
+        .cancel()
+        .map_err(|e| format!("cancelling the consumer: {e}"))?;
+    amqp.close()
+        .map_err(|e| format!("closing the consumer's connection: {e}"))?;
 
     let backlog = outbox.store().backlog()?;
     println!(
