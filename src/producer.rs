@@ -1,5 +1,7 @@
 //! The producer side: adding messages inside the caller's own transaction.
 
+use std::sync::atomic::Ordering;
+
 use postgres::types::Type;
 use postgres::{GenericClient, NoTls, Statement};
 
@@ -145,17 +147,21 @@ impl<T: MakeTls> Outbox<T> {
         &self,
         client: &mut C,
         message: &NewMessage<'_>,
-        prepared: Option<&Statement>,
+        prepared: Option<&PreparedProducer<T>>,
     ) -> Result<(), Error> {
         message.validate(self.inner.config.max_value_size)?;
         let injected = self.trace_headers();
         let flat: Vec<&str> = with_injected(&message.headers, &injected)
             .flat_map(|(n, v)| [n, v])
             .collect();
+        let notify = self.should_notify();
         let result = match prepared {
-            Some(statement) => client.execute(statement, &[&message.key, &message.value, &flat]),
+            Some(prepared) => client.execute(
+                &prepared.pick(notify).one,
+                &[&message.key, &message.value, &flat],
+            ),
             None => client.execute_typed(
-                self.inner.sql.inserts(self.inner.config.notify).0,
+                self.inner.sql.inserts(notify).0,
                 &[
                     (&message.key, Type::TEXT),
                     (&message.value, Type::BYTEA),
@@ -195,7 +201,7 @@ impl<T: MakeTls> Outbox<T> {
         &self,
         client: &mut C,
         messages: I,
-        prepared: Option<(&Statement, &Statement)>,
+        prepared: Option<&PreparedProducer<T>>,
     ) -> Result<u64, Error>
     where
         C: GenericClient,
@@ -210,11 +216,14 @@ impl<T: MakeTls> Outbox<T> {
         let keys: Vec<&str> = messages.iter().map(|m| m.key).collect();
         let values: Vec<&[u8]> = messages.iter().map(|m| m.value).collect();
         let injected = self.trace_headers();
+        let notify = self.should_notify();
         let result = if injected.is_empty() && messages.iter().all(|m| m.headers.is_empty()) {
             match prepared {
-                Some((_, plain)) => client.execute(plain, &[&keys, &values]),
+                Some(prepared) => {
+                    client.execute(&prepared.pick(notify).many_plain, &[&keys, &values])
+                }
                 None => client.execute_typed(
-                    self.inner.sql.inserts(self.inner.config.notify).2,
+                    self.inner.sql.inserts(notify).2,
                     &[(&keys, Type::TEXT_ARRAY), (&values, Type::BYTEA_ARRAY)],
                 ),
             }
@@ -224,11 +233,11 @@ impl<T: MakeTls> Outbox<T> {
                 .map(|m| encode_headers(with_injected(&m.headers, &injected)))
                 .collect();
             match prepared {
-                Some((with_headers, _)) => {
-                    client.execute(with_headers, &[&keys, &values, &headers])
+                Some(prepared) => {
+                    client.execute(&prepared.pick(notify).many, &[&keys, &values, &headers])
                 }
                 None => client.execute_typed(
-                    self.inner.sql.inserts(self.inner.config.notify).1,
+                    self.inner.sql.inserts(notify).1,
                     &[
                         (&keys, Type::TEXT_ARRAY),
                         (&values, Type::BYTEA_ARRAY),
@@ -267,25 +276,50 @@ impl<T: MakeTls> Outbox<T> {
                 .store
                 .db_error("preparing the producer statements")
         };
-        let (one, many, many_plain) = self.inner.sql.inserts(self.inner.config.notify);
-        let insert_one = client
-            .prepare_typed(one, &[Type::TEXT, Type::BYTEA, Type::TEXT_ARRAY])
-            .map_err(map())?;
-        let insert_many = client
-            .prepare_typed(
-                many,
-                &[Type::TEXT_ARRAY, Type::BYTEA_ARRAY, Type::TEXT_ARRAY],
-            )
-            .map_err(map())?;
-        let insert_many_plain = client
-            .prepare_typed(many_plain, &[Type::TEXT_ARRAY, Type::BYTEA_ARRAY])
-            .map_err(map())?;
+        let mut prepare = |notify: bool| -> Result<PreparedInserts, Error> {
+            let (one, many, many_plain) = self.inner.sql.inserts(notify);
+            let text = [Type::TEXT, Type::BYTEA, Type::TEXT_ARRAY];
+            let arrays = [Type::TEXT_ARRAY, Type::BYTEA_ARRAY, Type::TEXT_ARRAY];
+            Ok(PreparedInserts {
+                one: client.prepare_typed(one, &text).map_err(map())?,
+                many: client.prepare_typed(many, &arrays).map_err(map())?,
+                many_plain: client
+                    .prepare_typed(many_plain, &arrays[..2])
+                    .map_err(map())?,
+            })
+        };
+        let plain = prepare(false)?;
+        let loud = if self.inner.config.notify {
+            Some(prepare(true)?)
+        } else {
+            None
+        };
         Ok(PreparedProducer {
             outbox: self.clone(),
-            insert_one,
-            insert_many,
-            insert_many_plain,
+            plain,
+            loud,
         })
+    }
+
+    /// Whether this INSERT carries the notification signal: with `notify(true)`, one INSERT
+    /// per [`NOTIFY_COALESCE`] per outbox (shared by its clones and prepared producers).
+    fn should_notify(&self) -> bool {
+        if !self.inner.config.notify {
+            return false;
+        }
+        let now = u64::try_from(self.inner.epoch.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let last = self.inner.notified_at.load(Ordering::Relaxed);
+        let window = NOTIFY_COALESCE.as_micros() as u64;
+        if last != 0 && now.saturating_sub(last) < window {
+            return false;
+        }
+        // Another thread that wins the race carries the signal instead.
+        self.inner
+            .notified_at
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// Trace-context headers to add to new messages: with the `opentelemetry` feature, the
@@ -307,6 +341,13 @@ impl<T: MakeTls> Outbox<T> {
     }
 }
 
+/// With `notify(true)`, how long after an INSERT that carried the notification signal the
+/// outbox's next INSERTs go without it. A relay woken by the first polls again within
+/// milliseconds (its idle sleep restarts at 1 ms), so the signal would buy nothing; leaving it
+/// out spares those transactions PostgreSQL's serialized notifying commit, which busy
+/// producers would otherwise pay on every transaction (BENCHMARKS.md).
+pub(crate) const NOTIFY_COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The message's own headers, then the injected ones whose names it does not already use.
 fn with_injected<'h>(
     own: &'h [(&'h str, &'h str)],
@@ -325,12 +366,27 @@ fn with_injected<'h>(
 #[derive(Debug, Clone)]
 pub struct PreparedProducer<T: MakeTls = NoTls> {
     outbox: Outbox<T>,
-    insert_one: Statement,
-    insert_many: Statement,
-    insert_many_plain: Statement,
+    plain: PreparedInserts,
+    /// The same statements carrying the notification signal, with `notify(true)`.
+    loud: Option<PreparedInserts>,
+}
+
+/// The three INSERTs, prepared on one connection.
+#[derive(Debug, Clone)]
+struct PreparedInserts {
+    one: Statement,
+    many: Statement,
+    many_plain: Statement,
 }
 
 impl<T: MakeTls> PreparedProducer<T> {
+    fn pick(&self, notify: bool) -> &PreparedInserts {
+        match (&self.loud, notify) {
+            (Some(loud), true) => loud,
+            _ => &self.plain,
+        }
+    }
+
     /// Like [`Outbox::add_message`], with the prepared statement.
     pub fn add_message<C: GenericClient>(
         &self,
@@ -347,8 +403,7 @@ impl<T: MakeTls> PreparedProducer<T> {
         client: &mut C,
         message: &NewMessage<'_>,
     ) -> Result<(), Error> {
-        self.outbox
-            .insert_one(client, message, Some(&self.insert_one))
+        self.outbox.insert_one(client, message, Some(self))
     }
 
     /// Like [`Outbox::add_messages`], with the prepared statement.
@@ -357,10 +412,6 @@ impl<T: MakeTls> PreparedProducer<T> {
         C: GenericClient,
         I: IntoIterator<Item = NewMessage<'m>>,
     {
-        self.outbox.insert_many(
-            client,
-            messages,
-            Some((&self.insert_many, &self.insert_many_plain)),
-        )
+        self.outbox.insert_many(client, messages, Some(self))
     }
 }

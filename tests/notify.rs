@@ -158,6 +158,9 @@ fn one_notification_per_committed_transaction_and_none_with_notify_off() {
         .batch_execute(&format!("LISTEN \"{}\"", channel(&admin, SCHEMA)))
         .unwrap();
     let quiet = Outbox::builder(store.clone()).build().unwrap();
+    // Two outboxes with notify: each signals at most once per 5 ms, so the rolled-back
+    // transaction's signal must not stand in for the committed one's.
+    let loud_rolled_back = Outbox::builder(store.clone()).notify(true).build().unwrap();
     let loud = Outbox::builder(store.clone()).notify(true).build().unwrap();
     let mut conn = admin.get().unwrap();
     // Notify off: committed, one message and many.
@@ -172,7 +175,7 @@ fn one_notification_per_committed_transaction_and_none_with_notify_off() {
     tx.commit().unwrap();
     // Notify on, rolled back: nothing.
     let mut tx = conn.transaction().unwrap();
-    loud.add_message(&mut tx, "k", b"4").unwrap();
+    loud_rolled_back.add_message(&mut tx, "k", b"4").unwrap();
     tx.rollback().unwrap();
     // Notify on, committed, three statements: one notification, the last in the stream.
     let mut tx = conn.transaction().unwrap();
