@@ -44,6 +44,7 @@ impl Backoff {
     /// Exponential backoff from `initial`, doubling per failure, capped at `max`, with jitter.
     /// [`OutboxBuilder::build`](crate::OutboxBuilder::build) rejects a zero `initial` and a
     /// `max` below `initial`.
+    #[must_use]
     pub const fn exponential(initial: Duration, max: Duration) -> Backoff {
         Backoff {
             initial,
@@ -53,6 +54,7 @@ impl Backoff {
     }
 
     /// The same backoff with exact, deterministic delays.
+    #[must_use]
     pub const fn without_jitter(mut self) -> Backoff {
         self.jitter = false;
         self

@@ -6,6 +6,7 @@ use time::OffsetDateTime;
 
 /// What the Sender decided for one message of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Status {
     /// Not marked: the Sender's return value decides (`Ok` = sent, `Err` = failed).
     Unmarked,
@@ -100,6 +101,7 @@ impl Message {
 /// A message that ran out of retries, as listed by
 /// [`PgStore::dead_messages`](crate::PgStore::dead_messages).
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct DeadMessage {
     /// The message as it was last handed to the Sender; its
     /// [`attempts`](Message::attempts) counts every failed attempt.

@@ -171,6 +171,7 @@ impl<T: MakeTls> std::fmt::Debug for OutboxBuilder<T> {
 impl<T: MakeTls> OutboxBuilder<T> {
     /// How many messages the relay claims and hands to the Sender at once, 1 to 10,000.
     /// Larger batches amortise round trips and commits. Defaults to 100.
+    #[must_use]
     pub fn batch_size(mut self, n: usize) -> Self {
         self.config.batch_size = n;
         self
@@ -178,6 +179,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
 
     /// How many times a failed message is retried before it is declared dead, 0 to 10,000:
     /// a message is dead after `max_retries + 1` failed attempts. Defaults to 10.
+    #[must_use]
     pub fn max_retries(mut self, n: u32) -> Self {
         self.config.max_retries = n;
         self
@@ -187,6 +189,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
     /// while the Sender fails whole batches (a broker outage), so an outage does not use up
     /// every message's retries at full speed. Defaults to [`Backoff::default`]:
     /// exponential from 1 s, capped at 5 minutes, with jitter.
+    #[must_use]
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.config.backoff = backoff;
         self
@@ -197,6 +200,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
     /// outbox, a worker polls again after 1 ms and doubles the sleep while nothing is due,
     /// up to this value. While batches come back full it does not sleep at all.
     /// Defaults to 100 ms.
+    #[must_use]
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.config.poll_interval = interval;
         self
@@ -208,6 +212,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
     /// by other workers, and the late outcome is recorded afterwards for the messages no
     /// other worker has claimed in the meantime (the others may be delivered twice).
     /// Defaults to 30 s.
+    #[must_use]
     pub fn send_timeout(mut self, timeout: Duration) -> Self {
         self.config.send_timeout = timeout;
         self
@@ -215,6 +220,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
 
     /// Number of relay worker threads started by each [`Outbox::start`], 1 to 64. Each holds
     /// one pooled connection. Defaults to 1.
+    #[must_use]
     pub fn workers(mut self, n: usize) -> Self {
         self.config.workers = n;
         self
@@ -222,6 +228,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
 
     /// How long [`Handle::shutdown`] waits for workers to finish their batch in flight
     /// before it gives up on them and returns [`Error::ShutdownTimedOut`]. Defaults to 30 s.
+    #[must_use]
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;
         self
@@ -252,6 +259,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
     /// restart only delay delivery to the next poll. `LISTEN` does not work through PgBouncer
     /// in transaction pooling mode: give the relay's pool a direct or session-mode
     /// connection, or leave this off.
+    #[must_use]
     pub fn notify(mut self, on: bool) -> Self {
         self.config.notify = on;
         self
@@ -259,6 +267,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
 
     /// The largest value [`add_message`](Outbox::add_message) accepts, in bytes, 1 to
     /// 512 MiB. Defaults to 1 MiB.
+    #[must_use]
     pub fn max_value_size(mut self, bytes: usize) -> Self {
         self.config.max_value_size = bytes;
         self
@@ -267,6 +276,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
     /// Called with every error the relay meets while running: database errors, Sender
     /// errors and panics. Runs on the worker thread, so keep it short. Defaults to logging
     /// through the `log` crate (Sender failures as warnings, the rest as errors).
+    #[must_use]
     pub fn error_handler(mut self, handler: impl Fn(&Error) + Send + Sync + 'static) -> Self {
         self.config.error_handler = Arc::new(handler);
         self
@@ -275,6 +285,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
     /// Uses `meter` for the outbox's metrics (see the README's "Observability"). Defaults to
     /// the global meter provider's meter named `troutbox`.
     #[cfg(feature = "opentelemetry")]
+    #[must_use]
     pub fn with_meter(mut self, meter: opentelemetry::metrics::Meter) -> Self {
         self.config.meter = Some(meter);
         self
@@ -283,6 +294,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
     /// Uses `tracer` for the span of each batch. Defaults to the global tracer provider's
     /// tracer named `troutbox`.
     #[cfg(feature = "opentelemetry")]
+    #[must_use]
     pub fn with_tracer<R, S>(mut self, tracer: R) -> Self
     where
         R: opentelemetry::trace::Tracer<Span = S> + Send + Sync + 'static,
@@ -299,6 +311,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
     /// headers, so the relay's batch span can link to the producer's span. Headers you set
     /// yourself with those names win. Defaults to `true`.
     #[cfg(feature = "opentelemetry")]
+    #[must_use]
     pub fn propagate_trace_context(mut self, on: bool) -> Self {
         self.config.propagate_trace_context = on;
         self

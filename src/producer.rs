@@ -30,6 +30,7 @@ pub struct NewMessage<'a> {
 
 impl<'a> NewMessage<'a> {
     /// A message with `key` and `value` and no headers.
+    #[must_use]
     pub fn new(key: &'a str, value: &'a [u8]) -> NewMessage<'a> {
         NewMessage {
             key,
@@ -39,6 +40,7 @@ impl<'a> NewMessage<'a> {
     }
 
     /// Adds a header, for example a W3C `traceparent`. Names may repeat; order is kept.
+    #[must_use]
     pub fn header(mut self, name: &'a str, value: &'a str) -> NewMessage<'a> {
         self.headers.push((name, value));
         self

@@ -134,6 +134,7 @@ pub struct RabbitSenderBuilder {
 impl RabbitSenderBuilder {
     /// The exchange every message is published to. Default: `""`, RabbitMQ's default
     /// exchange, which routes a message to the queue named by its key.
+    #[must_use]
     pub fn exchange(mut self, name: impl Into<String>) -> Self {
         self.exchange = name.into();
         self
@@ -142,6 +143,7 @@ impl RabbitSenderBuilder {
     /// How long [`send`](crate::Sender::send) waits for the confirms of a batch once it is
     /// published (default [`DEFAULT_CONFIRM_TIMEOUT`], accepted: 1 ms to 1 hour). Keep it well
     /// below the relay's `send_timeout`, which bounds the whole call.
+    #[must_use]
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
         self
@@ -151,6 +153,7 @@ impl RabbitSenderBuilder {
     /// (default [`DEFAULT_CONNECT_TIMEOUT`], accepted: 1 ms to 1 hour). Without it a broker
     /// that accepts the socket but never answers would hold the worker until the send timeout.
     /// A `connection_timeout` query parameter in the URL takes precedence.
+    #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -159,6 +162,7 @@ impl RabbitSenderBuilder {
     /// Publish with the `mandatory` flag (default `true`): a message no queue is bound to
     /// receive comes back as a `basic.return` and is marked failed, instead of being confirmed
     /// and silently dropped by the exchange.
+    #[must_use]
     pub fn mandatory(mut self, mandatory: bool) -> Self {
         self.mandatory = mandatory;
         self
@@ -167,6 +171,7 @@ impl RabbitSenderBuilder {
     /// Publish with `delivery-mode` 2 (default `true`), so that a durable queue keeps the
     /// message across a broker restart. RabbitMQ confirms a persistent message routed to a
     /// durable queue only once it is written to disk.
+    #[must_use]
     pub fn persistent(mut self, persistent: bool) -> Self {
         self.persistent = persistent;
         self
@@ -175,6 +180,7 @@ impl RabbitSenderBuilder {
     /// The largest body published (default [`DEFAULT_MAX_BODY_SIZE`]). A larger message is
     /// marked failed without being sent: RabbitMQ would close the channel over it, failing the
     /// rest of its batch too. Set it to the broker's `max_message_size`.
+    #[must_use]
     pub fn max_body_size(mut self, bytes: usize) -> Self {
         self.max_body_size = bytes;
         self

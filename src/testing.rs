@@ -84,6 +84,7 @@ impl Default for TempPostgresBuilder {
 impl TempPostgresBuilder {
     /// Sets a server setting (`postgres -c name=value`), replacing an earlier value; for
     /// benchmarks, `setting("fsync", "on")` restores durable commits.
+    #[must_use]
     pub fn setting(mut self, name: &str, value: &str) -> Self {
         self.settings.retain(|(n, _)| n != name);
         self.settings.push((name.into(), value.into()));

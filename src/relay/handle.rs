@@ -19,6 +19,18 @@ use crate::Error;
 /// finish the batch it is sending (its outcome is recorded as usual), joins the threads and
 /// reports what went wrong. Dropping the handle does the same, logging instead of returning
 /// errors. Shutting down twice is harmless.
+///
+/// The handle is `#[must_use]`: a relay started and dropped on the spot stops at once, so the
+/// compiler flags it.
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// fn start(outbox: &troutbox::Outbox) -> Result<(), troutbox::Error> {
+///     outbox.start(|_: &mut troutbox::Batch| -> Result<(), String> { Ok(()) })?;
+///     Ok(())
+/// }
+/// ```
+#[must_use = "dropping the Handle stops the relay at once: keep it for as long as messages should be relayed"]
 pub struct Handle {
     stop: Option<ChannelSender<()>>,
     /// What the threads watch for the stop (for a thread started after the workers).

@@ -114,6 +114,7 @@ impl<T: MakeTls> PgStore<T> {
     }
 
     /// Uses the schema `name`. Defaults to `public`.
+    #[must_use]
     pub fn schema(mut self, name: &str) -> PgStore<T> {
         self.schema = name.to_owned();
         self.sql = OnceLock::new();
@@ -121,6 +122,7 @@ impl<T: MakeTls> PgStore<T> {
     }
 
     /// Uses the table `name`. Defaults to `outbox_messages`.
+    #[must_use]
     pub fn table(mut self, name: &str) -> PgStore<T> {
         self.table = name.to_owned();
         self.sql = OnceLock::new();
@@ -131,6 +133,7 @@ impl<T: MakeTls> PgStore<T> {
     /// audit window. Fixed when [`migrate`](Self::migrate) creates the table; a store whose
     /// retention does not match its table's is refused by `migrate` and by
     /// [`Outbox::start`](crate::Outbox::start). Defaults to [`Retention::delete_on_send`].
+    #[must_use]
     pub fn retention(mut self, retention: Retention) -> PgStore<T> {
         self.retention = retention;
         self.sql = OnceLock::new();
@@ -139,6 +142,7 @@ impl<T: MakeTls> PgStore<T> {
 
     /// The clock partition maintenance uses to decide which partitions to create and drop.
     /// For tests that move time forward; defaults to the system clock (UTC).
+    #[must_use]
     pub fn maintenance_clock(
         mut self,
         clock: impl Fn() -> OffsetDateTime + Send + Sync + 'static,

@@ -35,6 +35,7 @@ impl Default for Retention {
 
 impl Retention {
     /// Deletes each message when its delivery is recorded. The default.
+    #[must_use]
     pub const fn delete_on_send() -> Retention {
         Retention {
             keep: None,
@@ -46,6 +47,7 @@ impl Retention {
     /// Keeps sent messages (state `sent`) for at least `window` after their creation, in
     /// range partitions on `created_at`: daily by default, 3 created ahead, plus a DEFAULT
     /// partition so producers never fail when maintenance has not run.
+    #[must_use]
     pub const fn keep_sent(window: Duration) -> Retention {
         Retention {
             keep: Some(window),
@@ -57,12 +59,14 @@ impl Retention {
     /// The width of one partition, at least 1 minute and a whole number of seconds;
     /// partitions are aligned on multiples of it since the Unix epoch (UTC). Do not change it
     /// for an existing table. Defaults to one day.
+    #[must_use]
     pub const fn partition_interval(mut self, interval: Duration) -> Retention {
         self.interval = interval;
         self
     }
 
     /// How many partitions beyond the current one maintenance keeps ready. Defaults to 3.
+    #[must_use]
     pub const fn partitions_ahead(mut self, n: u32) -> Retention {
         self.ahead = n;
         self
