@@ -313,13 +313,16 @@ fn undecodable_rows_are_set_aside_and_the_relay_stays_alive() {
         assert!(conn.batch_execute(bad).is_err(), "{bad}");
     }
     // ...and the relay sets aside those it lets through (its check stays cheap for
-    // producers) and those written before it existed: drop it to write the latter by hand.
+    // producers) and those written before it existed (as migration 2 adds it NOT VALID over
+    // old rows; PostgreSQL still checks every UPDATE of them, setting aside included).
     conn.batch_execute(
         "INSERT INTO claims_undecodable.outbox_messages (key, value, headers) VALUES ('bad', '', '{a}');
          INSERT INTO claims_undecodable.outbox_messages (key, value, attempts) VALUES ('bad', '', -1);
          ALTER TABLE claims_undecodable.outbox_messages DROP CONSTRAINT outbox_messages_rows_check;
          INSERT INTO claims_undecodable.outbox_messages (key, value, headers) VALUES ('bad', '', ARRAY[NULL, 'x']);
-         INSERT INTO claims_undecodable.outbox_messages (key, value, created_at) VALUES ('bad', '', 'infinity');",
+         INSERT INTO claims_undecodable.outbox_messages (key, value, created_at) VALUES ('bad', '', 'infinity');
+         ALTER TABLE claims_undecodable.outbox_messages ADD CONSTRAINT outbox_messages_rows_check
+            CHECK (isfinite(created_at) AND array_position(headers, NULL) IS NULL) NOT VALID;",
     )
     .unwrap();
     let outbox = Outbox::builder(store.clone())
@@ -445,4 +448,56 @@ fn health_reports_a_failing_worker_and_its_recovery() {
     handle.shutdown().unwrap();
     let h = handle.health();
     assert_eq!((h.workers, h.ended), (1, 1));
+}
+
+#[test]
+fn rows_from_before_the_check_do_not_stop_a_keep_sent_relay() {
+    const SCHEMA: &str = "claims_keep_unchecked";
+    let pool = pool(4);
+    pool.get()
+        .unwrap()
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
+        .unwrap();
+    let store = PgStore::new(pool.clone())
+        .schema(SCHEMA)
+        .retention(troutbox::Retention::keep_sent(Duration::from_secs(3600)));
+    store.migrate().unwrap();
+    let mut conn = pool.get().unwrap();
+    // Keep mode claims by UPDATE, which the CHECK refuses for these rows.
+    conn.batch_execute(&format!(
+        "ALTER TABLE {SCHEMA}.outbox_messages DROP CONSTRAINT outbox_messages_rows_check;
+         INSERT INTO {SCHEMA}.outbox_messages (key, value, headers) VALUES ('bad', '', ARRAY[NULL, 'x']);
+         INSERT INTO {SCHEMA}.outbox_messages (key, value, headers) VALUES ('bad', '', '{{{{a,b}},{{c,d}}}}');
+         ALTER TABLE {SCHEMA}.outbox_messages ADD CONSTRAINT outbox_messages_rows_check
+            CHECK (isfinite(created_at) AND array_position(headers, NULL) IS NULL) NOT VALID;"
+    ))
+    .unwrap();
+    let outbox = Outbox::builder(store.clone())
+        .poll_interval(Duration::from_millis(5))
+        .error_handler(|_| {})
+        .build()
+        .unwrap();
+    let values: Vec<Vec<u8>> = (0..20).map(|i| format!("v{i}").into_bytes()).collect();
+    outbox
+        .add_messages(
+            &mut *conn,
+            values.iter().map(|v| NewMessage::new("good", v)),
+        )
+        .unwrap();
+    let deliveries = Deliveries::new();
+    let mut handle = outbox.start(deliveries.sender()).unwrap();
+    assert!(deliveries.wait_for(20, PATIENCE));
+    let dead = format!("SELECT count(*) FROM {SCHEMA}.outbox_messages WHERE state = 'dead'");
+    assert!(eventually(PATIENCE, || count(&pool, &dead) == 2));
+    handle.shutdown().unwrap();
+    let errors: Vec<String> = store
+        .dead_messages(10, None)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.last_error.unwrap_or_default())
+        .collect();
+    assert!(
+        errors.iter().all(|e| e.contains("original created_at")),
+        "{errors:?}"
+    );
 }

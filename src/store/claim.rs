@@ -243,8 +243,9 @@ pub(crate) struct PgSession<T: MakeTls> {
     claim_id: i32,
     claim_ids: RandomState,
     claims: u64,
-    /// The open claim's messages that had charges, which its settlement consumes.
-    charged: Vec<i64>,
+    /// The open claim's messages that had charges, with the claims charged, which its
+    /// settlement consumes (exactly those: charges recorded since are left for the next).
+    charged: Vec<(i64, Vec<i32>)>,
     /// Messages found with charges in a batch of several, to claim alone next.
     suspects: VecDeque<i64>,
     last_recovery: Option<Instant>,
@@ -257,6 +258,8 @@ pub(crate) struct PgSession<T: MakeTls> {
 struct Row {
     message: Message,
     abandoned: u32,
+    /// The abandoned claims it is charged for (their ids in the charges table).
+    charges: Vec<i32>,
 }
 
 impl<T: MakeTls> PgSession<T> {
@@ -358,13 +361,16 @@ impl<T: MakeTls> PgSession<T> {
     fn claim_rows(&mut self, kind: ClaimKind) -> Result<Vec<postgres::Row>, Error> {
         let begun = std::mem::take(&mut self.begun);
         let begin = (!begun).then(|| self.begin_next());
-        let conn = self.connect()?;
+        self.connect()?;
+        // Open from the moment BEGIN is sent: if a statement after it fails, the transaction
+        // is aborted and must be rolled back, not left on the connection.
+        self.open = true;
+        let conn = self.conn.as_mut().expect("connected above");
         if let Some(begin) = begin {
             if let Err(e) = conn.client.batch_execute(&begin) {
                 return Err(self.fail("opening a claim transaction", e));
             }
         }
-        self.open = true;
         let conn = self.conn.as_mut().expect("connected above");
         let rows = match kind {
             ClaimKind::One => {
@@ -413,6 +419,8 @@ impl<T: MakeTls> PgSession<T> {
                 Ok(n)
             });
             match result {
+                // 0: another relay set it aside first, and reports it.
+                Ok(0) => {}
                 Ok(n) => {
                     claimed.report.dead += u64::try_from(n).unwrap_or(0);
                     claimed.set_aside.push(Error::SetAside { id, reason });
@@ -420,6 +428,32 @@ impl<T: MakeTls> PgSession<T> {
                 Err(e) => claimed.set_aside.push(e),
             }
         }
+    }
+
+    /// Sets aside every pending row that breaks the table's CHECK (rows from before
+    /// migration 2), after a keep-mode claim, which updates the rows it takes, failed on one.
+    fn set_aside_unchecked(&self, claimed: &mut Claimed) -> Result<(), Error> {
+        let statement = self.sql.set_aside_unchecked.clone();
+        let ids = self
+            .side
+            .run("setting aside rows that break the CHECK", |c| {
+                c.batch_execute(sql::BEGIN_SIDE)?;
+                let ids = c
+                    .query(&statement, &[])?
+                    .iter()
+                    .map(|row| row.try_get::<_, i64>(0))
+                    .collect::<Result<Vec<i64>, _>>()?;
+                c.batch_execute(sql::COMMIT)?;
+                Ok(ids)
+            })?;
+        for id in ids {
+            claimed.report.dead += 1;
+            claimed.set_aside.push(Error::SetAside {
+                id,
+                reason: "row breaks the table's CHECK (a non-finite created_at or a NULL header): set aside".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Commits the open claim with `settlement` (messages set aside dead at the claim).
@@ -504,10 +538,16 @@ impl<T: MakeTls> PgSession<T> {
         let mut good = Vec::with_capacity(rows.len());
         let mut bad = Vec::new();
         for row in rows {
-            let abandoned = decode::column::<i64>(row, 7, "journal count")
-                .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-            match (decode::message(row), abandoned) {
-                (Ok(message), Ok(abandoned)) => good.push(Row { message, abandoned }),
+            let charges = decode::column::<Option<Vec<i32>>>(row, 7, "charges");
+            match (decode::message(row), charges) {
+                (Ok(message), Ok(charges)) => {
+                    let charges = charges.unwrap_or_default();
+                    good.push(Row {
+                        message,
+                        abandoned: u32::try_from(charges.len()).unwrap_or(u32::MAX),
+                        charges,
+                    })
+                }
                 (Err(why), _) | (_, Err(why)) => {
                     // The id is the primary key: NOT NULL bigint, always readable.
                     if let Ok(id) = row.try_get::<_, i64>(0) {
@@ -518,6 +558,12 @@ impl<T: MakeTls> PgSession<T> {
         }
         (good, bad)
     }
+}
+
+/// A claim refused by the table's CHECK.
+fn is_check_violation(e: &Error) -> bool {
+    matches!(e, Error::Database { source, .. }
+        if source.code() == Some(&postgres::error::SqlState::CHECK_VIOLATION))
 }
 
 fn attempts_i32(n: u32) -> i32 {
@@ -594,6 +640,7 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
         }
         self.recover();
         let mut claimed = Claimed::default();
+        let mut checked = false;
         // Each round either hands messages to the Sender or settles something for good (a
         // message set aside, a suspect taken by another relay): bounded by the suspects.
         for _ in 0..limit.saturating_mul(2).saturating_add(8) {
@@ -602,7 +649,16 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
             } else {
                 ClaimKind::One
             };
-            let rows = self.claim_rows(kind)?;
+            let rows = match self.claim_rows(kind) {
+                Ok(rows) => rows,
+                Err(e) if is_check_violation(&e) && !checked => {
+                    // Keep mode's claim UPDATE met a row from before the CHECK existed.
+                    checked = true;
+                    self.set_aside_unchecked(&mut claimed)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if kind == ClaimKind::One {
                 self.suspects.pop_front();
             }
@@ -641,13 +697,14 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
             self.charged = rows_ok
                 .iter()
                 .filter(|r| r.abandoned > 0)
-                .map(|r| r.message.id)
+                .map(|r| (r.message.id, r.charges.clone()))
                 .collect();
             let mut messages = Vec::with_capacity(rows_ok.len());
             let mut dead = Vec::new();
             for Row {
                 mut message,
                 abandoned,
+                ..
             } in rows_ok
             {
                 message.attempts = message.attempts.saturating_add(abandoned);
@@ -708,11 +765,11 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
         if !self.open || self.conn.is_none() {
             return self.settle_lost(settlement, None);
         }
-        // After a full batch that was at least partly sent the worker claims again at once:
-        // begin its transaction in the same round trip as this COMMIT. (A batch that failed
-        // whole is followed by a pause, which must not hold a transaction open.)
-        let claims_next = settlement.sent.len() + settlement.returned.len() >= self.limit
-            && !settlement.sent.is_empty();
+        // After a full batch that was all sent the worker claims again at once: begin its
+        // transaction in the same round trip as this COMMIT. Not after a failure: a batch that
+        // failed whole is followed by a pause, and a partly failed one by the report of the
+        // Sender's error, and neither must hold a transaction open.
+        let claims_next = settlement.sent.len() >= self.limit;
         let settling = self.claim_id;
         let forget = self.sql.journal_settled(settling, &self.charged);
         let end = if claims_next {
