@@ -122,15 +122,21 @@ impl Handle {
         // between batches and in every sleep.
         self.stop = None;
         let deadline = Instant::now() + timeout;
+        let result = self.join_workers(deadline);
+        // The listener last, with what is left of the deadline: it holds nothing to finish.
         if let Some((thread, done)) = self.listener.take() {
             // It notices the stop within its 100 ms wait, or while it pauses to reconnect.
             if matches!(
-                done.recv_deadline(deadline),
+                done.recv_deadline(deadline.max(Instant::now() + Duration::from_millis(200))),
                 Err(RecvTimeoutError::Disconnected)
             ) {
                 let _ = thread.join();
             }
         }
+        result
+    }
+
+    fn join_workers(&mut self, deadline: Instant) -> Result<(), Error> {
         if self.threads.is_empty() {
             return Ok(());
         }
