@@ -80,6 +80,15 @@ impl fmt::Debug for Config {
     }
 }
 
+/// Calls `handler` with `error`, surviving a panicking handler (logged instead): the one way
+/// every relay thread reports.
+pub(crate) fn report_to(handler: &ErrorHandler, error: &crate::Error) {
+    let call = std::panic::AssertUnwindSafe(|| handler(error));
+    if std::panic::catch_unwind(call).is_err() {
+        log::error!("troutbox error handler panicked while handling: {error}");
+    }
+}
+
 /// The default error handler: logs through the `log` crate, Sender failures as warnings
 /// (the messages will be retried), everything else as errors.
 pub(crate) fn log_error(error: &Error) {

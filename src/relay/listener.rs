@@ -13,7 +13,7 @@ use crossbeam_channel::{select, Receiver, Sender as ChannelSender, TryRecvError}
 use postgres::fallible_iterator::FallibleIterator;
 
 use crate::backoff::Backoff;
-use crate::config::ErrorHandler;
+use crate::config::{report_to, ErrorHandler};
 use crate::store::pg::{MakeTls, PgStore};
 use crate::store::sql;
 use crate::Error;
@@ -43,11 +43,7 @@ impl<T: MakeTls> Listener<T> {
                 Ok(()) => return,
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    let handler = &self.error_handler;
-                    let report = std::panic::AssertUnwindSafe(|| handler(&e));
-                    if std::panic::catch_unwind(report).is_err() {
-                        log::error!("troutbox error handler panicked while handling: {e}");
-                    }
+                    report_to(&self.error_handler, &e);
                     select! {
                         recv(self.stop) -> _ => return,
                         default(RECONNECT.delay(failures)) => {}

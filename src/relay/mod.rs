@@ -46,6 +46,7 @@ where
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
     let mut threads = Vec::with_capacity(config.workers);
     let mut statuses = Vec::with_capacity(config.workers);
+    let mut spawn_error = None;
     for index in 0..config.workers {
         let status = Arc::new(health::WorkerStatus::default());
         statuses.push(status.clone());
@@ -67,24 +68,13 @@ where
         match spawned {
             Ok(thread) => threads.push(thread),
             Err(e) => {
-                drop(done_tx);
-                let mut partial = Handle::new(
-                    Some(stop_tx),
-                    stop_rx,
-                    done_rx,
-                    threads,
-                    statuses,
-                    config,
-                    wake_tx,
-                    telemetry,
-                );
-                let _ = partial.shutdown();
-                return Err(Error::Spawn(e));
+                spawn_error = Some(e);
+                break;
             }
         }
     }
     drop(done_tx);
-    Ok(Handle::new(
+    let mut handle = Handle::new(
         Some(stop_tx),
         stop_rx,
         done_rx,
@@ -93,7 +83,15 @@ where
         config,
         wake_tx,
         telemetry,
-    ))
+    );
+    match spawn_error {
+        None => Ok(handle),
+        Some(e) => {
+            // Stop the workers already started before reporting.
+            let _ = handle.shutdown();
+            Err(Error::Spawn(e))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender as ChannelSender, TryRecvError};
 
 use crate::backoff::Backoff;
-use crate::config::{Config, ErrorHandler, MIN_POLL_INTERVAL};
+use crate::config::{report_to, Config, ErrorHandler, MIN_POLL_INTERVAL};
 use crate::error::{panic_message, BoxError};
 use crate::message::Message;
 use crate::observability::SharedTelemetry;
@@ -279,10 +279,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
 
     fn report(&self, error: &Error) {
         self.telemetry.record_error();
-        let handler = &self.error_handler;
-        if panic::catch_unwind(AssertUnwindSafe(|| handler(error))).is_err() {
-            log::error!("troutbox error handler panicked while handling: {error}");
-        }
+        report_to(&self.error_handler, error);
     }
 
     fn stop_requested(&self) -> bool {
