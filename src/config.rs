@@ -52,6 +52,8 @@ pub(crate) struct Config {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) max_value_size: usize,
     pub(crate) notify: bool,
+    /// Per-key ordering (see `OutboxBuilder::per_key_ordering`).
+    pub(crate) ordered: bool,
     pub(crate) error_handler: ErrorHandler,
     /// The meter for the outbox's metrics; `None` means the global meter provider's.
     #[cfg(feature = "opentelemetry")]
@@ -76,6 +78,7 @@ impl fmt::Debug for Config {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("max_value_size", &self.max_value_size)
             .field("notify", &self.notify)
+            .field("per_key_ordering", &self.ordered)
             .finish_non_exhaustive()
     }
 }
@@ -112,6 +115,7 @@ impl Default for Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
             notify: false,
+            ordered: false,
             error_handler: Arc::new(log_error),
             #[cfg(feature = "opentelemetry")]
             meter: None,

@@ -80,6 +80,27 @@ pub enum Error {
         source: postgres::Error,
     },
 
+    /// The outbox table exists but was migrated by an older version of troutbox, which did
+    /// not record what this version needs (its ordering mode).
+    #[error("outbox table {table} was migrated by an older troutbox: call PgStore::migrate() (or Outbox::migrate()) once with this version")]
+    OutdatedSchema {
+        /// The qualified table name.
+        table: String,
+    },
+
+    /// The outbox's per-key ordering does not match the table's. Producers and relays of one
+    /// table must agree, or order is silently lost: an unordered producer does not take the
+    /// per-key lock, and an unordered relay hands out the messages of a key in any order.
+    #[error("outbox table {table} is {}, but this outbox was built with per_key_ordering({declared}); {}", if *recorded { "relayed with per-key ordering" } else { "not ordered" }, if *declared { "call Outbox::migrate() on this outbox once to make the table ordered (it creates an index)" } else { "build every outbox of this table with per_key_ordering(true)" })]
+    OrderingMismatch {
+        /// The qualified table name.
+        table: String,
+        /// What the outbox was built with.
+        declared: bool,
+        /// What the table records.
+        recorded: bool,
+    },
+
     /// The table was created by a newer version of troutbox.
     #[error("outbox table {table} has schema version {found}, this troutbox understands up to {supported}; upgrade troutbox")]
     SchemaTooNew {

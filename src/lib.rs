@@ -95,6 +95,7 @@ pub use config::{
     MAX_WORKERS, MIN_POLL_INTERVAL,
 };
 pub use error::{BoxError, Error};
+pub use maintenance::ordering::BlockedKey;
 pub use maintenance::partitions::{MaintenanceHandle, MaintenanceReport};
 pub use message::{DeadMessage, Message, Status};
 pub use observability::backlog::Backlog;

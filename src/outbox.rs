@@ -64,6 +64,8 @@ pub(crate) struct Inner<T: MakeTls> {
     /// carried the signal; see `producer::NOTIFY_COALESCE`.
     pub(crate) notified_at: std::sync::atomic::AtomicU64,
     pub(crate) epoch: std::time::Instant,
+    /// The table's ordering mode was found to be the outbox's (see `Outbox::check_mode`).
+    pub(crate) mode_checked: std::sync::atomic::AtomicBool,
     /// The outbox's OpenTelemetry instruments, shared by all its relays.
     #[cfg(feature = "opentelemetry")]
     pub(crate) otel: Arc<crate::observability::otel::Instruments>,
@@ -101,6 +103,24 @@ impl<T: MakeTls> Outbox<T> {
         &self.inner.store
     }
 
+    /// Creates or updates the table as [`PgStore::migrate`] does, and records this outbox's
+    /// ordering mode with it, so that producers and relays that disagree are refused
+    /// ([`Error::OrderingMismatch`]) rather than silently losing the order.
+    ///
+    /// With [`per_key_ordering(true)`](OutboxBuilder::per_key_ordering), this is how a table
+    /// becomes ordered: it creates the index the ordered relay reads (on a table with many
+    /// rows, PostgreSQL builds it while holding producers off), and records the mode. A table
+    /// that was relayed unordered is converted; the messages already in it are relayed in
+    /// order from then on, but the order of their ids is whatever their unordered producers
+    /// drew. `PgStore::migrate` alone never changes a recorded mode, and a table never goes
+    /// back from ordered to unordered: an unordered outbox's `migrate` on an ordered table
+    /// returns [`Error::OrderingMismatch`].
+    pub fn migrate(&self) -> Result<(), Error> {
+        self.inner
+            .store
+            .migrate_with(Some(self.inner.config.ordered))
+    }
+
     /// Starts the relay: `workers` threads that claim batches of committed, due messages and
     /// hand them to `sender` (each thread gets its own clone).
     ///
@@ -120,6 +140,7 @@ impl<T: MakeTls> Outbox<T> {
             self.inner.config.send_timeout,
             self.inner.config.batch_size,
             self.inner.config.max_retries,
+            self.inner.config.ordered,
         );
         let telemetry = Telemetry {
             #[cfg(feature = "opentelemetry")]
@@ -265,6 +286,37 @@ impl<T: MakeTls> OutboxBuilder<T> {
         self
     }
 
+    /// Per-key ordering: the messages of one key reach the Sender in the order their
+    /// transactions committed, one key at a time across all relays, and a message that
+    /// fails blocks its own key (and only its key) until it is sent, dead, or skipped with
+    /// [`PgStore::skip_message`]. Defaults to `false`. See the README's "Ordering" for the
+    /// guarantee and its costs.
+    ///
+    /// - [`add_message`](Outbox::add_message) and [`add_messages`](Outbox::add_messages)
+    ///   take a per-key lock before drawing the message's id: a second transaction adding a
+    ///   message of the same key waits until the first commits or rolls back, so ids follow
+    ///   commit order. Producers of different keys do not wait for each other. Several keys
+    ///   in one `add_messages` call are locked in a fixed order (no deadlock between two such
+    ///   calls); separate calls in one transaction lock in call order, so two transactions
+    ///   that add keys A then B and B then A can deadlock (PostgreSQL then fails one of
+    ///   them): add the messages of a transaction in one `add_messages` call, or in a
+    ///   consistent key order.
+    /// - The relay claims only the head of each key (its oldest unsent message), with a run
+    ///   of the messages behind it, and a key one relay holds is invisible to the others.
+    /// - The Sender must not publish a message after a failed message of its key in the
+    ///   same batch: [`Batch::send_each`](crate::Batch::send_each) does that for you.
+    ///   Those messages go back without an attempt charged.
+    ///
+    /// The table records its mode ([`Outbox::migrate`] makes a table ordered). Producers and
+    /// relays of one table must all be built with the same value: a mismatch is refused by
+    /// [`start`](Outbox::start) and by the first `add_message`, with
+    /// [`Error::OrderingMismatch`].
+    #[must_use]
+    pub fn per_key_ordering(mut self, on: bool) -> Self {
+        self.config.ordered = on;
+        self
+    }
+
     /// The largest value [`add_message`](Outbox::add_message) accepts, in bytes, 1 to
     /// 512 MiB. Defaults to 1 MiB.
     #[must_use]
@@ -343,6 +395,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
                 wake_rx,
                 notified_at: std::sync::atomic::AtomicU64::new(0),
                 epoch: std::time::Instant::now(),
+                mode_checked: std::sync::atomic::AtomicBool::new(false),
                 #[cfg(feature = "opentelemetry")]
                 otel,
             }

@@ -152,6 +152,7 @@ impl<T: MakeTls> Outbox<T> {
         prepared: Option<&PreparedProducer<T>>,
     ) -> Result<(), Error> {
         message.validate(self.inner.config.max_value_size)?;
+        self.check_mode(client)?;
         let injected = self.trace_headers();
         let flat: Vec<&str> = with_injected(&message.headers, &injected)
             .flat_map(|(n, v)| [n, v])
@@ -163,7 +164,7 @@ impl<T: MakeTls> Outbox<T> {
                 &[&message.key, &message.value, &flat],
             ),
             None => client.execute_typed(
-                self.inner.sql.inserts(notify).0,
+                self.inner.sql.inserts(notify, self.inner.config.ordered).0,
                 &[
                     (&message.key, Type::TEXT),
                     (&message.value, Type::BYTEA),
@@ -215,6 +216,7 @@ impl<T: MakeTls> Outbox<T> {
         }
         let max = self.inner.config.max_value_size;
         messages.iter().try_for_each(|m| m.validate(max))?;
+        self.check_mode(client)?;
         let keys: Vec<&str> = messages.iter().map(|m| m.key).collect();
         let values: Vec<&[u8]> = messages.iter().map(|m| m.value).collect();
         let injected = self.trace_headers();
@@ -225,7 +227,7 @@ impl<T: MakeTls> Outbox<T> {
                     client.execute(&prepared.pick(notify).many_plain, &[&keys, &values])
                 }
                 None => client.execute_typed(
-                    self.inner.sql.inserts(notify).2,
+                    self.inner.sql.inserts(notify, self.inner.config.ordered).2,
                     &[(&keys, Type::TEXT_ARRAY), (&values, Type::BYTEA_ARRAY)],
                 ),
             }
@@ -239,7 +241,7 @@ impl<T: MakeTls> Outbox<T> {
                     client.execute(&prepared.pick(notify).many, &[&keys, &values, &headers])
                 }
                 None => client.execute_typed(
-                    self.inner.sql.inserts(notify).1,
+                    self.inner.sql.inserts(notify, self.inner.config.ordered).1,
                     &[
                         (&keys, Type::TEXT_ARRAY),
                         (&values, Type::BYTEA_ARRAY),
@@ -278,8 +280,9 @@ impl<T: MakeTls> Outbox<T> {
                 .store
                 .db_error("preparing the producer statements")
         };
+        self.check_mode(client)?;
         let mut prepare = |notify: bool| -> Result<PreparedInserts, Error> {
-            let (one, many, many_plain) = self.inner.sql.inserts(notify);
+            let (one, many, many_plain) = self.inner.sql.inserts(notify, self.inner.config.ordered);
             let text = [Type::TEXT, Type::BYTEA, Type::TEXT_ARRAY];
             let arrays = [Type::TEXT_ARRAY, Type::BYTEA_ARRAY, Type::TEXT_ARRAY];
             Ok(PreparedInserts {
@@ -301,6 +304,21 @@ impl<T: MakeTls> Outbox<T> {
             plain,
             loud,
         })
+    }
+
+    /// Checks, once per outbox (and its clones), that the table's recorded ordering mode is
+    /// the outbox's: producers that disagree with the relays would lose the order silently.
+    /// One query, in the caller's transaction, the first time only (a failed check is
+    /// checked again next time).
+    fn check_mode<C: GenericClient>(&self, client: &mut C) -> Result<(), Error> {
+        if self.inner.mode_checked.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.inner
+            .store
+            .check_ordering(client, self.inner.config.ordered)?;
+        self.inner.mode_checked.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Whether this INSERT carries the notification signal: with `notify(true)`, one INSERT

@@ -11,12 +11,64 @@ use crate::message::Message;
 #[derive(Debug)]
 pub struct Batch {
     pub(crate) messages: Vec<Message>,
+    /// From an outbox with per-key ordering (see [`send_each`](Batch::send_each)).
+    pub(crate) ordered: bool,
 }
 
 impl Batch {
     pub(crate) fn new(mut messages: Vec<Message>) -> Batch {
         messages.sort_unstable_by_key(|m| m.id);
-        Batch { messages }
+        Batch {
+            messages,
+            ordered: false,
+        }
+    }
+
+    /// Publishes the messages one by one, in id order, with `publish`, and marks each: sent
+    /// when it returns `Ok`, failed (with the error's text) when it returns `Err`. Messages
+    /// already marked are left alone.
+    ///
+    /// This is the Sender contract of per-key ordering made easy: in a batch of an outbox
+    /// with [`per_key_ordering`](crate::OutboxBuilder::per_key_ordering), once a message of
+    /// a key fails, `publish` is not called for the later messages of that key in the batch
+    /// (publishing them would overtake the failed one). They go back without an attempt
+    /// charged, and are claimed again once the failed message is sent, dead or skipped. In
+    /// an unordered batch every message is published.
+    ///
+    /// ```no_run
+    /// # fn publish(key: &str, value: &[u8]) -> Result<(), std::io::Error> { Ok(()) }
+    /// use troutbox::Batch;
+    ///
+    /// let sender = |batch: &mut Batch| -> Result<(), std::io::Error> {
+    ///     batch.send_each(|msg| publish(msg.key(), msg.value()));
+    ///     Ok(())
+    /// };
+    /// # let _ = sender;
+    /// ```
+    pub fn send_each<E: std::fmt::Display>(
+        &mut self,
+        mut publish: impl FnMut(&Message) -> Result<(), E>,
+    ) {
+        let mut failed_keys: std::collections::HashSet<String> = Default::default();
+        for message in &mut self.messages {
+            if self.ordered && failed_keys.contains(&message.key) {
+                if matches!(message.status, crate::Status::Unmarked) {
+                    message.mark_failed("not sent: an earlier message of its key failed");
+                }
+                continue;
+            }
+            match message.status {
+                crate::Status::Sent => continue,
+                crate::Status::Failed(_) => {}
+                crate::Status::Unmarked => match publish(message) {
+                    Ok(()) => message.mark_sent(),
+                    Err(e) => message.mark_failed(e),
+                },
+            }
+            if matches!(message.status, crate::Status::Failed(_)) {
+                failed_keys.insert(message.key.clone());
+            }
+        }
     }
 
     /// Number of messages in the batch (at least 1, at most the configured batch size).

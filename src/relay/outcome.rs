@@ -10,6 +10,11 @@ use crate::store::{Returned, Settlement};
 
 /// Decides every message of `batch`. `failure` is the text of the Sender's error or panic,
 /// `None` when it returned `Ok`. Marks win over the return value; unmarked messages follow it.
+///
+/// In an ordered batch (per-key ordering), a message that comes after a failed message of
+/// its key was not to be published (the Sender contract): unless the Sender marked it sent
+/// anyway, it goes back as it was, without an attempt charged, due at once; its key waits
+/// for the failed one, which is the head now.
 pub(crate) fn decide(
     batch: Batch,
     failure: Option<&str>,
@@ -17,15 +22,33 @@ pub(crate) fn decide(
     backoff: &Backoff,
 ) -> Settlement {
     let mut settlement = Settlement::default();
+    let ordered = batch.ordered;
+    let mut failed_keys: std::collections::HashMap<String, i64> = Default::default();
     for mut message in batch.messages {
         let reason = match std::mem::replace(&mut message.status, Status::Unmarked) {
             Status::Sent => None,
             Status::Failed(reason) => Some(reason),
             Status::Unmarked => failure.map(str::to_owned),
         };
+        let blocker = failed_keys.get(&message.key).copied();
+        if let (Some(blocker), Some(_)) = (blocker, &reason) {
+            settlement.returned.push(Returned {
+                attempts: message.attempts,
+                delay: Duration::ZERO,
+                dead: false,
+                error: format!(
+                    "not sent: message {blocker} of the same key failed before it in its batch"
+                ),
+                message,
+            });
+            continue;
+        }
         match reason {
             None => settlement.sent.push(message.id),
             Some(reason) => {
+                if ordered {
+                    failed_keys.insert(message.key.clone(), message.id);
+                }
                 let attempts = message.attempts.saturating_add(1);
                 let dead = attempts > max_retries;
                 settlement.returned.push(Returned {
@@ -114,6 +137,45 @@ mod tests {
         assert_eq!(dead, [(1, true), (2, false)]);
         let zero = decide(Batch::new(vec![message(7, 0)]), Some("x"), 0, &backoff());
         assert!(zero.returned[0].dead);
+    }
+
+    #[test]
+    fn ordered_batches_return_the_followers_of_a_failure_uncharged() {
+        let keyed = |id, key: &str| Message {
+            key: key.into(),
+            ..message(id, 2)
+        };
+        let mut batch = Batch::new(vec![
+            keyed(1, "a"),
+            keyed(2, "b"),
+            keyed(3, "a"),
+            keyed(4, "a"),
+            keyed(5, "b"),
+        ]);
+        batch.ordered = true;
+        batch.messages[0].mark_failed("broker said no");
+        batch.messages[3].mark_sent(); // published against the contract: recorded as sent
+        let s = decide(batch, None, 5, &backoff());
+        assert_eq!(s.sent, [2, 4, 5]);
+        let back: Vec<(i64, u32, Duration)> = s
+            .returned
+            .iter()
+            .map(|r| (r.message.id, r.attempts, r.delay))
+            .collect();
+        assert_eq!(
+            back,
+            [(1, 3, Duration::from_secs(4)), (3, 2, Duration::ZERO)]
+        );
+        assert!(
+            s.returned[1].error.contains("message 1"),
+            "{}",
+            s.returned[1].error
+        );
+        // Unordered: the same batch charges every failure.
+        let mut batch = Batch::new(vec![keyed(1, "a"), keyed(3, "a")]);
+        batch.messages[0].mark_failed("no");
+        let s = decide(batch, Some("down"), 5, &backoff());
+        assert!(s.returned.iter().all(|r| r.attempts == 3));
     }
 
     #[test]

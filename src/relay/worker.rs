@@ -43,6 +43,8 @@ pub(crate) struct Worker<S: RelayStore, F: Sender + Clone> {
     sender: F,
     template: F,
     batch_size: usize,
+    /// Per-key ordering: batches are ordered (see `outcome::decide`).
+    ordered: bool,
     max_retries: u32,
     backoff: Backoff,
     poll_interval: Duration,
@@ -78,6 +80,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             template: sender.clone(),
             sender,
             batch_size: config.batch_size,
+            ordered: config.ordered,
             max_retries: config.max_retries,
             backoff: config.backoff,
             poll_interval: config.poll_interval,
@@ -247,6 +250,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
     /// Hands the messages to the Sender, catching panics, and decides each message's fate.
     fn deliver(&mut self, messages: Vec<Message>) -> (Settlement, Option<Error>) {
         let mut batch = Batch::new(messages);
+        batch.ordered = self.ordered;
         let batch_size = batch.len();
         let sender = &mut self.sender;
         let result = panic::catch_unwind(AssertUnwindSafe(|| sender.send(&mut batch)));

@@ -74,6 +74,8 @@ pub(crate) struct PgRelay<T: MakeTls> {
     pub(crate) send_timeout: Duration,
     pub(crate) batch_size: usize,
     pub(crate) max_retries: u32,
+    /// Per-key ordering: the ordered claim (see `Sql::claim_ordered`).
+    pub(crate) ordered: bool,
     pub(crate) side: Arc<SideConnection<T>>,
 }
 
@@ -84,6 +86,7 @@ impl<T: MakeTls> PgRelay<T> {
         send_timeout: Duration,
         batch_size: usize,
         max_retries: u32,
+        ordered: bool,
     ) -> PgRelay<T> {
         let side = Arc::new(SideConnection {
             store: store.clone(),
@@ -96,6 +99,7 @@ impl<T: MakeTls> PgRelay<T> {
             send_timeout,
             batch_size,
             max_retries,
+            ordered,
             side,
         }
     }
@@ -185,6 +189,7 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
             timeout_ms: u64::try_from(timeout_ms).unwrap_or(u64::MAX),
             limit: self.batch_size,
             max_retries: self.max_retries,
+            ordered: self.ordered,
             send_timeout: self.send_timeout,
             conn: None,
             open: false,
@@ -202,6 +207,7 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
         };
         let conn = session.connect()?;
         self.store.check_table_kind(&mut *conn.client)?;
+        self.store.check_ordering(&mut *conn.client, self.ordered)?;
         // A relay restarted after a crash charges its own abandoned claim before it claims.
         session.recover();
         Ok(session)
@@ -228,6 +234,8 @@ pub(crate) struct PgSession<T: MakeTls> {
     /// The batch size the claim statements were prepared for.
     limit: usize,
     max_retries: u32,
+    /// Per-key ordering: the ordered claim statements.
+    ordered: bool,
     send_timeout: Duration,
     conn: Option<SessionConn<T>>,
     /// A claim transaction is open on `conn`.
@@ -268,14 +276,16 @@ impl<T: MakeTls> PgSession<T> {
             let mut client = self.store.connection("opening a relay session")?;
             let context = "preparing the claim statements";
             let map = self.store.db_error(context);
+            let ordered = self.ordered;
             let prepared = (|| {
-                let claim_head = client.prepare(&self.sql.claim(self.limit, ClaimKind::Head))?;
+                let claim_head =
+                    client.prepare(&self.sql.claim(self.limit, ClaimKind::Head, ordered))?;
                 let claim_after = client.prepare_typed(
-                    &self.sql.claim(self.limit, ClaimKind::AfterMark),
+                    &self.sql.claim(self.limit, ClaimKind::AfterMark, ordered),
                     &[Type::TIMESTAMPTZ, Type::INT8],
                 )?;
-                let claim_one =
-                    client.prepare_typed(&self.sql.claim(1, ClaimKind::One), &[Type::INT8])?;
+                let claim_one = client
+                    .prepare_typed(&self.sql.claim(1, ClaimKind::One, ordered), &[Type::INT8])?;
                 Ok((claim_head, claim_after, claim_one))
             })();
             let (claim_head, claim_after, claim_one) = prepared.map_err(map)?;
@@ -686,12 +696,14 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                 // crashes or hangs the relay. Give the batch back and claim them one by one,
                 // so that only the culprit is charged for what it does.
                 self.rollback();
-                self.suspects.extend(
-                    rows_ok
-                        .iter()
-                        .filter(|r| r.abandoned > 0)
-                        .map(|r| r.message.id),
-                );
+                // In id order: with per-key ordering only a key's head can be claimed alone.
+                let mut suspects: Vec<i64> = rows_ok
+                    .iter()
+                    .filter(|r| r.abandoned > 0)
+                    .map(|r| r.message.id)
+                    .collect();
+                suspects.sort_unstable();
+                self.suspects.extend(suspects);
                 continue;
             }
             self.charged = rows_ok
@@ -891,14 +903,21 @@ mod tests {
             client
                 .batch_execute(&format!(
                     "PREPARE claim_after(timestamptz, int8) AS {}",
-                    sql.claim(100, ClaimKind::AfterMark)
+                    sql.claim(100, ClaimKind::AfterMark, false)
                 ))
                 .unwrap();
             let mut text = String::new();
             for query in [
-                format!("EXPLAIN (COSTS OFF) {}", sql.claim(100, ClaimKind::Head)),
+                format!(
+                    "EXPLAIN (COSTS OFF) {}",
+                    sql.claim(100, ClaimKind::Head, false)
+                ),
                 "EXPLAIN (COSTS OFF) EXECUTE claim_after(now() - interval '1 day', 0)".into(),
-                format!("EXPLAIN (COSTS OFF) {}", sql.claim(1, ClaimKind::One)).replace("$1", "7"),
+                format!(
+                    "EXPLAIN (COSTS OFF) {}",
+                    sql.claim(1, ClaimKind::One, false)
+                )
+                .replace("$1", "7"),
             ] {
                 for row in client.query(&query, &[]).unwrap() {
                     text.push_str(row.get::<_, &str>(0));

@@ -214,6 +214,13 @@ impl<T: MakeTls> PgStore<T> {
     /// the schema (or own it) and tables in it; producers and relays need less (see the
     /// README's "Permissions").
     pub fn migrate(&self) -> Result<(), Error> {
+        self.migrate_with(None)
+    }
+
+    /// [`migrate`](Self::migrate), then, with `ordering`, the table's ordering mode: `true`
+    /// makes it ordered (creating the key index; a table created unordered is converted),
+    /// `false` checks that it is not. Used by [`Outbox::migrate`](crate::Outbox::migrate).
+    pub(crate) fn migrate_with(&self, ordering: Option<bool>) -> Result<(), Error> {
         let sql = self.sql()?;
         let mut conn = self.connection("migrating the outbox schema")?;
         let map = |e| Error::Database {
@@ -272,6 +279,35 @@ impl<T: MakeTls> PgStore<T> {
             tx.execute(&sql.record_version, &[&self.table, &2i32])
                 .map_err(map)?;
         }
+        if version < 3 {
+            if !exists(
+                &mut tx,
+                sql::TABLE_EXISTS,
+                &[&self.schema, &sql::TABLES_TABLE],
+            )
+            .map_err(map)?
+            {
+                tx.batch_execute(&sql.create_tables).map_err(map)?;
+            }
+            tx.execute(&sql.migration_v3, &[&self.table]).map_err(map)?;
+            tx.execute(&sql.record_version, &[&self.table, &3i32])
+                .map_err(map)?;
+        }
+        if let Some(declared) = ordering {
+            let recorded = self.recorded_ordering(&mut tx)?;
+            if declared && !recorded {
+                // Converting: the messages already pending keep their id order, which is
+                // all an unordered producer promised about them.
+                tx.batch_execute(&sql.key_index).map_err(map)?;
+                tx.execute(&sql.set_ordered, &[&self.table]).map_err(map)?;
+                log::info!(
+                    "outbox table {} is now relayed with per-key ordering",
+                    self.qualified_table()
+                );
+            } else if !declared && recorded {
+                return Err(self.ordering_mismatch(declared, recorded));
+            }
+        }
         tx.commit().map_err(map)?;
         drop(conn);
         if self.retention.keep.is_some() {
@@ -279,6 +315,42 @@ impl<T: MakeTls> PgStore<T> {
             self.run_maintenance_once()?;
         }
         Ok(())
+    }
+
+    /// Whether the table is recorded as ordered (migration 3).
+    pub(crate) fn recorded_ordering(&self, client: &mut impl GenericClient) -> Result<bool, Error> {
+        let sql = self.sql()?;
+        let context = "reading the outbox table's ordering mode";
+        let row = client
+            .query_opt(&sql.mode, &[&self.table])
+            .map_err(self.db_error(context))?;
+        match row {
+            Some(row) => row.try_get(0).map_err(self.db_error(context)),
+            None => Err(Error::OutdatedSchema {
+                table: self.qualified_table(),
+            }),
+        }
+    }
+
+    /// Refuses an outbox whose ordering mode is not the table's.
+    pub(crate) fn check_ordering(
+        &self,
+        client: &mut impl GenericClient,
+        declared: bool,
+    ) -> Result<(), Error> {
+        let recorded = self.recorded_ordering(client)?;
+        if recorded != declared {
+            return Err(self.ordering_mismatch(declared, recorded));
+        }
+        Ok(())
+    }
+
+    fn ordering_mismatch(&self, declared: bool, recorded: bool) -> Error {
+        Error::OrderingMismatch {
+            table: self.qualified_table(),
+            declared,
+            recorded,
+        }
     }
 
     /// Refuses a store whose retention does not match the table's: relaying a partitioned

@@ -20,7 +20,11 @@ use crate::store::retention::Retention;
 pub(crate) const MIGRATIONS_TABLE: &str = "troutbox_migrations";
 
 /// The schema version this build of the crate creates and expects.
-pub(crate) const SCHEMA_VERSION: i32 = 2;
+pub(crate) const SCHEMA_VERSION: i32 = 3;
+
+/// Name of the table that records, per outbox table of a schema, the mode producers and relays
+/// must agree on (migration 3): whether the table is relayed with per-key ordering.
+pub(crate) const TABLES_TABLE: &str = "troutbox_tables";
 
 /// The columns of a message, in the order [`message_from_row`](super::pg::message_from_row)
 /// reads them.
@@ -97,11 +101,21 @@ pub(crate) struct Sql {
     pub(crate) record_version: String,
     pub(crate) migration_v1: String,
     pub(crate) migration_v2: String,
-    pub(crate) insert_one: String,
-    pub(crate) insert_many: String,
-    pub(crate) insert_many_plain: String,
-    /// The same three INSERTs for an outbox with `notify(true)` (see [`Sql::inserts`]).
+    /// The producer's INSERTs: plain, with `notify(true)`, with per-key ordering, and with
+    /// both (see [`Sql::inserts`]).
+    plain_inserts: Inserts,
     notify_inserts: Inserts,
+    ordered_inserts: Inserts,
+    ordered_notify_inserts: Inserts,
+    /// Migration 3 and the ordering mode (see [`TABLES_TABLE`]).
+    pub(crate) create_tables: String,
+    pub(crate) migration_v3: String,
+    pub(crate) mode: String,
+    pub(crate) set_ordered: String,
+    pub(crate) key_index: String,
+    pub(crate) skip: String,
+    pub(crate) blocked_keys: String,
+    pub(crate) blocked_summary: String,
     /// The name of the table's notification channel (see [`Sql::inserts`]).
     pub(crate) notify_channel: String,
     /// The qualified table and the retention, for the claim statements, which are built per
@@ -246,6 +260,104 @@ impl Sql {
     }
 }
 
+/// `alias`'s row is the head of its key: no pending row of the same key has a lower id (one
+/// probe of the key index). Rows another relay holds are still pending in any snapshot, so a
+/// held head hides its whole key.
+fn is_head(alias: &str, table: &str) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM {table} AS p
+                     WHERE p.key = {alias}.key AND p.state = 'pending' AND p.id < {alias}.id)"
+    )
+}
+
+/// The producer's three INSERTs for table `t`, with `notify` (a `pg_notify(...)` call) and
+/// per-key ordering (`order_seed`, the per-key lock's hash seed) as asked.
+///
+/// Plain: one round trip, no lock beyond the new row's own. No RETURNING: a producer role
+/// needs nothing but INSERT on the table. The batch statements insert any number of rows,
+/// ids drawn in the caller's order; headers arrive as one array literal per row (see
+/// [`encode_headers`]) because SQL arrays cannot nest ragged arrays, and the common case
+/// without headers sends none.
+///
+/// With notify, the statement also signals the table's channel (no extra round trip).
+///
+/// With per-key ordering, the statement first takes the transaction-scoped advisory lock of
+/// each key it inserts, in ascending hash order (two producers of the same keys never
+/// deadlock), and only then draws the ids: the ids of one key follow the commit order of
+/// their transactions, because a second transaction of the key waits for the first to end
+/// before it draws its id. The locks are in a MATERIALIZED CTE that the INSERT's one-time
+/// filter reads before producing any row (the ids are drawn in that row's projection);
+/// `tests/ordering.rs` checks the order of events, not just this reasoning. The single-key
+/// form of the lock, on a 64-bit hash seeded by the table's name.
+fn inserts(t: &str, notify: Option<&str>, order_seed: Option<&str>) -> Inserts {
+    let mut ctes = Vec::new();
+    let mut ctes_many = Vec::new();
+    if let Some(seed) = order_seed {
+        ctes.push(format!(
+            "locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended($1::text, {seed})))"
+        ));
+        ctes_many.push(format!(
+            "locked AS MATERIALIZED (SELECT count(*) FROM (
+                SELECT pg_advisory_xact_lock(h) FROM (
+                    SELECT DISTINCT hashtextextended(k, {seed}) AS h FROM unnest($1::text[]) AS k
+                    ORDER BY h OFFSET 0) AS hashes) AS l)"
+        ));
+    }
+    if let Some(notify) = notify {
+        ctes.push(format!("notified AS MATERIALIZED (SELECT {notify})"));
+        ctes_many.push(format!("notified AS MATERIALIZED (SELECT {notify})"));
+    }
+    if ctes.is_empty() {
+        return Inserts {
+            one: format!("INSERT INTO {t} (key, value, headers) VALUES ($1, $2, $3)"),
+            many: format!(
+                "INSERT INTO {t} (key, value, headers)
+                 SELECT k, v, h::text[]
+                 FROM unnest($1::text[], $2::bytea[], $3::text[]) WITH ORDINALITY AS u(k, v, h, n)
+                 ORDER BY n"
+            ),
+            many_plain: format!(
+                "INSERT INTO {t} (key, value)
+                 SELECT k, v
+                 FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(k, v, n)
+                 ORDER BY n"
+            ),
+        };
+    }
+    let with = format!("WITH {}", ctes.join(", "));
+    let with_many = format!("WITH {}", ctes_many.join(", "));
+    let gate = if order_seed.is_some() && notify.is_some() {
+        "EXISTS (SELECT FROM locked) AND EXISTS (SELECT FROM notified)"
+    } else if order_seed.is_some() {
+        "EXISTS (SELECT FROM locked)"
+    } else {
+        "EXISTS (SELECT FROM notified)"
+    };
+    Inserts {
+        one: format!(
+            "{with}
+             INSERT INTO {t} (key, value, headers)
+             SELECT $1::text, $2::bytea, $3::text[] WHERE {gate}"
+        ),
+        many: format!(
+            "{with_many}
+             INSERT INTO {t} (key, value, headers)
+             SELECT k, v, h::text[]
+             FROM unnest($1::text[], $2::bytea[], $3::text[]) WITH ORDINALITY AS u(k, v, h, n)
+             WHERE {gate}
+             ORDER BY n"
+        ),
+        many_plain: format!(
+            "{with_many}
+             INSERT INTO {t} (key, value)
+             SELECT k, v
+             FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(k, v, n)
+             WHERE {gate}
+             ORDER BY n"
+        ),
+    }
+}
+
 /// Subscribes the relay's listening connection to the table's channel (a name the server
 /// built from validated identifiers, checked again by the listener).
 pub(crate) fn listen(channel: &str) -> String {
@@ -370,6 +482,10 @@ impl Sql {
         // transaction into one notification, sent at its COMMIT (none on ROLLBACK). The CTE
         // is MATERIALIZED and referenced once, so pg_notify runs once per statement.
         let notify = format!("pg_notify({channel}, '')");
+        // Per-key ordering: the seed of the per-key lock's hash, the table's own, so that the
+        // producers of two tables never wait for each other.
+        let order_seed = format!("hashtextextended('{}', 0)", t.replace('\'', "''"));
+        let key_idx = format!("\"{}_key_idx\"", table.as_str());
         let (repair, original) = (REPAIR, ORIGINAL);
         // Migration 2: the claim journal and the charges, and the rows the relay must be able
         // to decode. Both tables are UNLOGGED (no WAL flush on the relay's path) and small:
@@ -402,49 +518,65 @@ impl Sql {
             ),
             record_version: format!("INSERT INTO {m} (table_name, version) VALUES ($1, $2)"),
             migration_v1,
-            // Producer path: one round trip, no lock beyond the new row's own. No RETURNING:
-            // a producer role needs nothing but INSERT on the table.
-            insert_one: format!("INSERT INTO {t} (key, value, headers) VALUES ($1, $2, $3)"),
-            // Producer batch path: one statement for any number of rows, ids drawn in the
-            // caller's order. Headers arrive as one array literal per row (see
-            // `encode_headers`) because SQL arrays cannot nest ragged arrays.
-            insert_many: format!(
-                "INSERT INTO {t} (key, value, headers)
-                 SELECT k, v, h::text[]
-                 FROM unnest($1::text[], $2::bytea[], $3::text[]) WITH ORDINALITY AS u(k, v, h, n)
-                 ORDER BY n"
+            plain_inserts: inserts(&t, None, None),
+            notify_inserts: inserts(&t, Some(&notify), None),
+            ordered_inserts: inserts(&t, None, Some(&order_seed)),
+            ordered_notify_inserts: inserts(&t, Some(&notify), Some(&order_seed)),
+            // Migration 3: the schema's table of modes (created once per schema, like the
+            // migrations table), and this table's row, unordered until an ordered outbox
+            // migrates it (see `Outbox::migrate`).
+            create_tables: format!(
+                "CREATE TABLE {s}.\"{TABLES_TABLE}\" (
+                    table_name text PRIMARY KEY,
+                    per_key_ordering boolean NOT NULL,
+                    changed_at timestamptz NOT NULL DEFAULT now())"
             ),
-            // The same when no message has headers (the common case): no per-row literal to
-            // send and cast.
-            insert_many_plain: format!(
-                "INSERT INTO {t} (key, value)
-                 SELECT k, v
-                 FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(k, v, n)
-                 ORDER BY n"
+            migration_v3: format!(
+                "INSERT INTO {s}.\"{TABLES_TABLE}\" (table_name, per_key_ordering) VALUES ($1, false)
+                 ON CONFLICT (table_name) DO NOTHING"
             ),
-            notify_inserts: Inserts {
-                one: format!(
-                    "WITH notified AS MATERIALIZED (SELECT {notify})
-                     INSERT INTO {t} (key, value, headers)
-                     SELECT $1::text, $2::bytea, $3::text[] WHERE EXISTS (SELECT FROM notified)"
-                ),
-                many: format!(
-                    "WITH notified AS MATERIALIZED (SELECT {notify})
-                     INSERT INTO {t} (key, value, headers)
-                     SELECT k, v, h::text[]
-                     FROM unnest($1::text[], $2::bytea[], $3::text[]) WITH ORDINALITY AS u(k, v, h, n)
-                     WHERE EXISTS (SELECT FROM notified)
-                     ORDER BY n"
-                ),
-                many_plain: format!(
-                    "WITH notified AS MATERIALIZED (SELECT {notify})
-                     INSERT INTO {t} (key, value)
-                     SELECT k, v
-                     FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(k, v, n)
-                     WHERE EXISTS (SELECT FROM notified)
-                     ORDER BY n"
-                ),
-            },
+            mode: format!(
+                "SELECT per_key_ordering FROM {s}.\"{TABLES_TABLE}\" WHERE table_name = $1"
+            ),
+            set_ordered: format!(
+                "UPDATE {s}.\"{TABLES_TABLE}\" SET per_key_ordering = true, changed_at = now()
+                 WHERE table_name = $1"
+            ),
+            // Ordered mode: finds a key's head (its lowest pending id) and its followers with
+            // one probe each. Pending rows only, like the claim's index.
+            key_index: format!("CREATE INDEX {key_idx} ON {t} (key, id) WHERE state = 'pending'"),
+            // Admin, ordered mode: a message that blocks its key, given up on explicitly.
+            // SKIP LOCKED: a message a relay holds right now is not skipped (the caller is
+            // told, and can try again once that send is over).
+            skip: format!(
+                "UPDATE {t} SET state = 'dead', available_at = now(),
+                    {repair}, last_error = 'skipped' || {original}
+                 WHERE state = 'pending' AND id IN (
+                    SELECT id FROM {t} WHERE id = $1 AND state = 'pending' FOR UPDATE SKIP LOCKED)
+                 RETURNING id"
+            ),
+            // Admin and metrics, ordered mode: keys whose head has failed at least once, with
+            // the head, and how many messages wait behind it (one probe of the key index
+            // per blocked key). A scan of the pending rows, like `counts`.
+            blocked_keys: format!(
+                "SELECT h.key, h.id, h.attempts, h.last_error, h.available_at,
+                        CASE WHEN isfinite(h.created_at)
+                             THEN greatest(extract(epoch FROM now() - h.created_at), 0)::float8
+                             ELSE 0 END,
+                        (SELECT count(*) FROM {t} b WHERE b.key = h.key AND b.state = 'pending' AND b.id > h.id)
+                 FROM {t} h
+                 WHERE h.state = 'pending' AND h.attempts > 0 AND {head}
+                 ORDER BY h.id LIMIT $1",
+                head = is_head("h", &t),
+            ),
+            blocked_summary: format!(
+                "SELECT count(*),
+                        coalesce(max(extract(epoch FROM now() - h.created_at))
+                                 FILTER (WHERE isfinite(h.created_at)), 0)::float8
+                 FROM {t} h
+                 WHERE h.state = 'pending' AND h.attempts > 0 AND {head}",
+                head = is_head("h", &t),
+            ),
             notify_channel: format!("SELECT {channel}"),
             table: t.clone(),
             keep,
@@ -580,14 +712,16 @@ impl Sql {
     }
 
     /// The producer's INSERTs (one message, many, many without headers): with `notify`, the
-    /// ones that also signal the table's channel (`pg_notify` inside the same statement).
-    pub(crate) fn inserts(&self, notify: bool) -> (&str, &str, &str) {
-        if notify {
-            let n = &self.notify_inserts;
-            (&n.one, &n.many, &n.many_plain)
-        } else {
-            (&self.insert_one, &self.insert_many, &self.insert_many_plain)
-        }
+    /// ones that also signal the table's channel (`pg_notify` inside the same statement);
+    /// with `ordered`, the ones that take the per-key locks first (see [`inserts`]).
+    pub(crate) fn inserts(&self, notify: bool, ordered: bool) -> (&str, &str, &str) {
+        let i = match (notify, ordered) {
+            (false, false) => &self.plain_inserts,
+            (true, false) => &self.notify_inserts,
+            (false, true) => &self.ordered_inserts,
+            (true, true) => &self.ordered_notify_inserts,
+        };
+        (&i.one, &i.many, &i.many_plain)
     }
 
     /// The claim statement: for [`ClaimKind::Head`] and [`ClaimKind::AfterMark`], batches of
@@ -617,15 +751,11 @@ impl Sql {
     /// message, and each charge is an attempt the message has not paid yet. The charges table
     /// is empty unless claims were abandoned: one index probe per claimed row, of an empty
     /// index.
-    pub(crate) fn claim(&self, limit: usize, kind: ClaimKind) -> String {
+    pub(crate) fn claim(&self, limit: usize, kind: ClaimKind, ordered: bool) -> String {
+        if ordered && kind != ClaimKind::One {
+            return self.claim_ordered(limit, kind);
+        }
         let t = &self.table;
-        // The charges table is empty unless claims were abandoned: an uncorrelated EXISTS
-        // (evaluated once per claim) spares every row its own index probe then.
-        let charged = format!(
-            "CASE WHEN EXISTS (SELECT 1 FROM {charges}) \
-             THEN (SELECT array_agg(c.claim_id) FROM {charges} c WHERE c.msg_id = m.id) END",
-            charges = self.charges
-        );
         let due = match kind {
             ClaimKind::Head | ClaimKind::AfterMark => {
                 let mark = if kind == ClaimKind::AfterMark {
@@ -640,18 +770,40 @@ impl Sql {
                     FOR UPDATE SKIP LOCKED"
                 )
             }
-            ClaimKind::One => "id = $1 AND state = 'pending' AND available_at <= now()
-                    FOR UPDATE SKIP LOCKED"
-                .to_owned(),
+            // Ordered mode claims a message alone only if it is the head of its key.
+            ClaimKind::One => format!(
+                "id = $1 AND state = 'pending' AND available_at <= now() {head}
+                    FOR UPDATE SKIP LOCKED",
+                head = if ordered {
+                    format!("AND {}", is_head("q", t))
+                } else {
+                    String::new()
+                }
+            ),
         };
+        let cols = if self.keep { "id, created_at" } else { "id" };
+        self.claim_rows(&format!("SELECT {cols} FROM {t} AS q WHERE {due}"))
+    }
+
+    /// The statement that takes the rows `picked` (a SELECT of their ids, and their
+    /// `created_at` in keep mode) and returns them with their position and charges.
+    fn claim_rows(&self, picked: &str) -> String {
+        let t = &self.table;
+        // The charges table is empty unless claims were abandoned: an uncorrelated EXISTS
+        // (evaluated once per claim) spares every row its own index probe then.
+        let charged = format!(
+            "CASE WHEN EXISTS (SELECT 1 FROM {charges}) \
+             THEN (SELECT array_agg(c.claim_id) FROM {charges} c WHERE c.msg_id = m.id) END",
+            charges = self.charges
+        );
         if self.keep {
             // Keep mode: mark the rows sent inside the still-open claim transaction; the
             // failed ones are put back to pending before the COMMIT. The join on
             // (id, created_at) finds each row in its own partition.
             format!(
-                "WITH c AS MATERIALIZED (SELECT id, created_at FROM {t} WHERE {due})
+                "WITH c AS MATERIALIZED ({picked})
                  UPDATE {t} AS m SET state = 'sent', sent_at = now()
-                 FROM c WHERE m.id = c.id AND m.created_at = c.created_at
+                 FROM c WHERE m.id = c.id AND m.created_at = c.created_at AND m.state = 'pending'
                  RETURNING m.id, m.key, m.value, m.headers, m.created_at, m.attempts, m.available_at,
                            {charged}"
             )
@@ -659,11 +811,66 @@ impl Sql {
             // Delete mode: delete the rows inside the still-open claim transaction. If it
             // rolls back (crash, lost connection, timeout) they reappear exactly as they were.
             format!(
-                "DELETE FROM {t} AS m WHERE id IN (SELECT id FROM {t} WHERE {due})
+                "DELETE FROM {t} AS m WHERE m.id IN ({picked}) AND m.state = 'pending'
                  RETURNING {MESSAGE_COLUMNS}, available_at,
                            {charged}"
             )
         }
+    }
+
+    /// The ordered claim (per-key ordering): the heads of keys, then runs of their followers.
+    ///
+    /// 1. `heads`: due rows from the pending index, in order, that are the head of their key
+    ///    (no lower pending id of the key, [`is_head`]), locked `FOR UPDATE SKIP LOCKED`, up
+    ///    to `limit`. A key another relay holds is invisible: that relay holds its head,
+    ///    which every snapshot still sees pending (so no later row of the key is a head), and
+    ///    which SKIP LOCKED passes over. A head that failed waits out its backoff, and its
+    ///    key with it; a dead or skipped head is not pending, and the next row is the head.
+    /// 2. `run`: for each head, its followers in id order (the key index), up to the room
+    ///    left in the batch, cut at the first one that is not due. Nobody else can hold
+    ///    them: their head is locked by this claim.
+    /// 3. `pick`: heads first, then the followers round-robin across keys (every key's
+    ///    first follower, then every key's second...), up to `limit` in all.
+    ///
+    /// With many keys a batch is all heads and the follower step reads nothing (its LIMIT
+    /// is 0); with a few hot keys it is their runs.
+    fn claim_ordered(&self, limit: usize, kind: ClaimKind) -> String {
+        let t = &self.table;
+        let mark = if kind == ClaimKind::AfterMark {
+            "AND (m.available_at, m.id) > ($1::timestamptz, $2::int8)"
+        } else {
+            ""
+        };
+        let created = if self.keep { ", created_at" } else { "" };
+        let picked = format!(
+            "WITH heads AS MATERIALIZED (
+                SELECT m.id, m.key{created_m} FROM {t} AS m
+                WHERE m.state = 'pending' AND m.available_at <= now() {mark} AND {head}
+                ORDER BY m.available_at, m.id
+                LIMIT {limit}
+                FOR UPDATE OF m SKIP LOCKED),
+             run AS MATERIALIZED (
+                SELECT h.id{created_h}, 0::int8 AS n FROM heads AS h
+                UNION ALL
+                SELECT f.id{created_f}, f.n FROM heads AS h CROSS JOIN LATERAL (
+                    SELECT y.id{created_y}, y.n FROM (
+                        SELECT x.id{created_x}, row_number() OVER w AS n,
+                               bool_and(x.available_at <= now()) OVER w AS due
+                        FROM (SELECT x.id, x.available_at{created_x} FROM {t} AS x
+                              WHERE x.key = h.key AND x.state = 'pending' AND x.id > h.id
+                              ORDER BY x.id
+                              LIMIT (SELECT {limit} - count(*) FROM heads)) AS x
+                        WINDOW w AS (ORDER BY x.id)) AS y
+                    WHERE y.due) AS f)
+             SELECT id{created} FROM run ORDER BY n, id LIMIT {limit}",
+            head = is_head("m", t),
+            created_m = if self.keep { ", m.created_at" } else { "" },
+            created_h = if self.keep { ", h.created_at" } else { "" },
+            created_f = if self.keep { ", f.created_at" } else { "" },
+            created_y = if self.keep { ", y.created_at" } else { "" },
+            created_x = if self.keep { ", x.created_at" } else { "" },
+        );
+        self.claim_rows(&picked)
     }
 }
 
