@@ -15,7 +15,8 @@
 //! - `TROUTBOX_BENCH_SCALE`: multiplies every message count and duration (default 1). Use
 //!   0.1 while developing; only a full run gives figures worth quoting.
 //! - `TROUTBOX_BENCH_ONLY`: comma-separated groups to run (`rss`, `burn_down`, `pinned`,
-//!   `never_analyzed`, `producer`, `add_messages`, `latency`, `notify`); all by default. `pinned` needs
+//!   `never_analyzed`, `producer`, `add_messages`, `latency`, `notify`, `ordered`); all by
+//!   default. `pinned` needs
 //!   `burn_down` for its reference.
 //! - `TROUTBOX_BENCH_BURN_DOWN`: burn-down configurations to run, as `batchxworkers`
 //!   (`100x1,1000x2`); all four by default.
@@ -40,6 +41,8 @@ const LIB_SCHEMA: &str = "bench_lib";
 const REF_SCHEMA: &str = "bench_ref";
 /// The producers' business table.
 const BIZ_SCHEMA: &str = "bench_biz";
+/// The ordered outbox's table (`per_key_ordering(true)`), next to the library's unordered one.
+const ORD_SCHEMA: &str = "bench_ordered";
 /// Message values are 200 bytes, as in DESIGN.md section 5.
 const VALUE_LEN: usize = 200;
 /// Workers (at most 2) + producers (at most 8) + the bench's own connections, with room.
@@ -211,6 +214,9 @@ fn main() {
     if runs("notify") {
         bench.notify();
     }
+    if runs("ordered") {
+        bench.ordered();
+    }
     bench.drop_schemas();
     let measured = started.elapsed();
     drop(bench);
@@ -320,7 +326,8 @@ impl Bench {
         self.exec(&format!(
             "DROP SCHEMA IF EXISTS {LIB_SCHEMA} CASCADE;
              DROP SCHEMA IF EXISTS {REF_SCHEMA} CASCADE;
-             DROP SCHEMA IF EXISTS {BIZ_SCHEMA} CASCADE;"
+             DROP SCHEMA IF EXISTS {BIZ_SCHEMA} CASCADE;
+             DROP SCHEMA IF EXISTS {ORD_SCHEMA} CASCADE;"
         ));
     }
 
@@ -419,6 +426,12 @@ impl Bench {
             .workers(workers)
             .build()
             .expect("valid options");
+        self.drain_with(outbox, expected, limit)
+    }
+
+    /// Runs a relay of `outbox` until the Sender has seen `expected` messages or `limit`
+    /// passes (see [`relay_drain`](Self::relay_drain)).
+    fn drain_with(&self, outbox: Outbox, expected: u64, limit: Duration) -> (u64, Duration) {
         let seen = Arc::new(AtomicU64::new(0));
         let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
         let sender = {
@@ -1228,24 +1241,43 @@ impl Bench {
         period: Duration,
         duration: Duration,
     ) -> Vec<f64> {
-        let lib = self.lib.qualified_table();
-        self.exec(&format!("TRUNCATE {lib}"));
-        let relay_outbox = Outbox::builder(self.lib.clone())
-            .notify(notify)
-            .build()
-            .expect("options");
-        let producer_outbox = if wake_up {
-            relay_outbox.clone()
-        } else {
-            Outbox::builder(self.lib.clone())
+        self.latency_run_on(
+            &self.lib, false, wake_up, notify, producers, period, duration,
+        )
+    }
+
+    /// [`latency_run`](Self::latency_run) on `store`; with `ordered`, an ordered outbox whose
+    /// producers each add to one key of their own (every message waits for the previous one
+    /// of its key to be sent).
+    #[allow(clippy::too_many_arguments)]
+    fn latency_run_on(
+        &self,
+        store: &PgStore,
+        ordered: bool,
+        wake_up: bool,
+        notify: bool,
+        producers: u32,
+        period: Duration,
+        duration: Duration,
+    ) -> Vec<f64> {
+        self.exec(&format!("TRUNCATE {}", store.qualified_table()));
+        let build = || {
+            Outbox::builder(store.clone())
                 .notify(notify)
+                .per_key_ordering(ordered)
                 .build()
                 .expect("options")
         };
+        let relay_outbox = build();
+        let producer_outbox = if wake_up {
+            relay_outbox.clone()
+        } else {
+            build()
+        };
 
-        // Both sides record an Instant per message, keyed by the message's unique key
-        // (`add_message` does not return the id); the difference is taken afterwards, so it
-        // does not matter which side gets there first.
+        // Both sides record an Instant per message, keyed by its unique value (`add_message`
+        // does not return the id); the difference is taken afterwards, so it does not matter
+        // which side gets there first.
         let delivered: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
         let seen = Arc::new(AtomicU64::new(0));
         let sender = {
@@ -1255,7 +1287,8 @@ impl Bench {
                 let now = Instant::now();
                 let mut map = delivered.lock().unwrap();
                 for m in batch.iter() {
-                    map.entry(m.key().to_owned()).or_insert(now);
+                    map.entry(String::from_utf8_lossy(m.value()).into_owned())
+                        .or_insert(now);
                 }
                 seen.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 Ok(())
@@ -1286,15 +1319,19 @@ impl Bench {
                         if let Some(wait) = due.checked_duration_since(Instant::now()) {
                             thread::sleep(wait);
                         }
-                        let key = format!("latency-{p}-{k}");
-                        let value = value_for(u64::from(k));
+                        let id = format!("latency-{p}-{k}");
+                        let key = if ordered {
+                            format!("latency-{p}")
+                        } else {
+                            id.clone()
+                        };
                         let mut tx = c.transaction().expect("begin");
                         outbox
-                            .add_message(&mut tx, &key, &value)
+                            .add_message(&mut tx, &key, id.as_bytes())
                             .expect("add_message");
                         tx.commit().expect("commit");
                         let at = Instant::now();
-                        committed.lock().unwrap().insert(key, at);
+                        committed.lock().unwrap().insert(id, at);
                         k += 1;
                     }
                 })
@@ -1416,6 +1453,184 @@ impl Bench {
 }
 
 /// The `p` quantile of sorted values (nearest rank).
+impl Bench {
+    /// Per-key ordering next to the unordered relay, in one run (BENCHMARKS.md, "Per-key
+    /// ordering"): drain rates with many keys (10,000) and with 5 hot keys, batch 100, 1 and
+    /// 2 workers; producer throughput with the per-key lock, many keys and 5 hot keys, 1 and
+    /// 8 threads; latency of ordered keys under steady load.
+    ///
+    /// Both tables are filled the same way and never analyzed (`CHECKPOINT` only), the
+    /// state a backlog is in when it matters.
+    fn ordered(&self) {
+        let ordered_store = PgStore::new(self.pool.clone()).schema(ORD_SCHEMA);
+        let build = |store: &PgStore, ordered: bool| {
+            Outbox::builder(store.clone())
+                .per_key_ordering(ordered)
+                .batch_size(100)
+                .build()
+                .expect("options")
+        };
+        build(&ordered_store, true)
+            .migrate()
+            .expect("migrating the ordered table");
+        let ord = ordered_store.qualified_table();
+        let lib = self.lib.qualified_table();
+        self.exec(&format!("ALTER TABLE {ord} SET (autovacuum_enabled = off)"));
+
+        let n = self.scaled(50_000);
+        for (label, keys) in [("many_keys", 10_000u64), ("hot_keys", 5)] {
+            for workers in [1usize, 2] {
+                let scenario = format!("ordered_drain_{label}_b100_w{workers}");
+                eprintln!("{scenario}: {n} messages over {keys} keys");
+                let mut best = [0.0f64; 2];
+                for round in 0..2 {
+                    for step in 0..2 {
+                        let ordered = (round + step) % 2 == 1;
+                        let (store, table) = if ordered {
+                            (&ordered_store, &ord)
+                        } else {
+                            (&self.lib, &lib)
+                        };
+                        self.fill_keys(table, n, keys);
+                        let outbox = Outbox::builder(store.clone())
+                            .per_key_ordering(ordered)
+                            .batch_size(100)
+                            .workers(workers)
+                            .build()
+                            .expect("options");
+                        let (seen, t) = self.drain_with(outbox, n, Duration::from_secs(600));
+                        let rate = seen as f64 / t.as_secs_f64();
+                        eprintln!(
+                            "  {} {rate:>8.0} msg/s",
+                            if ordered { "ordered  " } else { "unordered" }
+                        );
+                        let i = usize::from(ordered);
+                        best[i] = best[i].max(rate);
+                    }
+                }
+                emit(&scenario, best[1], "msg/s", best[0]);
+            }
+        }
+        self.exec(&format!("TRUNCATE {ord}, {lib}"));
+
+        let plain = build(&self.lib, false);
+        let ordered = build(&ordered_store, true);
+        for threads in [1usize, 8] {
+            for (label, hot) in [("many_keys", None), ("hot_keys", Some(5u64))] {
+                let scenario = format!("ordered_producer_{label}_c{threads}");
+                eprintln!("{scenario}");
+                let rates = self.alternate(&[false, true], self.seconds(1.25), |ord, slice| {
+                    self.exec(&format!("TRUNCATE {}", ordered_store.qualified_table()));
+                    let outbox = if ord { &ordered } else { &plain };
+                    self.produce_keys(outbox, threads, hot, slice)
+                });
+                eprintln!(
+                    "  unordered {:>8.0} tx/s, ordered {:>8.0} tx/s",
+                    rates[0], rates[1]
+                );
+                emit(&scenario, rates[1], "tx/s", rates[0]);
+            }
+        }
+
+        let duration = Duration::from_secs_f64((8.0 * self.scale).max(2.0));
+        eprintln!(
+            "ordered latency: 4 keys, one producer each, ~1000 msg/s for {:.0} s",
+            duration.as_secs_f64()
+        );
+        let poll_ms = troutbox::DEFAULT_POLL_INTERVAL.as_secs_f64() * 1000.0;
+        let unordered = self.latency_run_on(
+            &self.lib,
+            false,
+            true,
+            false,
+            4,
+            Duration::from_millis(4),
+            duration,
+        );
+        let lat = self.latency_run_on(
+            &ordered_store,
+            true,
+            true,
+            false,
+            4,
+            Duration::from_millis(4),
+            duration,
+        );
+        emit(
+            "ordered_latency_p50",
+            percentile(&lat, 0.5),
+            "ms",
+            percentile(&unordered, 0.5),
+        );
+        emit(
+            "ordered_latency_p99",
+            percentile(&lat, 0.99),
+            "ms",
+            percentile(&unordered, 0.99),
+        );
+        eprintln!("  (reference: the unordered relay in the same run; poll interval {poll_ms} ms)");
+    }
+
+    /// Empties `table` and fills it with `n` messages over `keys` keys, interleaved (message
+    /// `g` has key `g % keys`), then checkpoints, without VACUUM or ANALYZE.
+    fn fill_keys(&self, table: &str, n: u64, keys: u64) {
+        let mut c = self.pool.get().expect("a connection");
+        c.batch_execute(&format!("TRUNCATE {table}")).unwrap();
+        c.execute(
+            &format!(
+                "INSERT INTO {table} (key, value)
+                 SELECT 'key-' || (g % $2::int8), convert_to(rpad(g::text, {VALUE_LEN}, 'x'), 'UTF8')
+                 FROM generate_series(1::int8, $1::int8) AS g"
+            ),
+            &[&i64::try_from(n).unwrap(), &i64::try_from(keys).unwrap()],
+        )
+        .expect("filling the table");
+        self.checkpoint(&mut c);
+    }
+
+    /// One slice of one-message producer transactions on `threads` connections through
+    /// `outbox`: a new key per transaction, or one of `hot` keys; returns commits and seconds.
+    fn produce_keys(
+        &self,
+        outbox: &Outbox,
+        threads: usize,
+        hot: Option<u64>,
+        slice: Duration,
+    ) -> (u64, f64) {
+        let barrier = Arc::new(Barrier::new(threads + 1));
+        let handles: Vec<JoinHandle<u64>> = (0..threads)
+            .map(|thread_no| {
+                let pool = self.pool.clone();
+                let outbox = outbox.clone();
+                let barrier = barrier.clone();
+                thread::spawn(move || {
+                    let mut c = pool.get().expect("a connection");
+                    barrier.wait();
+                    let end = Instant::now() + slice;
+                    let mut commits = 0u64;
+                    while Instant::now() < end {
+                        let key = match hot {
+                            Some(hot) => format!("hot-{}", (commits + thread_no as u64) % hot),
+                            None => format!("key-{thread_no}-{commits}"),
+                        };
+                        let mut tx = c.transaction().expect("begin");
+                        outbox
+                            .add_message(&mut tx, &key, &value_for(commits))
+                            .expect("add_message");
+                        tx.commit().expect("commit");
+                        commits += 1;
+                    }
+                    commits
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let commits = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        (commits, start.elapsed().as_secs_f64())
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = (sorted.len() as f64 * p).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
