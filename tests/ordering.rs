@@ -34,7 +34,9 @@ use std::time::{Duration, Instant};
 
 use common::{count, eventually, pool, store, PATIENCE};
 use r2d2_postgres::PostgresConnectionManager;
-use troutbox::{Backoff, Batch, Error, Message, NewMessage, Outbox, OutboxBuilder, PgPool, PgStore};
+use troutbox::{
+    Backoff, Batch, Error, Message, NewMessage, Outbox, OutboxBuilder, PgPool, PgStore,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Scaffolding
@@ -315,7 +317,9 @@ where
 }
 
 /// A Sender that publishes everything.
-fn sending(log: &Arc<Log>) -> impl FnMut(&mut Batch) -> Result<(), String> + Clone + Send + 'static {
+fn sending(
+    log: &Arc<Log>,
+) -> impl FnMut(&mut Batch) -> Result<(), String> + Clone + Send + 'static {
     publishing_sender(log, |_| None)
 }
 
@@ -573,10 +577,7 @@ fn ids_and_deliveries_follow_commit_order() {
         let (pool, outbox) = (pool.clone(), outbox.clone());
         std::thread::spawn(move || -> Result<(), Error> {
             let mut c2 = pool.get().unwrap();
-            let pid: i32 = c2
-                .query_one("SELECT pg_backend_pid()", &[])
-                .unwrap()
-                .get(0);
+            let pid: i32 = c2.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
             pid_tx.send(pid).unwrap();
             let mut t2 = c2.transaction().unwrap();
             outbox.add_message(&mut t2, "K", b"t2-K")?;
@@ -778,11 +779,11 @@ fn a_failing_message_blocks_only_its_key_until_it_succeeds() {
     // Blocked: K-2 failed 3 times, and everything not behind it went through.
     let others_done = || {
         let e = log.entries();
-        ["A", "B"].iter().all(|k| published(&e, k).len() == 20)
-            && published(&e, "K").len() >= 2
+        ["A", "B"].iter().all(|k| published(&e, k).len() == 20) && published(&e, "K").len() >= 2
     };
     assert!(
-        eventually(PATIENCE, || failures.load(Ordering::SeqCst) >= 3 && others_done()),
+        eventually(PATIENCE, || failures.load(Ordering::SeqCst) >= 3
+            && others_done()),
         "failures={} entries={:?}",
         failures.load(Ordering::SeqCst),
         log.entries()
@@ -811,7 +812,11 @@ fn a_failing_message_blocks_only_its_key_until_it_succeeds() {
 
     // Let K-2 through: K resumes, in order.
     released.store(true, Ordering::SeqCst);
-    assert!(log.wait_distinct(50, PATIENCE), "{}", table_state(&pool, SCHEMA));
+    assert!(
+        log.wait_distinct(50, PATIENCE),
+        "{}",
+        table_state(&pool, SCHEMA)
+    );
     handle.shutdown().unwrap();
     let entries = log.entries();
     let k: Vec<String> = (0..10).map(|i| format!("K-{i}")).collect();
@@ -843,7 +848,11 @@ fn a_dead_head_unblocks_its_key() {
             (m.value() == b"K-1").then(|| "K-1 refused".to_owned())
         }))
         .unwrap();
-    assert!(log.wait_distinct(4, PATIENCE), "{}", table_state(&pool, SCHEMA));
+    assert!(
+        log.wait_distinct(4, PATIENCE),
+        "{}",
+        table_state(&pool, SCHEMA)
+    );
     handle.shutdown().unwrap();
     let entries = log.entries();
     assert_eq!(published(&entries, "K"), ["K-0", "K-2", "K-3", "K-4"]);
@@ -851,7 +860,10 @@ fn a_dead_head_unblocks_its_key() {
     let failed = entries.iter().filter(|d| !d.ok && d.value == "K-1").count();
     assert_eq!(failed, 3, "{entries:?}");
     let last_failure = entries.iter().rposition(|d| !d.ok).unwrap();
-    let first_k2 = entries.iter().position(|d| d.ok && d.value == "K-2").unwrap();
+    let first_k2 = entries
+        .iter()
+        .position(|d| d.ok && d.value == "K-2")
+        .unwrap();
     assert!(last_failure < first_k2, "{entries:?}");
     let row = conn
         .query_one(
@@ -860,7 +872,11 @@ fn a_dead_head_unblocks_its_key() {
         )
         .unwrap();
     assert_eq!(
-        (row.get::<_, String>(0), row.get::<_, i32>(1), row.get::<_, Option<String>>(2)),
+        (
+            row.get::<_, String>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, Option<String>>(2)
+        ),
         ("K-1".into(), 3, Some("K-1 refused".into()))
     );
     assert!(store.blocked_keys(10).unwrap().is_empty());
@@ -877,9 +893,10 @@ fn a_skipped_head_unblocks_its_key_and_blocked_keys_shows_it() {
     let pool = pool(8);
     let store = store(SCHEMA, &pool);
     let outbox = ordered(&store, |b| {
-        b.batch_size(10)
-            .max_retries(10_000)
-            .backoff(Backoff::exponential(Duration::from_millis(50), Duration::from_millis(100)).without_jitter())
+        b.batch_size(10).max_retries(10_000).backoff(
+            Backoff::exponential(Duration::from_millis(50), Duration::from_millis(100))
+                .without_jitter(),
+        )
     });
     let mut conn = pool.get().unwrap();
     let mut msgs: Vec<(String, String)> = Vec::new();
@@ -916,7 +933,11 @@ fn a_skipped_head_unblocks_its_key_and_blocked_keys_shows_it() {
     let blocked = store.blocked_keys(10).unwrap();
     assert_eq!(blocked.len(), 1, "only K is blocked: {blocked:?}");
     let b = &blocked[0];
-    assert_eq!((b.key.as_str(), b.head_id, b.waiting), ("K", k1, 3), "{b:?}");
+    assert_eq!(
+        (b.key.as_str(), b.head_id, b.waiting),
+        ("K", k1, 3),
+        "{b:?}"
+    );
     assert!(b.attempts >= 2, "{b:?}");
     assert_eq!(b.last_error.as_deref(), Some("K-1 refused"), "{b:?}");
     assert_eq!(published(&log.entries(), "K"), ["K-0"]);
@@ -930,7 +951,11 @@ fn a_skipped_head_unblocks_its_key_and_blocked_keys_shows_it() {
         "{}",
         table_state(&pool, SCHEMA)
     );
-    assert!(log.wait_distinct(9, PATIENCE), "{}", table_state(&pool, SCHEMA));
+    assert!(
+        log.wait_distinct(9, PATIENCE),
+        "{}",
+        table_state(&pool, SCHEMA)
+    );
     handle.shutdown().unwrap();
     let entries = log.entries();
     assert_eq!(published(&entries, "K"), ["K-0", "K-2", "K-3", "K-4"]);
@@ -943,7 +968,10 @@ fn a_skipped_head_unblocks_its_key_and_blocked_keys_shows_it() {
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "dead");
     let reason: Option<String> = row.get(1);
-    assert!(reason.as_deref().unwrap_or("").starts_with("skipped"), "{reason:?}");
+    assert!(
+        reason.as_deref().unwrap_or("").starts_with("skipped"),
+        "{reason:?}"
+    );
     assert!(store.blocked_keys(10).unwrap().is_empty());
     // Dead now: skipping again does nothing.
     assert!(!store.skip_message(k1).unwrap());
@@ -1026,7 +1054,11 @@ fn followers_of_a_failed_message_are_neither_published_nor_charged() {
         .collect();
     let first = seen.lock().unwrap()[0].clone();
     go_tx.send(()).unwrap();
-    assert!(log.wait_distinct(7, PATIENCE), "{}", table_state(&pool, SCHEMA));
+    assert!(
+        log.wait_distinct(7, PATIENCE),
+        "{}",
+        table_state(&pool, SCHEMA)
+    );
     handle.shutdown().unwrap();
 
     // The first claim took K's head with its run, and L's.
@@ -1044,7 +1076,10 @@ fn followers_of_a_failed_message_are_neither_published_nor_charged() {
         "after the first batch: K-1 charged once, its followers not at all"
     );
     assert_eq!(
-        count(&pool, &format!("SELECT count(*) FROM {SCHEMA}.outbox_messages WHERE id = {k1}")),
+        count(
+            &pool,
+            &format!("SELECT count(*) FROM {SCHEMA}.outbox_messages WHERE id = {k1}")
+        ),
         0,
         "K-1 was sent in the end"
     );
@@ -1059,7 +1094,7 @@ fn followers_of_a_failed_message_are_neither_published_nor_charged() {
     let entries = log.entries();
     let k: Vec<String> = (0..5).map(|i| format!("K-{i}")).collect();
     assert_eq!(published(&entries, "K"), k);
-    assert_eq!(published(&entries, "L"), ["L-0", "L-1"]);
+    assert_eq!(published(&entries, "L"), ["L-0", "L-1", "L-2"]);
 }
 
 /// Why: the same rule on the other settlement path. When a batch's transaction is lost (the
@@ -1108,7 +1143,10 @@ fn followers_of_a_failed_message_in_a_lost_batch_are_not_charged_either() {
             if call == 0 {
                 // Outlive the send timeout: until the server has ended the claim's session.
                 open.store(count(&a, &in_tx) == 1, Ordering::SeqCst);
-                lost.store(eventually(PATIENCE, || count(&a, &in_tx) == 0), Ordering::SeqCst);
+                lost.store(
+                    eventually(PATIENCE, || count(&a, &in_tx) == 0),
+                    Ordering::SeqCst,
+                );
             } else if call == 1 {
                 let _ = entered_tx.try_send(());
                 let _ = go_rx.recv_timeout(PATIENCE);
@@ -1139,10 +1177,20 @@ fn followers_of_a_failed_message_in_a_lost_batch_are_not_charged_either() {
         .collect();
     let described = table_state(&admin, SCHEMA);
     go_tx.send(()).unwrap();
-    assert!(log.wait_distinct(4, PATIENCE), "{}", table_state(&admin, SCHEMA));
+    assert!(
+        log.wait_distinct(4, PATIENCE),
+        "{}",
+        table_state(&admin, SCHEMA)
+    );
     handle.shutdown().unwrap();
-    assert!(saw_open.load(Ordering::SeqCst), "the claim's transaction was not open during the send");
-    assert!(saw_lost.load(Ordering::SeqCst), "the server never ended the claim's session");
+    assert!(
+        saw_open.load(Ordering::SeqCst),
+        "the claim's transaction was not open during the send"
+    );
+    assert!(
+        saw_lost.load(Ordering::SeqCst),
+        "the server never ended the claim's session"
+    );
     assert_eq!(published(&log.entries(), "K"), values);
     let expected: Vec<(String, i32)> = vec![
         ("K-0".into(), 1),
@@ -1259,8 +1307,15 @@ fn a_relay_whose_session_is_terminated_mid_send_keeps_the_order() {
         errors.lock().unwrap()
     );
     assert!(all && empty, "{}", table_state(&admin, SCHEMA));
-    assert_eq!(terminated.load(Ordering::SeqCst), 1, "exactly the relay's claim session");
-    assert!(took_over.load(Ordering::SeqCst), "the other relay never took k0 over");
+    assert_eq!(
+        terminated.load(Ordering::SeqCst),
+        1,
+        "exactly the relay's claim session"
+    );
+    assert!(
+        took_over.load(Ordering::SeqCst),
+        "the other relay never took k0 over"
+    );
     assert_eq!(order_violations(&entries), Vec::<String>::new());
     assert_eq!(distinct(&entries), total);
 }
@@ -1310,7 +1365,10 @@ fn a_sender_slower_than_the_send_timeout_keeps_the_order() {
     handle.shutdown().unwrap();
     let entries = log.entries();
     assert!(all && empty, "{}", table_state(&pool, SCHEMA));
-    assert!(took_over.load(Ordering::SeqCst), "the other worker never took k0 over");
+    assert!(
+        took_over.load(Ordering::SeqCst),
+        "the other worker never took k0 over"
+    );
     assert_eq!(order_violations(&entries), Vec::<String>::new());
     assert_eq!(distinct(&entries), total);
     assert!(duplicates(&entries) >= 1, "k0's head was published twice");
@@ -1423,7 +1481,8 @@ fn random_kills_failures_and_rollbacks_keep_every_key_in_order() {
         "SELECT count(*) FROM {SCHEMA}.produced p
          WHERE NOT EXISTS (SELECT 1 FROM {SCHEMA}.deliveries d WHERE d.value = p.value)"
     );
-    let waiting_sql = format!("SELECT count(*) FROM {SCHEMA}.outbox_messages WHERE state = 'pending'");
+    let waiting_sql =
+        format!("SELECT count(*) FROM {SCHEMA}.outbox_messages WHERE state = 'pending'");
     let drained = eventually(PATIENCE * 2, || {
         count(&pool, &lost_sql) == 0 && count(&pool, &waiting_sql) == 0
     });
@@ -1497,7 +1556,7 @@ fn random_kills_failures_and_rollbacks_keep_every_key_in_order() {
 /// its charge is paid but its follower's is not; the key must still flow once the head
 /// succeeds, and so must every other key. A child relay is killed while its Sender holds
 /// [K-0, K-1]; the next relay's Sender refuses K-0 once. K-0, K-1, and the L messages added
-/// before and after the failure must all be delivered, in order.
+/// before the failure, after it, and once K-0 is due again, must all be delivered, in order.
 #[test]
 fn a_charged_follower_does_not_stall_its_key_after_its_head_fails() {
     const SCHEMA: &str = "ordering_charged_follower";
@@ -1507,7 +1566,9 @@ fn a_charged_follower_does_not_stall_its_key_after_its_head_fails() {
     let outbox = ordered(&store, |b| b.batch_size(10));
     pool.get()
         .unwrap()
-        .batch_execute(&format!("CREATE TABLE {SCHEMA}.entered (msg_id bigint NOT NULL)"))
+        .batch_execute(&format!(
+            "CREATE TABLE {SCHEMA}.entered (msg_id bigint NOT NULL)"
+        ))
         .unwrap();
     let mut conn = pool.get().unwrap();
     outbox
@@ -1524,7 +1585,11 @@ fn a_charged_follower_does_not_stall_its_key_after_its_head_fails() {
     let entered = format!("SELECT count(*) FROM {SCHEMA}.entered");
     assert!(eventually(PATIENCE, || count(&pool, &entered) >= 2));
     let both = format!("SELECT count(*) FROM {SCHEMA}.entered WHERE msg_id IN ({k0}, {k1})");
-    assert_eq!(count(&pool, &both), 2, "the child's claim took the head and its follower");
+    assert_eq!(
+        count(&pool, &both),
+        2,
+        "the child's claim took the head and its follower"
+    );
     relays.assert_all_running();
     relays.kill_all();
 
@@ -1544,17 +1609,28 @@ fn a_charged_follower_does_not_stall_its_key_after_its_head_fails() {
         table_state(&pool, SCHEMA)
     );
     outbox.add_message(&mut *conn, "L", b"L-1").unwrap();
-    let all = log.wait_distinct(4, PATIENCE);
+    // Once K-0 is due again (or gone, sent), a message of another key: a relay that cannot
+    // make progress on K must still deliver it.
+    let k0_due_or_sent = format!(
+        "SELECT count(*) FROM {SCHEMA}.outbox_messages WHERE id = {k0} AND available_at > now()"
+    );
+    assert!(eventually(PATIENCE, || count(&pool, &k0_due_or_sent) == 0));
+    outbox.add_message(&mut *conn, "L", b"L-2").unwrap();
+    let all = log.wait_distinct(5, PATIENCE);
     let state = table_state(&pool, SCHEMA);
     handle.shutdown().unwrap();
     let entries = log.entries();
     assert!(
         all,
         "delivered {:?}; stuck:\n{state}",
-        entries.iter().filter(|d| d.ok).map(|d| &d.value).collect::<Vec<_>>()
+        entries
+            .iter()
+            .filter(|d| d.ok)
+            .map(|d| &d.value)
+            .collect::<Vec<_>>()
     );
     assert_eq!(published(&entries, "K"), ["K-0", "K-1"]);
-    assert_eq!(published(&entries, "L"), ["L-0", "L-1"]);
+    assert_eq!(published(&entries, "L"), ["L-0", "L-1", "L-2"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1575,8 +1651,14 @@ fn an_idle_transaction_holding_an_xid_does_not_stall_ordered_delivery() {
 
     let mut idle = pool.get().unwrap();
     let mut idle_tx = idle.transaction().unwrap();
-    let idle_pid: i32 = idle_tx.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
-    let _xid: i64 = idle_tx.query_one("SELECT txid_current()", &[]).unwrap().get(0);
+    let idle_pid: i32 = idle_tx
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let _xid: i64 = idle_tx
+        .query_one("SELECT txid_current()", &[])
+        .unwrap()
+        .get(0);
     let mut held = pool.get().unwrap();
     let mut held_tx = held.transaction().unwrap();
     outbox.add_message(&mut held_tx, "held", b"held-0").unwrap();
@@ -1597,7 +1679,11 @@ fn an_idle_transaction_holding_an_xid_does_not_stall_ordered_delivery() {
     }
     let log = Log::new();
     let mut handle = outbox.start(sending(&log)).unwrap();
-    assert!(log.wait_distinct(50, PATIENCE), "{}", table_state(&pool, SCHEMA));
+    assert!(
+        log.wait_distinct(50, PATIENCE),
+        "{}",
+        table_state(&pool, SCHEMA)
+    );
     // Both transactions were open all along.
     let still_idle = count(
         &pool,
@@ -1644,13 +1730,19 @@ fn several_keys_in_one_call_in_both_orders_never_deadlock() {
     let producers: Vec<_> = [("p1", ["A", "B", "C"]), ("p2", ["C", "B", "A"])]
         .into_iter()
         .map(|(name, keys)| {
-            let (pool, outbox, barrier, errors) =
-                (pool.clone(), outbox.clone(), barrier.clone(), errors.clone());
+            let (pool, outbox, barrier, errors) = (
+                pool.clone(),
+                outbox.clone(),
+                barrier.clone(),
+                errors.clone(),
+            );
             std::thread::spawn(move || {
                 let mut conn = pool.get().unwrap();
                 for round in 0..ROUNDS {
-                    let values: Vec<String> =
-                        keys.iter().map(|k| format!("{name}-{round:03}-{k}")).collect();
+                    let values: Vec<String> = keys
+                        .iter()
+                        .map(|k| format!("{name}-{round:03}-{k}"))
+                        .collect();
                     barrier.wait();
                     let mut tx = conn.transaction().unwrap();
                     let added = outbox
@@ -1663,7 +1755,10 @@ fn several_keys_in_one_call_in_both_orders_never_deadlock() {
                         .map_err(|e| e.to_string());
                     let done = added.and_then(|_| tx.commit().map_err(|e| e.to_string()));
                     if let Err(e) = done {
-                        errors.lock().unwrap().push(format!("{name} round {round}: {e}"));
+                        errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("{name} round {round}: {e}"));
                     }
                 }
             })
@@ -1674,7 +1769,11 @@ fn several_keys_in_one_call_in_both_orders_never_deadlock() {
     }
     let errors = errors.lock().unwrap().clone();
     assert!(errors.is_empty(), "{errors:#?}");
-    assert!(log.wait_distinct(ROUNDS * 6, PATIENCE), "{}", table_state(&pool, SCHEMA));
+    assert!(
+        log.wait_distinct(ROUNDS * 6, PATIENCE),
+        "{}",
+        table_state(&pool, SCHEMA)
+    );
     handle.shutdown().unwrap();
     let entries = log.entries();
     assert_eq!(order_violations(&entries), Vec::<String>::new());
@@ -1684,8 +1783,9 @@ fn several_keys_in_one_call_in_both_orders_never_deadlock() {
         assert_eq!(of_key.len(), ROUNDS * 2);
         for name in ["p1", "p2"] {
             let mine: Vec<&String> = of_key.iter().filter(|v| v.starts_with(name)).collect();
-            let expected: Vec<String> =
-                (0..ROUNDS).map(|r| format!("{name}-{r:03}-{key}")).collect();
+            let expected: Vec<String> = (0..ROUNDS)
+                .map(|r| format!("{name}-{r:03}-{key}"))
+                .collect();
             assert_eq!(mine, expected.iter().collect::<Vec<_>>(), "key {key}");
         }
     }
@@ -1714,6 +1814,10 @@ fn a_rolled_back_savepoint_keeps_the_order() {
     let mut t1 = c1.transaction().unwrap();
     outbox.add_message(&mut t1, "other", b"t1-other").unwrap();
 
+    // T1 adds K inside a savepoint, before T2 exists.
+    let mut sp = t1.savepoint("before_k").unwrap();
+    outbox.add_message(&mut sp, "K", b"t1-rolled-back").unwrap();
+
     let (pid_tx, pid_rx) = crossbeam_channel::bounded::<i32>(1);
     let (added_tx, added_rx) = crossbeam_channel::bounded::<()>(1);
     let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
@@ -1731,17 +1835,15 @@ fn a_rolled_back_savepoint_keeps_the_order() {
         })
     };
     let pid2 = pid_rx.recv_timeout(PATIENCE).unwrap();
-    {
-        let mut sp = t1.savepoint("before_k").unwrap();
-        outbox.add_message(&mut sp, "K", b"t1-rolled-back").unwrap();
-        // T2 was told its pid before adding: it may not be waiting yet; now it must.
-        assert!(
-            eventually(PATIENCE, || waits_for_advisory_lock(&pool, pid2)),
-            "T2 never waited for K's lock, held by T1's savepoint"
-        );
-        assert!(added_rx.try_recv().is_err(), "T2 added K while T1's savepoint held it");
-        sp.rollback().unwrap();
-    }
+    assert!(
+        eventually(PATIENCE, || waits_for_advisory_lock(&pool, pid2)),
+        "T2 never waited for K's lock, held by T1's savepoint"
+    );
+    assert!(
+        added_rx.try_recv().is_err(),
+        "T2 added K while T1's savepoint held it"
+    );
+    sp.rollback().unwrap();
     added_rx
         .recv_timeout(PATIENCE)
         .expect("T2 still waits after the savepoint that took K's lock was rolled back");
@@ -1838,11 +1940,17 @@ fn an_outbox_whose_ordering_does_not_match_the_table_is_refused() {
 
     // Converted by the ordered outbox's migrate: now it works, and the unordered one is out.
     outbox.migrate().unwrap();
-    outbox.add_message(&mut *conn, "K", b"after-migrate").unwrap();
+    outbox
+        .add_message(&mut *conn, "K", b"after-migrate")
+        .unwrap();
     let mut handle = outbox.start(sending(&log)).unwrap();
     assert!(log.wait_distinct(1, PATIENCE));
     handle.shutdown().unwrap();
     assert_eq!(published(&log.entries(), "K"), ["after-migrate"]);
     let late_unordered = Outbox::builder(store_u.clone()).build().unwrap();
-    is_mismatch(late_unordered.add_message(&mut *conn, "K", b"z"), false, &table);
+    is_mismatch(
+        late_unordered.add_message(&mut *conn, "K", b"z"),
+        false,
+        &table,
+    );
 }

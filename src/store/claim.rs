@@ -244,7 +244,7 @@ pub(crate) struct PgSession<T: MakeTls> {
     begun: bool,
     /// Position (available_at, id) of the last row of the last full batch: where the next
     /// claim resumes while a backlog drains.
-    mark: Option<(OffsetDateTime, i64)>,
+    mark: Option<Mark>,
     last_head_claim: Instant,
     /// The id of the open (or begun) claim transaction: the key of its advisory lock and of
     /// its journal row. Random, so claims of every relay and session differ.
@@ -260,6 +260,14 @@ pub(crate) struct PgSession<T: MakeTls> {
     last_cleanup: Instant,
     /// The last claim handed fewer messages than the batch size to the Sender (but some).
     partial: bool,
+}
+
+/// Where the next claim resumes while a backlog drains (see [`Sql::claim`]).
+enum Mark {
+    /// After the last row of the last full batch, in the pending index's order.
+    Position(OffsetDateTime, i64),
+    /// Ordered claim: after the greatest key of the last full batch.
+    Key(String),
 }
 
 /// A claimed row, decoded, with the number of its claims that were abandoned.
@@ -280,9 +288,14 @@ impl<T: MakeTls> PgSession<T> {
             let prepared = (|| {
                 let claim_head =
                     client.prepare(&self.sql.claim(self.limit, ClaimKind::Head, ordered))?;
+                let mark_types: &[Type] = if ordered {
+                    &[Type::TEXT]
+                } else {
+                    &[Type::TIMESTAMPTZ, Type::INT8]
+                };
                 let claim_after = client.prepare_typed(
                     &self.sql.claim(self.limit, ClaimKind::AfterMark, ordered),
-                    &[Type::TIMESTAMPTZ, Type::INT8],
+                    mark_types,
                 )?;
                 let claim_one = client
                     .prepare_typed(&self.sql.claim(1, ClaimKind::One, ordered), &[Type::INT8])?;
@@ -393,7 +406,10 @@ impl<T: MakeTls> PgSession<T> {
                     .take()
                     .filter(|_| self.last_head_claim.elapsed() < HEAD_CLAIM_EVERY);
                 let mut rows = match mark {
-                    Some((at, id)) => conn.client.query(&conn.claim_after, &[&at, &id]),
+                    Some(Mark::Position(at, id)) => {
+                        conn.client.query(&conn.claim_after, &[&at, &id])
+                    }
+                    Some(Mark::Key(key)) => conn.client.query(&conn.claim_after, &[&key]),
                     None => Ok(Vec::new()),
                 };
                 // Nothing past the position (or no position): claim from the head.
@@ -752,13 +768,20 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
             // Resume after this batch only while batches come back full (a backlog drains);
             // otherwise the next claim starts from the head again.
             if full && kind != ClaimKind::One {
-                self.mark = rows
-                    .iter()
-                    .filter_map(|r| {
-                        let at = r.try_get::<_, OffsetDateTime>(6).ok()?;
-                        Some((at, r.try_get::<_, i64>(0).ok()?))
-                    })
-                    .max();
+                self.mark = if self.ordered {
+                    rows.iter()
+                        .filter_map(|r| r.try_get::<_, String>(1).ok())
+                        .max()
+                        .map(Mark::Key)
+                } else {
+                    rows.iter()
+                        .filter_map(|r| {
+                            let at = r.try_get::<_, OffsetDateTime>(6).ok()?;
+                            Some((at, r.try_get::<_, i64>(0).ok()?))
+                        })
+                        .max()
+                        .map(|(at, id)| Mark::Position(at, id))
+                };
             }
             self.partial = messages.len() < limit;
             let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
@@ -948,6 +971,63 @@ mod tests {
         );
         client
             .batch_execute("DROP SCHEMA unit_claim_plan CASCADE")
+            .unwrap();
+    }
+
+    /// The ordered claim on a never-analyzed backlog of a few hot keys: keys found by
+    /// descents of the key index, never a scan of the backlog (which made a claim cost
+    /// O(backlog) when a key has thousands of messages waiting).
+    #[test]
+    fn the_ordered_claim_descends_the_key_index() {
+        let url = crate::testing::database_url().unwrap();
+        let pool: PgPool = r2d2::Pool::builder()
+            .max_size(2)
+            .build(PostgresConnectionManager::new(
+                url.parse().unwrap(),
+                postgres::NoTls,
+            ))
+            .unwrap();
+        let mut client = pool.get().unwrap();
+        client
+            .batch_execute("DROP SCHEMA IF EXISTS unit_ordered_plan CASCADE")
+            .unwrap();
+        let store = PgStore::new(pool.clone()).schema("unit_ordered_plan");
+        store.migrate_with(Some(true)).unwrap();
+        client
+            .batch_execute(
+                "ALTER TABLE unit_ordered_plan.outbox_messages SET (autovacuum_enabled = false);
+                 INSERT INTO unit_ordered_plan.outbox_messages (key, value)
+                 SELECT 'k' || (g % 5), '\\x00' FROM generate_series(1, 20000) AS g;",
+            )
+            .unwrap();
+        let sql = store.sql().unwrap();
+        client.batch_execute(&sql::begin_claim(10_000, 1)).unwrap();
+        let mut plan = String::new();
+        for row in client
+            .query(
+                &format!(
+                    "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {}",
+                    sql.claim(100, ClaimKind::Head, true)
+                ),
+                &[],
+            )
+            .unwrap()
+        {
+            plan.push_str(row.get::<_, &str>(0));
+            plan.push('\n');
+        }
+        client.batch_execute("ROLLBACK").unwrap();
+        assert!(plan.contains("outbox_messages_key_idx"), "{plan}");
+        assert!(!plan.contains("pending_idx"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+        assert!(!plan.contains("Bitmap"), "{plan}");
+        // 5 keys: 6 descents for the keys (the last finds none), 5 runs of followers.
+        assert!(
+            !plan.contains("rows=20000") && !plan.contains("rows=19"),
+            "a step read the backlog:\n{plan}"
+        );
+        client
+            .batch_execute("DROP SCHEMA unit_ordered_plan CASCADE")
             .unwrap();
     }
 }

@@ -271,7 +271,7 @@ impl Sql {
 fn is_head(alias: &str, table: &str) -> String {
     format!(
         "NOT EXISTS (SELECT 1 FROM {table} AS p
-                     WHERE p.key = {alias}.key AND p.state = 'pending' AND p.id < {alias}.id)"
+                     WHERE p.key COLLATE \"C\" = {alias}.key AND p.state = 'pending' AND p.id < {alias}.id)"
     )
 }
 
@@ -548,8 +548,13 @@ impl Sql {
                  WHERE table_name = $1"
             ),
             // Ordered mode: finds a key's head (its lowest pending id) and its followers with
-            // one probe each. Pending rows only, like the claim's index.
-            key_index: format!("CREATE INDEX {key_idx} ON {t} (key, id) WHERE state = 'pending'"),
+            // one probe each, and the next key with pending messages with one descent.
+            // Pending rows only, like the claim's index. In byte order (the "C" collation,
+            // which every statement that reads it names): no locale comparisons, and the
+            // same order as Rust's for the claim's position.
+            key_index: format!(
+                "CREATE INDEX {key_idx} ON {t} (key COLLATE \"C\", id) WHERE state = 'pending'"
+            ),
             // Admin, ordered mode: a message that blocks its key, given up on explicitly.
             // SKIP LOCKED: a message a relay holds right now is not skipped (the caller is
             // told, and can try again once that send is over).
@@ -568,7 +573,7 @@ impl Sql {
                         CASE WHEN isfinite(h.created_at)
                              THEN greatest(extract(epoch FROM now() - h.created_at), 0)::float8
                              ELSE 0 END,
-                        (SELECT count(*) FROM {t} b WHERE b.key = h.key AND b.state = 'pending' AND b.id > h.id)
+                        (SELECT count(*) FROM {t} b WHERE b.key COLLATE \"C\" = h.key AND b.state = 'pending' AND b.id > h.id)
                  FROM {t} h
                  WHERE h.state = 'pending' AND h.attempts > 0 AND {head}
                  ORDER BY h.id LIMIT $1",
@@ -794,13 +799,7 @@ impl Sql {
     /// `created_at` in keep mode) and returns them with their position and charges.
     fn claim_rows(&self, picked: &str) -> String {
         let t = &self.table;
-        // The charges table is empty unless claims were abandoned: an uncorrelated EXISTS
-        // (evaluated once per claim) spares every row its own index probe then.
-        let charged = format!(
-            "CASE WHEN EXISTS (SELECT 1 FROM {charges}) \
-             THEN (SELECT array_agg(c.claim_id) FROM {charges} c WHERE c.msg_id = m.id) END",
-            charges = self.charges
-        );
+        let charged = self.charged();
         if self.keep {
             // Keep mode: mark the rows sent inside the still-open claim transaction; the
             // failed ones are put back to pending before the COMMIT. The join on
@@ -823,59 +822,111 @@ impl Sql {
         }
     }
 
+    /// The claimed row `m`'s abandoned claims not charged yet (NULL when none). The charges
+    /// table is empty unless claims were abandoned: an uncorrelated EXISTS (evaluated once
+    /// per claim) spares every row its own index probe then.
+    fn charged(&self) -> String {
+        format!(
+            "CASE WHEN EXISTS (SELECT 1 FROM {charges}) \
+             THEN (SELECT array_agg(c.claim_id) FROM {charges} c WHERE c.msg_id = m.id) END",
+            charges = self.charges
+        )
+    }
+
     /// The ordered claim (per-key ordering): the heads of keys, then runs of their followers.
     ///
-    /// 1. `heads`: due rows from the pending index, in order, that are the head of their key
-    ///    (no lower pending id of the key, [`is_head`]), locked `FOR UPDATE SKIP LOCKED`, up
-    ///    to `limit`. A key another relay holds is invisible: that relay holds its head,
-    ///    which every snapshot still sees pending (so no later row of the key is a head), and
-    ///    which SKIP LOCKED passes over. A head that failed waits out its backoff, and its
-    ///    key with it; a dead or skipped head is not pending, and the next row is the head.
-    /// 2. `run`: for each head, its followers in id order (the key index), up to the room
+    /// 1. `keys`: the keys with pending messages, in key order from the session's position
+    ///    (`$1`, the last key of its last full batch, with [`ClaimKind::AfterMark`]), with
+    ///    each key's head, its lowest pending id: one descent of the key index per key, a
+    ///    loose index scan, evaluated only as far as the batch needs. A key with thousands of
+    ///    messages waiting costs what a key with one costs.
+    /// 2. `heads`: the heads that are due, fetched by tuple id (by primary key in keep mode)
+    ///    and locked `FOR UPDATE SKIP LOCKED`, up to `limit`. (The state test is written
+    ///    `IS TRUE` so that it does not match the partial indexes' predicate: a planner
+    ///    without statistics otherwise joins the keys to a scan of the pending index,
+    ///    reading the backlog.) A
+    ///    key another relay holds is invisible: that relay holds its head, which every
+    ///    snapshot still sees pending (so it is still the head), and which SKIP LOCKED passes
+    ///    over. A head that failed waits out its backoff, and its key with it; a dead or
+    ///    skipped head is not pending, and the next message is the head.
+    /// 3. `run`: for each head, its followers in id order (the key index), up to the room
     ///    left in the batch, cut at the first one that is not due. Nobody else can hold
     ///    them: their head is locked by this claim.
-    /// 3. `pick`: heads first, then the followers round-robin across keys (every key's
-    ///    first follower, then every key's second...), up to `limit` in all.
+    /// 4. Heads first, then the followers round-robin across keys (every key's first
+    ///    follower, then every key's second...), up to `limit` in all.
     ///
     /// With many keys a batch is all heads and the follower step reads nothing (its LIMIT
-    /// is 0); with a few hot keys it is their runs.
+    /// is 0); with a few hot keys it is their runs. Keys are served in rotation (the
+    /// position moves through the key space while batches come back full, and starts over
+    /// from the first key after a batch that is not), not oldest message first.
     fn claim_ordered(&self, limit: usize, kind: ClaimKind) -> String {
         let t = &self.table;
-        let mark = if kind == ClaimKind::AfterMark {
-            "AND (m.available_at, m.id) > ($1::timestamptz, $2::int8)"
+        let after = if kind == ClaimKind::AfterMark {
+            "AND x.key COLLATE \"C\" > $1::text"
         } else {
             ""
         };
-        let created = if self.keep { ", created_at" } else { "" };
+        // How a row found by one step is found again by the next. Delete mode: by its
+        // tuple id, a TID scan, no index descent (the rows are locked, or read in this
+        // statement's snapshot, so no tuple can move under it unnoticed: a row updated
+        // meanwhile fails the recheck and is left alone). Keep mode: by primary key, (id,
+        // created_at), as the table is partitioned and a tuple id names a row only within
+        // its partition.
+        let (row, join, found) = if self.keep {
+            (
+                "x.id, x.created_at",
+                "m.id = k.id AND m.created_at = k.created_at",
+                "m.id, m.created_at",
+            )
+        } else {
+            (
+                "x.id, x.ctid AS tid",
+                "m.ctid = k.tid",
+                "m.id, m.ctid AS tid",
+            )
+        };
+        let carried = if self.keep { ", created_at" } else { ", tid" };
         let picked = format!(
-            "WITH heads AS MATERIALIZED (
-                SELECT m.id, m.key{created_m} FROM {t} AS m
-                WHERE m.state = 'pending' AND m.available_at <= now() {mark} AND {head}
-                ORDER BY m.available_at, m.id
+            "WITH RECURSIVE keys AS (
+                (SELECT x.key, {row} FROM {t} AS x
+                 WHERE x.state = 'pending' {after}
+                 ORDER BY x.key COLLATE \"C\", x.id LIMIT 1)
+                UNION ALL
+                SELECT n.* FROM keys AS k CROSS JOIN LATERAL (
+                    SELECT x.key, {row} FROM {t} AS x
+                    WHERE x.state = 'pending' AND x.key COLLATE \"C\" > k.key
+                    ORDER BY x.key COLLATE \"C\", x.id LIMIT 1) AS n),
+             heads AS MATERIALIZED (
+                SELECT m.key, {found} FROM keys AS k JOIN {t} AS m ON {join}
+                WHERE (m.state = 'pending') IS TRUE AND m.available_at <= now()
                 LIMIT {limit}
                 FOR UPDATE OF m SKIP LOCKED),
              run AS MATERIALIZED (
-                SELECT h.id{created_h}, 0::int8 AS n FROM heads AS h
+                SELECT h.id{h_carried}, 0::int8 AS n FROM heads AS h
                 UNION ALL
-                SELECT f.id{created_f}, f.n FROM heads AS h CROSS JOIN LATERAL (
-                    SELECT y.id{created_y}, y.n FROM (
-                        SELECT x.id{created_x}, row_number() OVER w AS n,
-                               bool_and(x.available_at <= now()) OVER w AS due
-                        FROM (SELECT x.id, x.available_at{created_x} FROM {t} AS x
-                              WHERE x.key = h.key AND x.state = 'pending' AND x.id > h.id
-                              ORDER BY x.id
-                              LIMIT (SELECT {limit} - count(*) FROM heads)) AS x
-                        WINDOW w AS (ORDER BY x.id)) AS y
-                    WHERE y.due) AS f)
-             SELECT id{created} FROM run ORDER BY n, id LIMIT {limit}",
-            head = is_head("m", t),
-            created_m = if self.keep { ", m.created_at" } else { "" },
-            created_h = if self.keep { ", h.created_at" } else { "" },
-            created_f = if self.keep { ", f.created_at" } else { "" },
-            created_y = if self.keep { ", y.created_at" } else { "" },
-            created_x = if self.keep { ", x.created_at" } else { "" },
+                SELECT y.id{y_carried}, y.n FROM heads AS h CROSS JOIN LATERAL (
+                    SELECT x.*, row_number() OVER w AS n,
+                           bool_and(x.available_at <= now()) OVER w AS due
+                    FROM (SELECT {row}, x.available_at FROM {t} AS x
+                          WHERE x.key COLLATE \"C\" = h.key AND x.state = 'pending' AND x.id > h.id
+                          ORDER BY x.id
+                          LIMIT (SELECT {limit} - count(*) FROM heads)) AS x
+                    WINDOW w AS (ORDER BY x.id)) AS y
+                WHERE y.due)
+             SELECT id{carried} FROM run ORDER BY n, id LIMIT {limit}",
+            h_carried = carried.replace(", ", ", h."),
+            y_carried = carried.replace(", ", ", y."),
         );
-        self.claim_rows(&picked)
+        if self.keep {
+            self.claim_rows(&picked)
+        } else {
+            format!(
+                "DELETE FROM {t} AS m
+                 WHERE m.ctid = ANY (ARRAY(SELECT tid FROM ({picked}) AS p)) AND m.state = 'pending'
+                 RETURNING {MESSAGE_COLUMNS}, available_at, {charged}",
+                charged = self.charged()
+            )
+        }
     }
 }
 
