@@ -11,8 +11,12 @@ use troutbox::{Batch, Outbox, PgStore};
 const SCHEMA: &str = "cli_e2e";
 
 fn troutbox(args: &[&str]) -> Output {
+    troutbox_in(SCHEMA, args)
+}
+
+fn troutbox_in(schema: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_troutbox"))
-        .args(["--database-url", &common::url(), "--schema", SCHEMA])
+        .args(["--database-url", &common::url(), "--schema", schema])
         .args(args)
         .env_remove("DATABASE_URL")
         .output()
@@ -33,6 +37,84 @@ fn json(args: &[&str]) -> serde_json::Value {
     let mut all = args.to_vec();
     all.push("--json");
     serde_json::from_str(&ok(&all)).unwrap()
+}
+
+/// Per-key ordering from the shell: `migrate --per-key-ordering` makes the table ordered,
+/// `blocked` shows the key a failing message holds back, `skip` unblocks it.
+#[test]
+fn blocked_keys_and_skip_from_the_command_line() {
+    const ORDERED: &str = "cli_ordered";
+    let pool = pool(4);
+    pool.get()
+        .unwrap()
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {ORDERED} CASCADE"))
+        .unwrap();
+    let run = |args: &[&str]| {
+        let out = troutbox_in(ORDERED, args);
+        assert!(
+            out.status.success(),
+            "troutbox {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["migrate", "--per-key-ordering"]);
+    let store = PgStore::new(pool.clone()).schema(ORDERED);
+    let outbox = Outbox::builder(store.clone())
+        .per_key_ordering(true)
+        .max_retries(100)
+        .backoff(troutbox::Backoff::exponential(
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        ))
+        .poll_interval(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let mut conn = pool.get().unwrap();
+    outbox
+        .add_messages(
+            &mut *conn,
+            [
+                troutbox::NewMessage::new("acct-1", b"first"),
+                troutbox::NewMessage::new("acct-1", b"second"),
+            ],
+        )
+        .unwrap();
+    let mut handle = outbox
+        .start(|b: &mut Batch| -> Result<(), String> {
+            b.send_each(|_| Err::<(), _>("exchange not found"));
+            Ok(())
+        })
+        .unwrap();
+    assert!(eventually(PATIENCE, || !store
+        .blocked_keys(10)
+        .unwrap()
+        .is_empty()));
+    handle.shutdown().unwrap();
+
+    let blocked: serde_json::Value = serde_json::from_str(&run(&["blocked", "--json"])).unwrap();
+    let blocked = blocked.as_array().unwrap();
+    assert_eq!(blocked.len(), 1, "{blocked:?}");
+    assert_eq!(blocked[0]["key"], "acct-1");
+    assert_eq!(blocked[0]["attempts"], 1);
+    assert_eq!(blocked[0]["waiting"], 1);
+    assert_eq!(blocked[0]["last_error"], "exchange not found");
+    let head = blocked[0]["head_id"].as_i64().unwrap();
+    let table = run(&["blocked"]);
+    assert!(
+        table.starts_with("KEY") && table.contains("acct-1"),
+        "{table}"
+    );
+
+    assert!(run(&["skip", &head.to_string()]).contains("skipped"));
+    assert!(run(&["blocked"]).contains("no blocked keys"));
+    // Skipping it again: it is no longer pending.
+    let again = troutbox_in(ORDERED, &["skip", &head.to_string()]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not pending"));
+    let dead = store.dead_messages(10, None).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].last_error.as_deref(), Some("skipped"));
 }
 
 #[test]

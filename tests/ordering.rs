@@ -377,6 +377,10 @@ fn random_failing_sender(
         // workers do not take the same decisions.
         let first = batch.iter().next().map_or(0, |m| m.id() as u64);
         rng = Rng::from_seed(rng.next() ^ first.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        // The broker's latency (workload shape, not synchronisation): it keeps batches in
+        // flight long enough for the next messages of their keys to pile up behind them, so
+        // kills catch batches holding a key's head *and* its followers.
+        std::thread::sleep(Duration::from_millis(5 + rng.below(20)));
         let mut conn = pool.get().map_err(|e| e.to_string())?;
         let mut failed: HashSet<String> = HashSet::new();
         for m in batch.iter_mut() {
@@ -1094,7 +1098,7 @@ fn followers_of_a_failed_message_are_neither_published_nor_charged() {
     let entries = log.entries();
     let k: Vec<String> = (0..5).map(|i| format!("K-{i}")).collect();
     assert_eq!(published(&entries, "K"), k);
-    assert_eq!(published(&entries, "L"), ["L-0", "L-1", "L-2"]);
+    assert_eq!(published(&entries, "L"), ["L-0", "L-1"]);
 }
 
 /// Why: the same rule on the other settlement path. When a batch's transaction is lost (the

@@ -5,6 +5,8 @@
 //! troutbox dead list --limit 20
 //! troutbox dead requeue 17 18        # or --all
 //! troutbox dead purge --older-than 30d
+//! troutbox blocked                   # per-key ordering: keys waiting on a failed message
+//! troutbox skip 17                   # give up on message 17 (dead, reason "skipped")
 //! ```
 
 use std::process::ExitCode;
@@ -15,7 +17,7 @@ use r2d2_postgres::PostgresConnectionManager;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use troutbox::{DeadMessage, PgStore, Retention};
+use troutbox::{BlockedKey, DeadMessage, Outbox, PgStore, Retention};
 
 #[derive(Parser)]
 #[command(
@@ -61,7 +63,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create the schema and the outbox table, or bring them up to date. Safe to repeat.
-    Migrate,
+    Migrate {
+        /// Make the table ordered (per-key ordering; see the README's "Ordering"): creates
+        /// its index and records the mode, which every producer and relay must then share.
+        #[arg(long)]
+        per_key_ordering: bool,
+    },
     /// Count pending, dead and retained sent messages, and show the age of the oldest pending one.
     Status,
     /// Run partition maintenance once (tables created with --keep-sent): create partitions
@@ -71,6 +78,19 @@ enum Command {
     /// Look at, re-queue or purge dead messages (those that used up their retries).
     #[command(subcommand)]
     Dead(Dead),
+    /// List blocked keys (per-key ordering): keys whose oldest pending message has failed,
+    /// holding back the key's later messages, with that message and its last error.
+    Blocked {
+        /// How many to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Give up on a pending message: it becomes dead with the reason "skipped", which
+    /// unblocks its key (per-key ordering). Refused while a relay is sending it.
+    Skip {
+        /// Id of the message.
+        id: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -140,8 +160,15 @@ fn run(cli: &Cli) -> Result<()> {
     store.validate()?;
     let table = store.qualified_table();
     match &cli.command {
-        Command::Migrate => {
-            store.migrate()?;
+        Command::Migrate { per_key_ordering } => {
+            if *per_key_ordering {
+                Outbox::builder(store.clone())
+                    .per_key_ordering(true)
+                    .build()?
+                    .migrate()?;
+            } else {
+                store.migrate()?;
+            }
             print(
                 cli,
                 json!({"migrated": table}),
@@ -243,6 +270,27 @@ fn run(cli: &Cli) -> Result<()> {
                 format!("purged {n} dead message(s)"),
             );
         }
+        Command::Blocked { limit } => {
+            let blocked = store.blocked_keys(*limit)?;
+            print(
+                cli,
+                serde_json::Value::Array(blocked.iter().map(blocked_json).collect()),
+                blocked_table(&blocked),
+            );
+        }
+        Command::Skip { id } => {
+            if !store.skip_message(*id)? {
+                return Err(format!(
+                    "message {id} is not pending, or a relay is sending it right now (try again in a moment)"
+                )
+                .into());
+            }
+            print(
+                cli,
+                json!({"skipped": id}),
+                format!("message {id} skipped: it is dead with the reason \"skipped\""),
+            );
+        }
     }
     Ok(())
 }
@@ -292,22 +340,51 @@ fn dead_json(d: &DeadMessage) -> serde_json::Value {
     })
 }
 
-/// One line per dead message, columns aligned, long keys and errors shortened.
+fn blocked_json(b: &BlockedKey) -> serde_json::Value {
+    json!({
+        "key": b.key,
+        "head_id": b.head_id,
+        "attempts": b.attempts,
+        "last_error": b.last_error,
+        "next_attempt_at": rfc3339(b.next_attempt_at),
+        "blocked_for_seconds": b.blocked_for.as_secs_f64(),
+        "waiting": b.waiting,
+    })
+}
+
+/// One line per blocked key.
+fn blocked_table(blocked: &[BlockedKey]) -> String {
+    if blocked.is_empty() {
+        return "no blocked keys".into();
+    }
+    let rows = blocked
+        .iter()
+        .map(|b| {
+            vec![
+                short(&b.key, 30),
+                b.head_id.to_string(),
+                b.attempts.to_string(),
+                b.waiting.to_string(),
+                format!("{:.0} s", b.blocked_for.as_secs_f64()),
+                short(b.last_error.as_deref().unwrap_or("-"), 60),
+            ]
+        })
+        .collect();
+    grid(
+        &["KEY", "HEAD ID", "ATTEMPTS", "WAITING", "FOR", "LAST ERROR"],
+        rows,
+    )
+}
+
+/// One line per dead message.
 fn dead_table(dead: &[DeadMessage]) -> String {
     if dead.is_empty() {
         return "no dead messages".into();
     }
-    let short = |s: &str, n: usize| {
-        let mut out: String = s.chars().take(n).collect();
-        if s.chars().count() > n {
-            out.push('…');
-        }
-        out.replace(['\n', '\r'], " ")
-    };
-    let rows: Vec<[String; 5]> = dead
+    let rows = dead
         .iter()
         .map(|d| {
-            [
+            vec![
                 d.message.id().to_string(),
                 short(d.message.key(), 30),
                 d.message.attempts().to_string(),
@@ -316,8 +393,21 @@ fn dead_table(dead: &[DeadMessage]) -> String {
             ]
         })
         .collect();
-    let header = ["ID", "KEY", "ATTEMPTS", "DIED AT", "LAST ERROR"];
-    let widths: Vec<usize> = (0..5)
+    grid(&["ID", "KEY", "ATTEMPTS", "DIED AT", "LAST ERROR"], rows)
+}
+
+/// `s` on one line, cut to `n` characters.
+fn short(s: &str, n: usize) -> String {
+    let mut out: String = s.chars().take(n).collect();
+    if s.chars().count() > n {
+        out.push('…');
+    }
+    out.replace(['\n', '\r'], " ")
+}
+
+/// Rows under a header, columns aligned.
+fn grid(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let widths: Vec<usize> = (0..header.len())
         .map(|i| {
             rows.iter()
                 .map(|r| r[i].chars().count())
@@ -326,7 +416,7 @@ fn dead_table(dead: &[DeadMessage]) -> String {
                 .unwrap_or(0)
         })
         .collect();
-    let line = |cells: [&str; 5]| {
+    let line = |cells: Vec<&str>| {
         cells
             .iter()
             .enumerate()
@@ -336,10 +426,10 @@ fn dead_table(dead: &[DeadMessage]) -> String {
             .trim_end()
             .to_string()
     };
-    std::iter::once(line(header))
+    std::iter::once(line(header.to_vec()))
         .chain(
             rows.iter()
-                .map(|r| line([&r[0], &r[1], &r[2], &r[3], &r[4]])),
+                .map(|r| line(r.iter().map(String::as_str).collect())),
         )
         .collect::<Vec<_>>()
         .join("\n")
