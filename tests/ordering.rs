@@ -380,7 +380,7 @@ fn random_failing_sender(
         // The broker's latency (workload shape, not synchronisation): it keeps batches in
         // flight long enough for the next messages of their keys to pile up behind them, so
         // kills catch batches holding a key's head *and* its followers.
-        std::thread::sleep(Duration::from_millis(5 + rng.below(20)));
+        std::thread::sleep(Duration::from_millis(5 + rng.below(40)));
         let mut conn = pool.get().map_err(|e| e.to_string())?;
         let mut failed: HashSet<String> = HashSet::new();
         for m in batch.iter_mut() {
@@ -440,12 +440,12 @@ fn ordering_child_relay() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let url = std::env::var("DATABASE_URL").expect("the parent passes DATABASE_URL");
+    // Named, so that the parent can tell which child is in the middle of a send.
+    let mut config: postgres::Config = url.parse().unwrap();
+    config.application_name(&child_name(&schema, number as usize));
     let pool: PgPool = r2d2::Pool::builder()
         .max_size(10)
-        .build(PostgresConnectionManager::new(
-            url.parse().unwrap(),
-            postgres::NoTls,
-        ))
+        .build(PostgresConnectionManager::new(config, postgres::NoTls))
         .unwrap();
     // No `migrate` here: the parent made the table ordered, and `start` checks it agrees.
     let builder = Outbox::builder(PgStore::new(pool.clone()).schema(&schema))
@@ -477,6 +477,11 @@ fn ordering_child_relay() {
     }
 }
 
+/// The `application_name` of child relay `number`'s connections.
+fn child_name(schema: &str, number: usize) -> String {
+    format!("{schema}_child_{number}")
+}
+
 /// The relay child processes of one test; dropping this kills them all (a failing test must
 /// not leave relays running).
 struct Relays {
@@ -484,7 +489,8 @@ struct Relays {
     url: String,
     schema: String,
     mode: &'static str,
-    children: Vec<Child>,
+    /// The running children, with their numbers.
+    children: Vec<(Child, usize)>,
     spawned: usize,
 }
 
@@ -517,28 +523,48 @@ impl Relays {
 
     fn spawn(&mut self, seed: u64) {
         let child = self.start_one(seed);
-        self.children.push(child);
+        self.children.push((child, self.spawned));
     }
 
     /// SIGKILLs child `i` and starts a replacement, as a supervisor would.
     fn kill_and_replace(&mut self, i: usize, seed: u64) {
-        let child = &mut self.children[i];
+        let child = &mut self.children[i].0;
         child.kill().unwrap(); // SIGKILL on Unix
         child.wait().unwrap();
-        self.children[i] = self.start_one(seed);
+        let replacement = self.start_one(seed);
+        self.children[i] = (replacement, self.spawned);
+    }
+
+    /// The indexes of the children that are in the middle of a send right now: a claim
+    /// transaction of theirs is open (idle in transaction while the Sender runs).
+    fn sending(&self, pool: &PgPool) -> Vec<usize> {
+        let busy: HashSet<String> = pool
+            .get()
+            .unwrap()
+            .query(
+                "SELECT application_name FROM pg_stat_activity WHERE state = 'idle in transaction'",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        (0..self.children.len())
+            .filter(|&i| busy.contains(&child_name(&self.schema, self.children[i].1)))
+            .collect()
     }
 
     /// Fails the test if a child exited on its own (it must run until killed).
     fn assert_all_running(&mut self) {
-        for child in &mut self.children {
+        for (child, number) in &mut self.children {
             if let Some(status) = child.try_wait().unwrap() {
-                panic!("a relay child process exited on its own: {status}");
+                panic!("relay child process {number} exited on its own: {status}");
             }
         }
     }
 
     fn kill_all(&mut self) {
-        for mut child in self.children.drain(..) {
+        for (mut child, _) in self.children.drain(..) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -1461,14 +1487,24 @@ fn random_kills_failures_and_rollbacks_keep_every_key_in_order() {
         })
         .collect();
 
-    // The killer: a random relay every 100-400 ms (a random schedule, not a wait for
+    // The killer: a random relay every 50-250 ms (a random schedule, not a wait for
     // anything), while producers run and until at least MIN_KILLS kills.
-    let mut kills = 0;
+    let (mut kills, mut mid_send) = (0, 0);
     while kills < MIN_KILLS || producers.iter().any(|p| !p.is_finished()) {
         assert!(started.elapsed() < PATIENCE * 4, "producers did not finish");
-        std::thread::sleep(Duration::from_millis(100 + rng.below(300)));
+        std::thread::sleep(Duration::from_millis(50 + rng.below(200)));
         relays.assert_all_running();
-        let victim = rng.below(RELAYS as u64) as usize;
+        // A child caught in the middle of a send if there is one (a kill that abandons a
+        // claim is the interesting kind), any child otherwise; at random either way.
+        let sending = relays.sending(&pool);
+        let victim = if sending.is_empty() {
+            rng.below(RELAYS as u64) as usize
+        } else {
+            sending[rng.below(sending.len() as u64) as usize]
+        };
+        if !sending.is_empty() {
+            mid_send += 1;
+        }
         let child_seed = rng.next();
         relays.kill_and_replace(victim, child_seed);
         kills += 1;
@@ -1535,7 +1571,7 @@ fn random_kills_failures_and_rollbacks_keep_every_key_in_order() {
         }
     }
     println!(
-        "FIGURES ordering_random: kills={kills} produced={produced} delivered_first={delivered_first} duplicates={} lost={lost} order_violations={} elapsed={:.1}s (rolled_back={rolled_back} dead={dead} phantoms={phantoms} relays_started={} seed={seed:#x})",
+        "FIGURES ordering_random: kills={kills} produced={produced} delivered_first={delivered_first} duplicates={} lost={lost} order_violations={} elapsed={:.1}s (kills_mid_send={mid_send} rolled_back={rolled_back} dead={dead} phantoms={phantoms} relays_started={} seed={seed:#x})",
         deliveries - delivered_first,
         violations.len(),
         started.elapsed().as_secs_f64(),

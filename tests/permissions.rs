@@ -1,4 +1,5 @@
-//! Least privilege: a producer role with nothing but INSERT on the outbox table can add
+//! Least privilege: a producer role with nothing but INSERT on the outbox table (and SELECT on
+//! the schema's table of ordering modes) can add
 //! messages, and a relay role with only what relaying needs can relay. The GRANT statements
 //! here are the ones the README's "Permissions" section documents.
 
@@ -49,6 +50,8 @@ fn producer_with_insert_only_and_relay_with_minimal_grants() {
              GRANT INSERT ON {SCHEMA}.orders TO {PRODUCER};
              -- producer: exactly what the README documents
              GRANT INSERT ON {SCHEMA}.outbox_messages TO {PRODUCER};
+             -- both: the table's ordering mode, read once per outbox
+             GRANT SELECT ON {SCHEMA}.troutbox_tables TO {PRODUCER}, {RELAY};
              -- relay: exactly what the README documents
              GRANT SELECT, INSERT, UPDATE, DELETE ON {SCHEMA}.outbox_messages TO {RELAY};
              GRANT SELECT, INSERT, DELETE ON {SCHEMA}.outbox_messages_claims, {SCHEMA}.outbox_messages_charges TO {RELAY};"

@@ -154,17 +154,24 @@ mod tests {
         ]);
         batch.ordered = true;
         batch.messages[0].mark_failed("broker said no");
+        batch.messages[1].mark_sent();
         batch.messages[3].mark_sent(); // published against the contract: recorded as sent
-        let s = decide(batch, None, 5, &backoff());
-        assert_eq!(s.sent, [2, 4, 5]);
+        let s = decide(batch, Some("connection reset"), 5, &backoff());
+        assert_eq!(s.sent, [2, 4]);
         let back: Vec<(i64, u32, Duration)> = s
             .returned
             .iter()
             .map(|r| (r.message.id, r.attempts, r.delay))
             .collect();
+        // 3 follows the failed 1 (key a): back uncharged, due at once. 5 (key b) failed on
+        // its own: charged.
         assert_eq!(
             back,
-            [(1, 3, Duration::from_secs(4)), (3, 2, Duration::ZERO)]
+            [
+                (1, 3, Duration::from_secs(4)),
+                (3, 2, Duration::ZERO),
+                (5, 3, Duration::from_secs(4))
+            ]
         );
         assert!(
             s.returned[1].error.contains("message 1"),

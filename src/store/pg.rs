@@ -326,9 +326,21 @@ impl<T: MakeTls> PgStore<T> {
             .map_err(self.db_error(context))?;
         match row {
             Some(row) => row.try_get(0).map_err(self.db_error(context)),
-            None => Err(Error::OutdatedSchema {
-                table: self.qualified_table(),
-            }),
+            None => {
+                // No mode recorded: a table from before migration 3, or no table at all.
+                let exists: bool = client
+                    .query_one(&sql.table_exists, &[])
+                    .and_then(|row| row.try_get(0))
+                    .map_err(self.db_error(context))?;
+                if !exists {
+                    if let Err(e) = client.query(&sql.probe_table, &[]) {
+                        return Err(self.db_error(context)(e));
+                    }
+                }
+                Err(Error::OutdatedSchema {
+                    table: self.qualified_table(),
+                })
+            }
         }
     }
 

@@ -111,6 +111,8 @@ pub(crate) struct Sql {
     pub(crate) create_tables: String,
     pub(crate) migration_v3: String,
     pub(crate) mode: String,
+    pub(crate) table_exists: String,
+    pub(crate) probe_table: String,
     pub(crate) set_ordered: String,
     pub(crate) key_index: String,
     pub(crate) skip: String,
@@ -543,6 +545,13 @@ impl Sql {
             mode: format!(
                 "SELECT per_key_ordering FROM {s}.\"{TABLES_TABLE}\" WHERE table_name = $1"
             ),
+            // Whether the outbox table exists (no privilege needed), and a statement that
+            // fails with the server's own "undefined table" error when it does not.
+            table_exists: format!(
+                "SELECT to_regclass('{}') IS NOT NULL",
+                t.replace('\'', "''")
+            ),
+            probe_table: format!("SELECT FROM {t} LIMIT 0"),
             set_ordered: format!(
                 "UPDATE {s}.\"{TABLES_TABLE}\" SET per_key_ordering = true, changed_at = now()
                  WHERE table_name = $1"
