@@ -381,10 +381,17 @@ impl<T: MakeTls> OutboxBuilder<T> {
             #[cfg(feature = "opentelemetry")]
             let otel = {
                 let weak = _weak.clone();
+                let blocked = self.config.ordered.then(|| {
+                    let weak = _weak.clone();
+                    let source: crate::observability::otel::BlockedSource =
+                        Arc::new(move || weak.upgrade()?.store.blocked_summary().ok());
+                    source
+                });
                 Arc::new(crate::observability::otel::Instruments::new(
                     self.config.meter.clone(),
                     self.config.tracer.clone(),
                     Arc::new(move || weak.upgrade()?.store.backlog().ok()),
+                    blocked,
                 ))
             };
             Inner {

@@ -450,22 +450,27 @@ fn ordering_child_relay() {
     // No `migrate` here: the parent made the table ordered, and `start` checks it agrees.
     let builder = Outbox::builder(PgStore::new(pool.clone()).schema(&schema))
         .per_key_ordering(true)
-        .batch_size(10)
         .poll_interval(Duration::from_millis(5))
         .backoff(fast_backoff())
         .send_timeout(Duration::from_secs(60))
         .error_handler(|_| {});
     let (_outbox, _handle) = match mode.as_str() {
         "random" => {
-            // Enough retries that no message dies of random failures and kills.
-            let outbox = builder.workers(2).max_retries(1000).build().unwrap();
+            // Enough retries that no message dies of random failures and kills. Batches
+            // larger than the 16 keys, so that they always have room for followers.
+            let outbox = builder
+                .batch_size(20)
+                .workers(2)
+                .max_retries(1000)
+                .build()
+                .unwrap();
             let handle = outbox
                 .start(random_failing_sender(pool, &schema, number, seed))
                 .unwrap();
             (outbox, handle)
         }
         "hang" => {
-            let outbox = builder.workers(1).build().unwrap();
+            let outbox = builder.batch_size(10).workers(1).build().unwrap();
             let handle = outbox.start(hanging_sender(pool, &schema)).unwrap();
             (outbox, handle)
         }

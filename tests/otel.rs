@@ -31,6 +31,9 @@ fn metric_values(exporter: &InMemoryMetricExporter) -> HashMap<String, f64> {
                     AggregatedMetrics::I64(MetricData::Gauge(g)) => {
                         g.data_points().map(|p| p.value() as f64).sum()
                     }
+                    AggregatedMetrics::U64(MetricData::Gauge(g)) => {
+                        g.data_points().map(|p| p.value() as f64).sum()
+                    }
                     AggregatedMetrics::F64(MetricData::Gauge(g)) => {
                         g.data_points().map(|p| p.value()).sum()
                     }
@@ -136,6 +139,8 @@ fn metrics_spans_and_trace_context_with_in_memory_exporters() {
     assert_eq!(values["outbox_dead_messages"], sql_dead as f64);
     assert_eq!(values["outbox_pending_messages"], sql_pending as f64);
     assert_eq!(values["outbox_oldest_pending_age"], 0.0);
+    // Blocked keys are per-key ordering's: an unordered outbox has no such gauges.
+    assert!(!values.contains_key("outbox_blocked_keys"), "{values:?}");
     assert_eq!(values["outbox_batch_duration"], stats.batches as f64);
     assert_eq!(values["outbox_send_latency"], 7.0); // 5 + flaky's retry + doomed's retry
 
@@ -185,4 +190,63 @@ fn metrics_spans_and_trace_context_with_in_memory_exporters() {
     assert!(dead_events[0]
         .attributes
         .contains(&KeyValue::new("troutbox.last_error", "broker said no")));
+}
+
+/// Per-key ordering's gauges: one key held back by a failing message, counted with the age
+/// of that message, and nothing for the keys that flow.
+#[test]
+fn blocked_key_gauges_of_an_ordered_outbox() {
+    let metric_exporter = InMemoryMetricExporter::default();
+    let meter_provider = SdkMeterProvider::builder()
+        .with_reader(PeriodicReader::builder(metric_exporter.clone()).build())
+        .build();
+    let pool = pool(4);
+    let store = store("otel_ordered", &pool);
+    let outbox = Outbox::builder(store.clone())
+        .per_key_ordering(true)
+        .backoff(Backoff::exponential(
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        ))
+        .poll_interval(Duration::from_millis(5))
+        .with_meter(opentelemetry::metrics::MeterProvider::meter(
+            &meter_provider,
+            "troutbox",
+        ))
+        .build()
+        .unwrap();
+    outbox.migrate().unwrap();
+    let mut conn = pool.get().unwrap();
+    outbox
+        .add_messages(
+            &mut *conn,
+            [
+                troutbox::NewMessage::new("stuck", b"1"),
+                troutbox::NewMessage::new("stuck", b"2"),
+                troutbox::NewMessage::new("free", b"3"),
+            ],
+        )
+        .unwrap();
+    let mut handle = outbox
+        .start(|batch: &mut Batch| -> Result<(), String> {
+            batch.send_each(|m| {
+                if m.key() == "stuck" {
+                    Err("broker said no")
+                } else {
+                    Ok(())
+                }
+            });
+            Ok(())
+        })
+        .unwrap();
+    assert!(eventually(PATIENCE, || {
+        store.blocked_keys(10).unwrap().len() == 1 && store.backlog().unwrap().pending == 2
+    }));
+    handle.shutdown().unwrap();
+    meter_provider.force_flush().unwrap();
+    let values = metric_values(&metric_exporter);
+    assert_eq!(values["outbox_blocked_keys"], 1.0, "{values:?}");
+    assert!(values["outbox_oldest_blocked_age"] > 0.0, "{values:?}");
+    let (count, _) = store.blocked_summary().unwrap();
+    assert_eq!(count, 1);
 }

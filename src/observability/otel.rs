@@ -27,6 +27,10 @@ const BACKLOG_TTL: Duration = Duration::from_secs(1);
 /// Reads the backlog for the gauges; `None` when it cannot (database down, outbox gone).
 pub(crate) type BacklogSource = Arc<dyn Fn() -> Option<Backlog> + Send + Sync>;
 
+/// Reads the blocked keys' count and the oldest blocked head's age for the gauges of an
+/// ordered outbox; `None` when it cannot.
+pub(crate) type BlockedSource = Arc<dyn Fn() -> Option<(u64, Duration)> + Send + Sync>;
+
 /// One outbox's instruments, shared by all its relays.
 pub(crate) struct Instruments {
     sent: Counter<u64>,
@@ -41,6 +45,8 @@ pub(crate) struct Instruments {
         ObservableGauge<i64>,
         ObservableGauge<f64>,
     ),
+    /// With per-key ordering: blocked keys and the age of the oldest blocked head.
+    _blocked: Option<(ObservableGauge<u64>, ObservableGauge<f64>)>,
 }
 
 /// What the batch span reports.
@@ -58,6 +64,7 @@ impl Instruments {
         meter: Option<Meter>,
         tracer: Option<Arc<BoxedTracer>>,
         backlog: BacklogSource,
+        blocked: Option<BlockedSource>,
     ) -> Instruments {
         let meter = meter.unwrap_or_else(|| global::meter(SCOPE));
         let tracer = tracer.unwrap_or_else(|| Arc::new(global::tracer(SCOPE)));
@@ -81,6 +88,44 @@ impl Instruments {
         };
         let read = Arc::new(read);
         let (r1, r2, r3) = (read.clone(), read.clone(), read);
+        let blocked_gauges = blocked.map(|source| {
+            let cache: Arc<Mutex<Option<(Instant, (u64, Duration))>>> = Arc::default();
+            let read = Arc::new(move || -> Option<(u64, Duration)> {
+                let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((at, value)) = cached.as_ref() {
+                    if at.elapsed() < BACKLOG_TTL {
+                        return Some(*value);
+                    }
+                }
+                let fresh = source()?;
+                *cached = Some((Instant::now(), fresh));
+                Some(fresh)
+            });
+            let (b1, b2) = (read.clone(), read);
+            (
+                meter
+                    .u64_observable_gauge("outbox_blocked_keys")
+                    .with_description(
+                        "Keys whose oldest pending message has failed, holding back the key (per-key ordering)",
+                    )
+                    .with_callback(move |o| {
+                        if let Some((count, _)) = b1() {
+                            o.observe(count, &[]);
+                        }
+                    })
+                    .build(),
+                meter
+                    .f64_observable_gauge("outbox_oldest_blocked_age")
+                    .with_unit("s")
+                    .with_description("Age of the oldest message blocking its key (per-key ordering)")
+                    .with_callback(move |o| {
+                        if let Some((_, age)) = b2() {
+                            o.observe(age.as_secs_f64(), &[]);
+                        }
+                    })
+                    .build(),
+            )
+        });
         Instruments {
             sent: counter(
                 "outbox_messages_sent",
@@ -140,6 +185,7 @@ impl Instruments {
                     })
                     .build(),
             ),
+            _blocked: blocked_gauges,
             tracer,
         }
     }
