@@ -1,4 +1,4 @@
-//! The claim strategy: how a relay takes a batch, holds it while the Sender runs, and settles
+//! The claim strategies: how a relay takes a batch, holds it while the Sender runs, and settles
 //! it, so that every claim is accounted for.
 //!
 //! # The protocol (unordered strategy)
@@ -33,8 +33,24 @@
 //!    messages no other relay has claimed since. Those another relay holds are charged for
 //!    the lost claim, and the dropped outcome is reported through the error handler.
 //!
-//! Rows that cannot be decoded are set aside as dead with the column named. A second claim
-//! strategy (per-key ordering) is a different claim statement over the same steps.
+//! Rows that cannot be decoded are set aside as dead with the column named.
+//!
+//! # The per-key ordered strategy
+//!
+//! The same steps with a different claim statement (`Sql::claim_ordered`): only the head of
+//! each key (its lowest pending id), when due and not held, with a run of its followers.
+//! Everything else carries over, and is what keeps the order through failures:
+//!
+//! - A held head hides its key from every other relay (they see it pending and locked), so
+//!   one key is in at most one claim at a time, whatever the number of relays.
+//! - A lost claim (killed relay, timeout) leaves its rows pending, head included: the key
+//!   waits for the head to be claimed again, never skips it. Its late outcome is applied
+//!   only to rows nobody holds since, so it cannot settle a message another relay holds.
+//! - A suspect (a message charged for an abandoned claim) is claimed alone only if it is
+//!   the head of its key (`ClaimKind::One` tests it), so isolating a crashing message never
+//!   sends a message ahead of its key. Suspects are tried in id order.
+//! - The position a draining session resumes from is a key instead of (due time, id):
+//!   keys are served in rotation.
 
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
