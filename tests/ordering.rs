@@ -1421,6 +1421,11 @@ fn a_sender_slower_than_the_send_timeout_keeps_the_order() {
 /// inside the same transaction, so `produced` is exactly what was committed. At the end every
 /// committed message was published at least once, nothing rolled back was, nothing died, and
 /// per key the first publications are in strictly increasing id order.
+///
+/// The shape is chosen so that the faults bite: the Sender has a broker latency and batches
+/// hold 20 (more than the 16 keys), so batches in flight carry heads with their followers;
+/// the killer prefers a child that is in the middle of a send (a kill that abandons a claim,
+/// leaving a charge on every message of it). Kills run every 50-250 ms while producers run.
 #[test]
 fn random_kills_failures_and_rollbacks_keep_every_key_in_order() {
     const SCHEMA: &str = "ordering_random";
@@ -1758,16 +1763,18 @@ fn an_idle_transaction_holding_an_xid_does_not_stall_ordered_delivery() {
 /// Why: a transaction adding several keys takes several per-key locks; two producers taking
 /// them in opposite orders would deadlock (PostgreSQL would fail one of them after
 /// `deadlock_timeout`). One producer adds [A, B, C], the other [C, B, A], in one
-/// `add_messages` call per transaction, started together each round (a barrier), for many
-/// rounds, with a relay running: no error at all, and every key delivered in id order, each
-/// producer's rounds in order.
+/// `add_messages` call per transaction (the second through a `PreparedProducer`, both with
+/// `notify(true)`), started together each round (a barrier), for many rounds, with a relay
+/// running: no error at all, and every key delivered in id order, each producer's rounds in
+/// order.
 #[test]
 fn several_keys_in_one_call_in_both_orders_never_deadlock() {
     const SCHEMA: &str = "ordering_multi_key";
     const ROUNDS: usize = 150;
     let pool = pool(10);
     let store = store(SCHEMA, &pool);
-    let outbox = ordered(&store, |b| b.batch_size(20));
+    // With notify(true): the INSERTs then carry the signal's CTE next to the locks'.
+    let outbox = ordered(&store, |b| b.batch_size(20).notify(true));
     let log = Log::new();
     let mut handle = outbox.start(sending(&log)).unwrap();
     let barrier = Arc::new(Barrier::new(2));
@@ -1783,6 +1790,8 @@ fn several_keys_in_one_call_in_both_orders_never_deadlock() {
             );
             std::thread::spawn(move || {
                 let mut conn = pool.get().unwrap();
+                // p2 adds through statements prepared on its connection (the other INSERT path).
+                let prepared = (name == "p2").then(|| outbox.prepare(&mut *conn).unwrap());
                 for round in 0..ROUNDS {
                     let values: Vec<String> = keys
                         .iter()
@@ -1790,14 +1799,15 @@ fn several_keys_in_one_call_in_both_orders_never_deadlock() {
                         .collect();
                     barrier.wait();
                     let mut tx = conn.transaction().unwrap();
-                    let added = outbox
-                        .add_messages(
-                            &mut tx,
-                            keys.iter()
-                                .zip(&values)
-                                .map(|(k, v)| NewMessage::new(k, v.as_bytes())),
-                        )
-                        .map_err(|e| e.to_string());
+                    let msgs = keys
+                        .iter()
+                        .zip(&values)
+                        .map(|(k, v)| NewMessage::new(k, v.as_bytes()));
+                    let added = match &prepared {
+                        Some(p) => p.add_messages(&mut tx, msgs),
+                        None => outbox.add_messages(&mut tx, msgs),
+                    }
+                    .map_err(|e| e.to_string());
                     let done = added.and_then(|_| tx.commit().map_err(|e| e.to_string()));
                     if let Err(e) = done {
                         errors
@@ -1915,6 +1925,70 @@ fn a_rolled_back_savepoint_keeps_the_order() {
     assert!(log.wait_distinct(3, PATIENCE));
     handle.shutdown().unwrap();
     assert_eq!(published(&log.entries(), "K"), ["t2", "t1-kept"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keep-sent retention
+// ---------------------------------------------------------------------------------------------
+
+/// Why: with `Retention::keep_sent` a claim marks rows sent by UPDATE (on a partitioned
+/// table) instead of deleting them, and sent rows stay: the ordered claim must take a sent
+/// row for settled (it is no key's head), see a claimed head as pending in other snapshots,
+/// and put failed rows back in place. Two relays, three keys, every message whose id is a
+/// multiple of 5 refused on its first attempt: per key, publications in id order, each
+/// message once, all kept as 'sent'.
+#[test]
+fn keep_sent_retention_keeps_the_order_too() {
+    const SCHEMA: &str = "ordering_keep_sent";
+    const PER_KEY: usize = 60;
+    let pool = pool(16);
+    pool.get()
+        .unwrap()
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
+        .unwrap();
+    let store = PgStore::new(pool.clone())
+        .schema(SCHEMA)
+        .retention(troutbox::Retention::keep_sent(Duration::from_secs(3600)));
+    store.migrate().unwrap();
+    let outbox_a = ordered(&store, |b| b.batch_size(8).workers(2));
+    let outbox_b = ordered(&store, |b| b.batch_size(8).workers(2));
+    let mut conn = pool.get().unwrap();
+    for chunk in 0..PER_KEY / 10 {
+        let mut tx = conn.transaction().unwrap();
+        let msgs: Vec<(String, String)> = (chunk * 10..chunk * 10 + 10)
+            .flat_map(|i| (0..3).map(move |k| (format!("k{k}"), format!("k{k}-{i:02}"))))
+            .collect();
+        outbox_a
+            .add_messages(
+                &mut tx,
+                msgs.iter().map(|(k, v)| NewMessage::new(k, v.as_bytes())),
+            )
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let log = Log::new();
+    let fail =
+        |m: &Message| (m.id() % 5 == 0 && m.attempts() == 0).then(|| "refused once".to_owned());
+    let mut a = outbox_a.start(publishing_sender(&log, fail)).unwrap();
+    let mut b = outbox_b.start(publishing_sender(&log, fail)).unwrap();
+    let total = 3 * PER_KEY;
+    let all = log.wait_distinct(total, PATIENCE);
+    let sent = format!("SELECT count(*) FROM {SCHEMA}.outbox_messages WHERE state = 'sent'");
+    let kept = eventually(PATIENCE, || count(&pool, &sent) == total as i64);
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+    let entries = log.entries();
+    assert!(all && kept, "{}", table_state(&pool, SCHEMA));
+    assert!(
+        entries.iter().any(|d| !d.ok),
+        "no message was refused: the test proves nothing"
+    );
+    assert_eq!(order_violations(&entries), Vec::<String>::new());
+    assert_eq!(duplicates(&entries), 0);
+    for k in 0..3 {
+        let expected: Vec<String> = (0..PER_KEY).map(|i| format!("k{k}-{i:02}")).collect();
+        assert_eq!(published(&entries, &format!("k{k}")), expected);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -217,6 +217,7 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
             claims: 0,
             charged: Vec::new(),
             suspects: VecDeque::new(),
+            dead_in_claim: Vec::new(),
             last_recovery: None,
             last_cleanup: Instant::now(),
             partial: false,
@@ -272,6 +273,9 @@ pub(crate) struct PgSession<T: MakeTls> {
     charged: Vec<(i64, Vec<i32>)>,
     /// Messages found with charges in a batch of several, to claim alone next.
     suspects: VecDeque<i64>,
+    /// Messages of the open claim set aside for their abandoned claims, not handed to the
+    /// Sender: settled with the batch.
+    dead_in_claim: Vec<Returned>,
     last_recovery: Option<Instant>,
     last_cleanup: Instant,
     /// The last claim handed fewer messages than the batch size to the Sender (but some).
@@ -350,6 +354,7 @@ impl<T: MakeTls> PgSession<T> {
         }
         self.open = false;
         self.begun = false;
+        self.dead_in_claim.clear();
     }
 
     /// Turns abandoned claims into charges: at most once a second per session while a
@@ -511,6 +516,35 @@ impl<T: MakeTls> PgSession<T> {
         self.side.record(self.claim_id, ids)
     }
 
+    /// The messages of a batch to claim alone, in id order: those with charges (claims
+    /// abandoned). With per-key ordering only a key's head can be claimed alone, so only
+    /// the charged messages that are the first of their key in the batch (a head: a run
+    /// starts at its head) are suspects. A charged follower rides with its batch (its
+    /// charges count as attempts all the same) until it is a head itself: were it a
+    /// suspect, it could never be claimed alone while its head waits out a backoff, and
+    /// the batch would be given back at every claim, stalling every key in it.
+    fn suspects_of(&self, rows: &[Row]) -> Vec<i64> {
+        let mut first_of_key: std::collections::HashMap<&str, i64> = Default::default();
+        if self.ordered {
+            for r in rows {
+                let id = first_of_key
+                    .entry(r.message.key.as_str())
+                    .or_insert(r.message.id);
+                *id = (*id).min(r.message.id);
+            }
+        }
+        let mut suspects: Vec<i64> = rows
+            .iter()
+            .filter(|r| r.abandoned > 0)
+            .filter(|r| {
+                !self.ordered || first_of_key.get(r.message.key.as_str()) == Some(&r.message.id)
+            })
+            .map(|r| r.message.id)
+            .collect();
+        suspects.sort_unstable();
+        suspects
+    }
+
     /// Why a message with `abandoned` unsettled claims is dead.
     fn abandoned_reason(&self, abandoned: u32) -> String {
         format!(
@@ -533,6 +567,12 @@ impl<T: MakeTls> PgSession<T> {
         let failed: Vec<i64> = r.iter().map(|x| x.message.id).collect();
         let delays: Vec<i64> = r.iter().map(|x| millis(x.delay)).collect();
         let errors: Vec<&str> = r.iter().map(|x| x.error.as_str()).collect();
+        // The attempt each failure counts: 1, or 0 for a message returned uncharged (one set
+        // aside for its abandoned claims counts 1, so that it is dead here too).
+        let increments: Vec<i32> = r
+            .iter()
+            .map(|x| i32::from(x.dead || x.attempts > x.message.attempts))
+            .collect();
         let claimed = sent.len() + failed.len();
         let context = "recording a batch outcome after its transaction was lost";
         self.side.run(context, |c| {
@@ -553,7 +593,8 @@ impl<T: MakeTls> PgSession<T> {
                 }
             }
             if !failed.is_empty() {
-                let params: [&(dyn ToSql + Sync); 4] = [&failed, &delays, &errors, &max_retries];
+                let params: [&(dyn ToSql + Sync); 5] =
+                    [&failed, &delays, &errors, &max_retries, &increments];
                 for row in c.query(&sql.late_record_failed, &params)? {
                     done.push(row.try_get(0)?);
                     if row.try_get::<_, &str>(1)? == "dead" {
@@ -720,21 +761,16 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                 self.set_aside(bad, &mut claimed);
                 continue;
             }
-            if kind != ClaimKind::One
-                && rows_ok.len() > 1
-                && rows_ok.iter().any(|r| r.abandoned > 0)
-            {
+            let suspects = if kind != ClaimKind::One && rows_ok.len() > 1 {
+                self.suspects_of(&rows_ok)
+            } else {
+                Vec::new()
+            };
+            if !suspects.is_empty() {
                 // Messages whose earlier claims were abandoned: one of them may be what
                 // crashes or hangs the relay. Give the batch back and claim them one by one,
                 // so that only the culprit is charged for what it does.
                 self.rollback();
-                // In id order: with per-key ordering only a key's head can be claimed alone.
-                let mut suspects: Vec<i64> = rows_ok
-                    .iter()
-                    .filter(|r| r.abandoned > 0)
-                    .map(|r| r.message.id)
-                    .collect();
-                suspects.sort_unstable();
                 self.suspects.extend(suspects);
                 continue;
             }
@@ -765,7 +801,6 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                 }
             }
             if !dead.is_empty() {
-                // Only ever a message claimed alone: set it aside in this very claim.
                 let errors: Vec<Error> = dead
                     .iter()
                     .map(|r| Error::SetAside {
@@ -773,13 +808,20 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                         reason: r.error.clone(),
                     })
                     .collect();
-                let settlement = Settlement {
-                    sent: Vec::new(),
-                    returned: dead,
-                };
-                claimed.report += self.settle_in_claim(settlement)?;
                 claimed.set_aside.extend(errors);
-                continue;
+                if messages.is_empty() {
+                    // A message claimed alone: set it aside in this very claim.
+                    let settlement = Settlement {
+                        sent: Vec::new(),
+                        returned: dead,
+                    };
+                    claimed.report += self.settle_in_claim(settlement)?;
+                    continue;
+                }
+                // A charged follower riding with its batch (per-key ordering, see
+                // `suspects_of`): set aside by the batch's own settlement, while the others
+                // go to the Sender (it is dead, so what follows it in its key may go too).
+                self.dead_in_claim = dead;
             }
             // Resume after this batch only while batches come back full (a backlog drains);
             // otherwise the next claim starts from the head again.
@@ -812,7 +854,10 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
         Ok(claimed)
     }
 
-    fn settle(&mut self, settlement: Settlement) -> (SettleReport, Option<Error>) {
+    fn settle(&mut self, mut settlement: Settlement) -> (SettleReport, Option<Error>) {
+        settlement
+            .returned
+            .extend(std::mem::take(&mut self.dead_in_claim));
         if !self.open || self.conn.is_none() {
             return self.settle_lost(settlement, None);
         }

@@ -683,15 +683,18 @@ impl Sql {
                               FOR UPDATE SKIP LOCKED)
                  RETURNING id"
             ),
-            // Same situation, for the failed ones: the failure counts one attempt, plus the
-            // charges the message had; it is dead once its attempts pass max_retries ($4).
+            // Same situation, for the failed ones: the failure counts one attempt ($5: 1, or
+            // 0 for a message returned uncharged, the followers of a failed message with
+            // per-key ordering), plus the charges the message had; a charged failure is dead
+            // once its attempts pass max_retries ($4).
             late_record_failed: format!(
                 "UPDATE {t} AS m
-                 SET attempts = m.attempts + 1 + ({charged})::int,
+                 SET attempts = m.attempts + u.i + ({charged})::int,
                      available_at = clock_timestamp() + u.d * interval '1 millisecond',
-                     state = CASE WHEN m.attempts + 1 + ({charged})::int > $4 THEN 'dead' ELSE 'pending' END,
+                     state = CASE WHEN u.i > 0 AND m.attempts + u.i + ({charged})::int > $4
+                                  THEN 'dead' ELSE 'pending' END,
                      last_error = u.e
-                 FROM unnest($1::int8[], $2::int8[], $3::text[]) AS u(id, d, e)
+                 FROM unnest($1::int8[], $2::int8[], $3::text[], $5::int4[]) AS u(id, d, e, i)
                  WHERE m.id = u.id AND m.state = 'pending'
                    AND m.id IN (SELECT id FROM {t} WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)
                  RETURNING m.id, m.state",
