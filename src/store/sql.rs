@@ -267,13 +267,15 @@ impl Sql {
     }
 }
 
-/// `alias`'s row is the head of its key: no pending row of the same key has a lower id (one
-/// probe of the key index). Rows another relay holds are still pending in any snapshot, so a
-/// held head hides its whole key.
+/// `alias`'s row is the head of its key: no pending row of the same key has a lower id. One
+/// probe of the key index, backwards from the row (the `max` form): a row that is not a
+/// head finds the row before it at once, where a forward probe would first step over the
+/// index entries of every message of the key sent since the last VACUUM. Rows another relay
+/// holds are still pending in any snapshot, so a held head hides its whole key.
 fn is_head(alias: &str, table: &str) -> String {
     format!(
-        "NOT EXISTS (SELECT 1 FROM {table} AS p
-                     WHERE p.key COLLATE \"C\" = {alias}.key AND p.state = 'pending' AND p.id < {alias}.id)"
+        "(SELECT max(p.id) FROM {table} AS p
+          WHERE p.key COLLATE \"C\" = {alias}.key AND p.state = 'pending' AND p.id < {alias}.id) IS NULL"
     )
 }
 
@@ -847,43 +849,43 @@ impl Sql {
 
     /// The ordered claim (per-key ordering): the heads of keys, then runs of their followers.
     ///
-    /// 1. `keys`: the keys with pending messages, in key order from the session's position
-    ///    (`$1`, the last key of its last full batch, with [`ClaimKind::AfterMark`]), with
-    ///    each key's head, its lowest pending id: one descent of the key index per key, a
-    ///    loose index scan, evaluated only as far as the batch needs. A key with thousands of
-    ///    messages waiting costs what a key with one costs.
-    /// 2. `heads`: the heads that are due, fetched by tuple id (by primary key in keep mode)
-    ///    and locked `FOR UPDATE SKIP LOCKED`, up to `limit`. (The state test is written
-    ///    `IS TRUE` so that it does not match the partial indexes' predicate: a planner
-    ///    without statistics otherwise joins the keys to a scan of the pending index,
-    ///    reading the backlog.) A
-    ///    key another relay holds is invisible: that relay holds its head, which every
-    ///    snapshot still sees pending (so it is still the head), and which SKIP LOCKED passes
-    ///    over. A head that failed waits out its backoff, and its key with it; a dead or
-    ///    skipped head is not pending, and the next message is the head.
-    /// 3. `run`: for each head, its followers in id order (the key index), up to the room
-    ///    left in the batch, cut at the first one that is not due. Nobody else can hold
-    ///    them: their head is locked by this claim.
-    /// 4. Heads first, then the followers round-robin across keys (every key's first
+    /// 1. `window_heads`: among the first `limit` due rows of the pending index (after the
+    ///    session's position with [`ClaimKind::AfterMark`]), those that are the head of
+    ///    their key ([`is_head`]: one probe of the key index), locked `FOR UPDATE SKIP
+    ///    LOCKED`, oldest first. With many keys this fills the batch at the cost of the
+    ///    unordered claim plus a probe per row. (Measured alternatives: a window of four
+    ///    batches, or probing only each key's first row in the window, cost more with many
+    ///    keys than they saved with few; see BENCHMARKS.md.)
+    /// 2. `run`: for each of those heads, its followers in id order (the key index), up to
+    ///    its share of the room left in the batch (rounded up), cut at the first one that
+    ///    is not due. Nobody else can hold them: their head is locked by this claim.
+    /// 3. `walked_heads`, only when the batch still has room: the keys with pending
+    ///    messages in key order, each with its head, by a loose index scan (one descent of
+    ///    the key index per key), the due ones locked, one message per key. This is what
+    ///    keeps a window full of non-heads from starving other keys: the followers of a key
+    ///    whose head waits out a backoff cost one descent, not a read of the backlog.
+    /// 4. The heads first, then the followers round-robin across keys (every key's first
     ///    follower, then every key's second...), up to `limit` in all.
     ///
-    /// With many keys a batch is all heads and the follower step reads nothing (its LIMIT
-    /// is 0); with a few hot keys it is their runs. Keys are served in rotation (the
-    /// position moves through the key space while batches come back full, and starts over
-    /// from the first key after a batch that is not), not oldest message first.
+    /// A key another relay holds is invisible: that relay holds its head, which every
+    /// snapshot still sees pending (so no later message of the key is a head), and which
+    /// SKIP LOCKED passes over. A head that failed waits out its backoff, and its key with
+    /// it; a dead or skipped head is not pending, and the next message is the head.
+    ///
+    /// Rows found by one step are found again by the next by tuple id, a TID scan (by
+    /// primary key in keep mode, whose tuple ids are per partition); the rows are locked,
+    /// or read in this statement's snapshot, so a row updated meanwhile fails the recheck
+    /// and is left alone. The state tests of the locking steps are written `IS TRUE` so
+    /// that they do not match the partial indexes' predicate: a planner without statistics
+    /// otherwise joins to a scan of the pending index.
     fn claim_ordered(&self, limit: usize, kind: ClaimKind) -> String {
         let t = &self.table;
-        let after = if kind == ClaimKind::AfterMark {
-            "AND x.key COLLATE \"C\" > $1::text"
+        let mark = if kind == ClaimKind::AfterMark {
+            "AND (x.available_at, x.id) > ($1::timestamptz, $2::int8)"
         } else {
             ""
         };
-        // How a row found by one step is found again by the next. Delete mode: by its
-        // tuple id, a TID scan, no index descent (the rows are locked, or read in this
-        // statement's snapshot, so no tuple can move under it unnoticed: a row updated
-        // meanwhile fails the recheck and is left alone). Keep mode: by primary key, (id,
-        // created_at), as the table is partitioned and a tuple id names a row only within
-        // its partition.
+        let window = limit;
         let (row, join, found) = if self.keep {
             (
                 "x.id, x.created_at",
@@ -899,33 +901,49 @@ impl Sql {
         };
         let carried = if self.keep { ", created_at" } else { ", tid" };
         let picked = format!(
-            "WITH RECURSIVE keys AS (
+            "WITH RECURSIVE window_heads AS MATERIALIZED (
+                SELECT m.key, {found} FROM (
+                    SELECT {row} FROM {t} AS x
+                    WHERE x.state = 'pending' AND x.available_at <= now() {mark}
+                    ORDER BY x.available_at, x.id LIMIT {window}) AS k
+                JOIN {t} AS m ON {join}
+                WHERE (m.state = 'pending') IS TRUE AND m.available_at <= now() AND {head}
+                LIMIT {limit}
+                FOR UPDATE OF m SKIP LOCKED),
+             run AS MATERIALIZED (
+                SELECT h.id{h_carried}, 0::int8 AS n FROM window_heads AS h
+                UNION ALL
+                SELECT y.id{y_carried}, y.n FROM window_heads AS h CROSS JOIN LATERAL (
+                    SELECT x.*, row_number() OVER w AS n,
+                           bool_and(x.available_at <= now()) OVER w AS due
+                    FROM (SELECT {row}, x.available_at FROM {t} AS x
+                          WHERE x.key COLLATE \"C\" = h.key AND x.state = 'pending' AND x.id > h.id
+                          ORDER BY x.id
+                          LIMIT (SELECT ({limit} - count(*) + greatest(count(*), 1) - 1)
+                                            / greatest(count(*), 1) FROM window_heads)) AS x
+                    WINDOW w AS (ORDER BY x.id)) AS y
+                WHERE y.due),
+             keys AS (
                 (SELECT x.key, {row} FROM {t} AS x
-                 WHERE x.state = 'pending' {after}
+                 WHERE x.state = 'pending'
                  ORDER BY x.key COLLATE \"C\", x.id LIMIT 1)
                 UNION ALL
                 SELECT n.* FROM keys AS k CROSS JOIN LATERAL (
                     SELECT x.key, {row} FROM {t} AS x
                     WHERE x.state = 'pending' AND x.key COLLATE \"C\" > k.key
                     ORDER BY x.key COLLATE \"C\", x.id LIMIT 1) AS n),
-             heads AS MATERIALIZED (
-                SELECT m.key, {found} FROM keys AS k JOIN {t} AS m ON {join}
+             walked_heads AS MATERIALIZED (
+                SELECT {found} FROM keys AS k JOIN {t} AS m ON {join}
                 WHERE (m.state = 'pending') IS TRUE AND m.available_at <= now()
-                LIMIT {limit}
-                FOR UPDATE OF m SKIP LOCKED),
-             run AS MATERIALIZED (
-                SELECT h.id{h_carried}, 0::int8 AS n FROM heads AS h
+                  AND m.id NOT IN (SELECT id FROM window_heads)
+                LIMIT (SELECT greatest({limit} - count(*), 0) FROM run)
+                FOR UPDATE OF m SKIP LOCKED)
+             SELECT id{carried} FROM (
+                SELECT id{carried}, n FROM run
                 UNION ALL
-                SELECT y.id{y_carried}, y.n FROM heads AS h CROSS JOIN LATERAL (
-                    SELECT x.*, row_number() OVER w AS n,
-                           bool_and(x.available_at <= now()) OVER w AS due
-                    FROM (SELECT {row}, x.available_at FROM {t} AS x
-                          WHERE x.key COLLATE \"C\" = h.key AND x.state = 'pending' AND x.id > h.id
-                          ORDER BY x.id
-                          LIMIT (SELECT {limit} - count(*) FROM heads)) AS x
-                    WINDOW w AS (ORDER BY x.id)) AS y
-                WHERE y.due)
-             SELECT id{carried} FROM run ORDER BY n, id LIMIT {limit}",
+                SELECT id{carried}, 0 FROM walked_heads) AS a
+             ORDER BY n, id LIMIT {limit}",
+            head = is_head("m", t),
             h_carried = carried.replace(", ", ", h."),
             y_carried = carried.replace(", ", ", y."),
         );
