@@ -114,7 +114,9 @@ impl<T: MakeTls> Outbox<T> {
     /// order from then on, but the order of their ids is whatever their unordered producers
     /// drew. `PgStore::migrate` alone never changes a recorded mode, and a table never goes
     /// back from ordered to unordered: an unordered outbox's `migrate` on an ordered table
-    /// returns [`Error::OrderingMismatch`].
+    /// returns [`Error::OrderingMismatch`]. Producers and relays check the mode once (per
+    /// `Outbox` and per relay session): stop the unordered ones before converting a table,
+    /// or their messages are added and relayed without the order.
     pub fn migrate(&self) -> Result<(), Error> {
         self.inner
             .store
