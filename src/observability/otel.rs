@@ -31,6 +31,23 @@ pub(crate) type BacklogSource = Arc<dyn Fn() -> Option<Backlog> + Send + Sync>;
 /// ordered outbox; `None` when it cannot.
 pub(crate) type BlockedSource = Arc<dyn Fn() -> Option<(u64, Duration)> + Send + Sync>;
 
+/// `read`, with each reading serving the gauges for [`BACKLOG_TTL`]: one query per
+/// collection, whatever the number of gauges it feeds.
+fn cached<V: Clone>(read: impl Fn() -> Option<V>) -> impl Fn() -> Option<V> {
+    let cache: Mutex<Option<(Instant, V)>> = Mutex::new(None);
+    move || {
+        let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, value)) = cached.as_ref() {
+            if at.elapsed() < BACKLOG_TTL {
+                return Some(value.clone());
+            }
+        }
+        let fresh = read()?;
+        *cached = Some((Instant::now(), fresh.clone()));
+        Some(fresh)
+    }
+}
+
 /// One outbox's instruments, shared by all its relays.
 pub(crate) struct Instruments {
     sent: Counter<u64>,
@@ -74,33 +91,10 @@ impl Instruments {
                 .with_description(description)
                 .build()
         };
-        let cache: Arc<Mutex<Option<(Instant, Backlog)>>> = Arc::default();
-        let read = move || -> Option<Backlog> {
-            let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, backlog)) = cached.as_ref() {
-                if at.elapsed() < BACKLOG_TTL {
-                    return Some(backlog.clone());
-                }
-            }
-            let fresh = backlog()?;
-            *cached = Some((Instant::now(), fresh.clone()));
-            Some(fresh)
-        };
-        let read = Arc::new(read);
+        let read = Arc::new(cached(move || backlog()));
         let (r1, r2, r3) = (read.clone(), read.clone(), read);
         let blocked_gauges = blocked.map(|source| {
-            let cache: Arc<Mutex<Option<(Instant, (u64, Duration))>>> = Arc::default();
-            let read = Arc::new(move || -> Option<(u64, Duration)> {
-                let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some((at, value)) = cached.as_ref() {
-                    if at.elapsed() < BACKLOG_TTL {
-                        return Some(*value);
-                    }
-                }
-                let fresh = source()?;
-                *cached = Some((Instant::now(), fresh));
-                Some(fresh)
-            });
+            let read = Arc::new(cached(move || source()));
             let (b1, b2) = (read.clone(), read);
             (
                 meter
