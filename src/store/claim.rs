@@ -931,12 +931,9 @@ mod tests {
     use super::*;
     use crate::PgPool;
 
-    /// The claim's plan on a table that was never analyzed (every new outbox; every backlog
-    /// that grows faster than autovacuum runs): without the planner settings of
-    /// `sql::begin_claim`, PostgreSQL picks a bitmap scan of the whole backlog and a sort,
-    /// a quadratic drain. With them, an ordered scan of the pending index.
-    #[test]
-    fn the_claim_plan_does_not_depend_on_planner_statistics() {
+    /// A pool on the test server and a freshly migrated store in `schema` (`ordered`: with
+    /// per-key ordering).
+    fn fresh_store(schema: &str, ordered: bool) -> (PgPool, PgStore) {
         let url = crate::testing::database_url().unwrap();
         let pool: PgPool = r2d2::Pool::builder()
             .max_size(2)
@@ -945,12 +942,23 @@ mod tests {
                 postgres::NoTls,
             ))
             .unwrap();
-        let mut client = pool.get().unwrap();
-        client
-            .batch_execute("DROP SCHEMA IF EXISTS unit_claim_plan CASCADE")
+        pool.get()
+            .unwrap()
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
             .unwrap();
-        let store = PgStore::new(pool.clone()).schema("unit_claim_plan");
-        store.migrate().unwrap();
+        let store = PgStore::new(pool.clone()).schema(schema);
+        store.migrate_with(Some(ordered)).unwrap();
+        (pool, store)
+    }
+
+    /// The claim's plan on a table that was never analyzed (every new outbox; every backlog
+    /// that grows faster than autovacuum runs): without the planner settings of
+    /// `sql::begin_claim`, PostgreSQL picks a bitmap scan of the whole backlog and a sort,
+    /// a quadratic drain. With them, an ordered scan of the pending index.
+    #[test]
+    fn the_claim_plan_does_not_depend_on_planner_statistics() {
+        let (pool, store) = fresh_store("unit_claim_plan", false);
+        let mut client = pool.get().unwrap();
         client
             .batch_execute(
                 "ALTER TABLE unit_claim_plan.outbox_messages SET (autovacuum_enabled = false);
@@ -1017,20 +1025,8 @@ mod tests {
     /// (which made a claim cost O(backlog) when a key has thousands of messages waiting).
     #[test]
     fn the_ordered_claim_descends_the_key_index() {
-        let url = crate::testing::database_url().unwrap();
-        let pool: PgPool = r2d2::Pool::builder()
-            .max_size(2)
-            .build(PostgresConnectionManager::new(
-                url.parse().unwrap(),
-                postgres::NoTls,
-            ))
-            .unwrap();
+        let (pool, store) = fresh_store("unit_ordered_plan", true);
         let mut client = pool.get().unwrap();
-        client
-            .batch_execute("DROP SCHEMA IF EXISTS unit_ordered_plan CASCADE")
-            .unwrap();
-        let store = PgStore::new(pool.clone()).schema("unit_ordered_plan");
-        store.migrate_with(Some(true)).unwrap();
         client
             .batch_execute(
                 "ALTER TABLE unit_ordered_plan.outbox_messages SET (autovacuum_enabled = false);
