@@ -1689,7 +1689,7 @@ fn a_charged_follower_does_not_stall_its_key_after_its_head_fails() {
 
 /// Why: ordering schemes built on xid or xmin high-water marks stall while any transaction
 /// holding an xid stays open, anywhere in the cluster. Here one session sits idle in a
-/// transaction that holds an xid, and another sits in an uncommitted ordered producer
+/// transaction that holds an xid, one more does the same in another database, and another sits in an uncommitted ordered producer
 /// transaction of key "held" (holding that key's lock): every other key must still be
 /// delivered, in order, while both stay open; "held" follows once its transaction commits.
 #[test]
@@ -1706,6 +1706,29 @@ fn an_idle_transaction_holding_an_xid_does_not_stall_ordered_delivery() {
         .unwrap()
         .get(0);
     let _xid: i64 = idle_tx
+        .query_one("SELECT txid_current()", &[])
+        .unwrap()
+        .get(0);
+    // The same in another database of the cluster: xids and the xmin horizon are shared by
+    // all databases.
+    let other_db = "troutbox_ordering_idle_xid";
+    let mut admin = pool.get().unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {other_db} WITH (FORCE)"))
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {other_db}"))
+        .unwrap();
+    drop(admin);
+    let mut other_config: postgres::Config = common::url().parse().unwrap();
+    other_config.dbname(other_db);
+    let mut other = other_config.connect(postgres::NoTls).unwrap();
+    let mut other_tx = other.transaction().unwrap();
+    let other_pid: i32 = other_tx
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let _other_xid: i64 = other_tx
         .query_one("SELECT txid_current()", &[])
         .unwrap()
         .get(0);
@@ -1739,15 +1762,22 @@ fn an_idle_transaction_holding_an_xid_does_not_stall_ordered_delivery() {
         &pool,
         &format!(
             "SELECT count(*) FROM pg_stat_activity
-             WHERE pid = {idle_pid} AND state = 'idle in transaction' AND backend_xid IS NOT NULL"
+             WHERE pid IN ({idle_pid}, {other_pid}) AND state = 'idle in transaction'
+               AND backend_xid IS NOT NULL"
         ),
     );
-    assert_eq!(still_idle, 1);
+    assert_eq!(still_idle, 2);
     assert!(published(&log.entries(), "held").is_empty());
     held_tx.commit().unwrap();
     assert!(log.wait_distinct(51, PATIENCE));
     handle.shutdown().unwrap();
     idle_tx.rollback().unwrap();
+    other_tx.rollback().unwrap();
+    drop(other);
+    pool.get()
+        .unwrap()
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {other_db} WITH (FORCE)"))
+        .unwrap();
     let entries = log.entries();
     for k in 0..5 {
         let expected: Vec<String> = (0..10).map(|r| format!("k{k}-{r}")).collect();

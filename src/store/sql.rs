@@ -856,9 +856,10 @@ impl Sql {
     ///    unordered claim plus a probe per row. (Measured alternatives: a window of four
     ///    batches, or probing only each key's first row in the window, cost more with many
     ///    keys than they saved with few; see BENCHMARKS.md.)
-    /// 2. `run`: for each of those heads, its followers in id order (the key index), up to
-    ///    its share of the room left in the batch (rounded up), cut at the first one that
-    ///    is not due. Nobody else can hold them: their head is locked by this claim.
+    /// 2. `run`: when the heads leave room, for each of them its followers in id order (the
+    ///    key index), up to its share of the room left in the batch (rounded up), cut at the
+    ///    first one that is not due. Nobody else can hold them: their head is locked by this
+    ///    claim. (The room test is a one-time filter: a batch of heads skips the step.)
     /// 3. `walked_heads`, only when the batch still has room: the keys with pending
     ///    messages in key order, each with its head, by a loose index scan (one descent of
     ///    the key index per key), the due ones locked, one message per key. This is what
@@ -922,7 +923,7 @@ impl Sql {
                           LIMIT (SELECT ({limit} - count(*) + greatest(count(*), 1) - 1)
                                             / greatest(count(*), 1) FROM window_heads)) AS x
                     WINDOW w AS (ORDER BY x.id)) AS y
-                WHERE y.due),
+                WHERE y.due AND (SELECT count(*) FROM window_heads) < {limit}),
              keys AS (
                 (SELECT x.key, {row} FROM {t} AS x
                  WHERE x.state = 'pending'
