@@ -117,10 +117,115 @@ impl RabbitError {
             source: Box::new(source),
         }
     }
+
+    /// The same error with the URL's credentials taken out of the client's text: the
+    /// client library prints the whole URL in some errors (a host name that does not
+    /// resolve, a refused connection), and this text goes to the error handler, into the
+    /// messages' `last_error` in the database, and into traces. The client's error is
+    /// replaced by its redacted text (its chain included), so no `source()` can leak it.
+    fn redacted(self, url: &str) -> RabbitError {
+        match self {
+            RabbitError::Broker { action, source } => {
+                let mut text = source.to_string();
+                let mut next = source.source();
+                while let Some(cause) = next {
+                    text.push_str(": ");
+                    text.push_str(&cause.to_string());
+                    next = cause.source();
+                }
+                RabbitError::Broker {
+                    action,
+                    source: Box::new(Redacted(redact(&text, url))),
+                }
+            }
+            other => other,
+        }
+    }
 }
 
-/// Options for a [`RabbitSender`]; every one has a default.
-#[derive(Debug, Clone)]
+/// A client library's error text with credentials removed (see [`RabbitError::Broker`]).
+#[derive(Debug)]
+struct Redacted(String);
+
+impl fmt::Display for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Redacted {}
+
+/// `text` without credentials: the user-information part of every URL in it (`scheme://`
+/// up to the last `@` before the host ends) becomes `***`, and the user name and password
+/// of `url`, as written and percent-decoded, are replaced wherever else they appear.
+fn redact(text: &str, url: &str) -> String {
+    let mut out = strip_userinfo(text);
+    if let Some((user, password)) = userinfo(url) {
+        let mut secrets = vec![password.to_owned(), percent_decoded(password)];
+        // A short user name ("a") would mangle unrelated words; the URL form is gone anyway.
+        if user.len() >= 3 {
+            secrets.push(user.to_owned());
+            secrets.push(percent_decoded(user));
+        }
+        secrets.retain(|s| !s.is_empty());
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        for secret in secrets {
+            out = out.replace(&secret, "***");
+        }
+    }
+    out
+}
+
+/// The user name and password of an `amqp://user:password@host` URL, as written.
+fn userinfo(url: &str) -> Option<(&str, &str)> {
+    let rest = &url[url.find("://")? + 3..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let info = &authority[..authority.rfind('@')?];
+    Some(info.split_once(':').unwrap_or((info, "")))
+}
+
+/// Every `scheme://user:password@` in `text` as `scheme://***@`.
+fn strip_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        out.push_str(&rest[..at + 3]);
+        rest = &rest[at + 3..];
+        let end = rest
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '>') || c.is_whitespace())
+            .unwrap_or(rest.len());
+        if let Some(last_at) = rest[..end].rfind('@') {
+            out.push_str("***");
+            rest = &rest[last_at..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `%XX` sequences decoded (invalid ones, and a result that is not UTF-8, left as written).
+fn percent_decoded(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_owned())
+}
+
+/// Options for a [`RabbitSender`]; every one has a default. Its `Debug` output shows the
+/// URL without user name and password.
+#[derive(Clone)]
 pub struct RabbitSenderBuilder {
     url: String,
     exchange: String,
@@ -129,6 +234,20 @@ pub struct RabbitSenderBuilder {
     mandatory: bool,
     persistent: bool,
     max_body_size: usize,
+}
+
+impl fmt::Debug for RabbitSenderBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitSenderBuilder")
+            .field("url", &redact(&self.url, &self.url))
+            .field("exchange", &self.exchange)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("mandatory", &self.mandatory)
+            .field("persistent", &self.persistent)
+            .field("max_body_size", &self.max_body_size)
+            .finish()
+    }
 }
 
 impl RabbitSenderBuilder {
@@ -306,7 +425,9 @@ impl crate::Sender for RabbitSender {
     type Error = RabbitError;
 
     fn send(&mut self, batch: &mut Batch) -> Result<(), RabbitError> {
-        let result = self.publish(batch);
+        let result = self
+            .publish(batch)
+            .map_err(|e| e.redacted(&self.config.url));
         if result.is_err() {
             if let Some(link) = self.link.take() {
                 // Closing waits for the broker's close-ok, which a hung broker only ends at

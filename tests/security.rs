@@ -1,0 +1,96 @@
+//! Security hardening, tried as an attacker or an unlucky operator would: credentials never
+//! leave the process in an error's text, wherever that text goes (issue 11).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{eventually, pool, store, PATIENCE};
+use troutbox::rabbitmq::RabbitSender;
+use troutbox::Outbox;
+
+const USER: &str = "alice-ops";
+/// Percent-encoded in the URL (`%40` is `@`), as a password with an `@` must be.
+const PASSWORD_ENCODED: &str = "s3cr%40t-Pa55";
+const PASSWORD: &str = "s3cr@t-Pa55";
+
+fn url(host: &str) -> String {
+    format!("amqp://{USER}:{PASSWORD_ENCODED}@{host}:5672/%2f")
+}
+
+/// Whether `text` holds any form of the credentials.
+fn leaks(text: &str) -> bool {
+    [USER, PASSWORD_ENCODED, PASSWORD, "s3cr"]
+        .iter()
+        .any(|secret| text.contains(secret))
+}
+
+/// A host name that does not resolve (a DNS outage) and a refused connection: the client
+/// library prints the whole URL in both errors. Through the relay, neither the text stored
+/// in `last_error` (which `troutbox dead list` prints) nor the error the error handler
+/// receives (`Display`, `Debug` and every source) may carry the user name or the password,
+/// nor may the sender's or the builder's `Debug`.
+#[test]
+fn broker_errors_carry_no_credentials_anywhere() {
+    let pool = pool(4);
+    for (i, host_url) in [
+        url("broker.invalid"),
+        url("127.0.0.1").replace(":5672", ":1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let host = if i == 0 {
+            "broker.invalid"
+        } else {
+            "127.0.0.1"
+        };
+        let store = store(&format!("security_redaction_{i}"), &pool);
+        let reported: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = reported.clone();
+        let outbox = Outbox::builder(store.clone())
+            .max_retries(0)
+            .poll_interval(Duration::from_millis(5))
+            .error_handler(move |e| {
+                let mut text = format!("{e} | {e:?}");
+                let mut source = std::error::Error::source(e);
+                while let Some(cause) = source {
+                    text.push_str(&format!(" | {cause} | {cause:?}"));
+                    source = cause.source();
+                }
+                seen.lock().unwrap().push(text);
+            })
+            .build()
+            .unwrap();
+        outbox
+            .add_message(&mut *pool.get().unwrap(), "order-1", b"paid")
+            .unwrap();
+        let builder = RabbitSender::builder(&host_url).connect_timeout(Duration::from_secs(5));
+        let debug = format!("{builder:?}");
+        assert!(!leaks(&debug) && debug.contains(host), "{debug}");
+        let sender = builder.build().unwrap();
+        assert!(!leaks(&format!("{sender:?}")));
+        let mut handle = outbox.start(sender).unwrap();
+        assert!(eventually(PATIENCE, || store.backlog().unwrap().dead == 1));
+        handle.shutdown().unwrap();
+
+        let dead = store.dead_messages(10, None).unwrap();
+        let stored = dead[0].last_error.clone().unwrap_or_default();
+        if i == 0 {
+            assert!(
+                stored.contains(host),
+                "the error should name the host: {stored}"
+            );
+        }
+        assert!(
+            !leaks(&stored),
+            "credentials stored in last_error: {stored}"
+        );
+        let reported = reported.lock().unwrap();
+        assert!(!reported.is_empty());
+        for text in reported.iter() {
+            assert!(!leaks(text), "credentials reported: {text}");
+        }
+    }
+}
