@@ -167,25 +167,82 @@ fn database_errors_are_reported_and_the_worker_recovers() {
     assert_eq!(reported.load(Ordering::SeqCst), 3);
 }
 
+/// A Sender for two workers that holds the first batch until the test lets go: `entered`
+/// says a batch is in the Sender, and the live clones of `token` (two per worker: the
+/// Sender and its pristine copy) say how many workers are still running.
+fn held_sender(
+    token: &Arc<()>,
+    entered: crossbeam_channel::Sender<()>,
+    go: crossbeam_channel::Receiver<()>,
+) -> impl FnMut(&mut Batch) -> Result<(), String> + Clone + Send + 'static {
+    let token = token.clone();
+    move |_: &mut Batch| {
+        let _alive = &token;
+        let _ = entered.try_send(());
+        // A hang guard only: the test lets go long before.
+        let _ = go.recv_timeout(WAIT * 3);
+        Ok(())
+    }
+}
+
+/// Releases the held batch once the stop is certain to have been given (the idle one of the
+/// two workers has ended: only the stop ends a worker) and the stopping call has had a fair
+/// chance to return early, which it must not do while a batch is in the Sender. Returns
+/// true if it did return early.
+fn release_when_stopping(
+    token: Arc<()>,
+    go: crossbeam_channel::Sender<()>,
+    returned: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<bool> {
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + WAIT;
+        // The test's clone, this one, and the busy worker's two.
+        while Arc::strong_count(&token) > 4 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the idle worker never stopped: {} clones",
+                Arc::strong_count(&token)
+            );
+            std::thread::yield_now();
+        }
+        // An observation window, not a synchronisation: a correct stop never returns within
+        // it, a stop that does not wait for the batch returns at once.
+        let window = std::time::Instant::now() + Duration::from_millis(500);
+        while std::time::Instant::now() < window && !returned.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let early = returned.load(Ordering::SeqCst);
+        go.send(()).unwrap();
+        early
+    })
+}
+
 #[test]
 fn shutdown_finishes_the_batch_in_flight() {
     let store = MemoryStore::new();
     let id = store.add("slow");
+    let mut cfg = config();
+    cfg.workers = 2;
+    let token = Arc::new(());
     let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
     let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
-    let mut handle = start(&store, &config(), move |_: &mut Batch| {
-        entered_tx.send(()).unwrap();
-        go_rx.recv().unwrap();
-        Ok(())
-    });
+    let mut handle = start(&store, &cfg, held_sender(&token, entered_tx, go_rx));
     entered_rx.recv_timeout(WAIT).unwrap();
-    let releaser = std::thread::spawn(move || {
-        // Let shutdown start waiting first; the outcome does not depend on this ordering.
-        go_tx.send(()).unwrap();
-    });
+    let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let releaser = release_when_stopping(token.clone(), go_tx, returned.clone());
+    // The batch is in the Sender, and is let go only after the shutdown has begun.
     handle.shutdown().unwrap();
-    releaser.join().unwrap();
-    assert_eq!(store.state().sent, [id]);
+    returned.store(true, Ordering::SeqCst);
+    assert!(
+        !releaser.join().unwrap(),
+        "shutdown returned while the batch was in the Sender"
+    );
+    assert_eq!(
+        store.state().sent,
+        [id],
+        "the batch in flight was not settled"
+    );
+    assert_eq!(Arc::strong_count(&token), 1, "a worker is still running");
     assert!(handle.is_finished());
     handle.shutdown().unwrap();
 }
@@ -231,11 +288,61 @@ fn several_workers_share_the_work_without_duplicates() {
 }
 
 #[test]
-fn dropping_the_handle_stops_the_workers() {
+fn dropping_the_handle_joins_the_workers_and_settles_the_batch_in_flight() {
     let store = MemoryStore::new();
-    let handle = start(&store, &config(), |_: &mut Batch| Ok(()));
+    let id = store.add("slow");
+    let mut cfg = config();
+    cfg.workers = 2;
+    let token = Arc::new(());
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+    let handle = start(&store, &cfg, held_sender(&token, entered_tx, go_rx));
+    entered_rx.recv_timeout(WAIT).unwrap();
+    let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let releaser = release_when_stopping(token.clone(), go_tx, returned.clone());
     drop(handle);
-    // With every worker gone, a new message stays put.
-    store.add("after");
-    assert!(!store.wait_until(Duration::from_millis(100), |s| !s.sent.is_empty()));
+    returned.store(true, Ordering::SeqCst);
+    assert!(
+        !releaser.join().unwrap(),
+        "drop returned while the batch was in the Sender"
+    );
+    // Drop joined the threads (every Sender copy is gone) after the batch was settled.
+    assert_eq!(Arc::strong_count(&token), 1, "a worker outlived the drop");
+    assert_eq!(
+        store.state().sent,
+        [id],
+        "the batch in flight was not settled"
+    );
+}
+
+#[test]
+fn dropping_the_handle_gives_up_on_a_stuck_sender_after_the_shutdown_timeout() {
+    let store = MemoryStore::new();
+    store.add("stuck");
+    let mut cfg = config();
+    cfg.shutdown_timeout = Duration::from_millis(200);
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+    let handle = start(&store, &cfg, move |_: &mut Batch| {
+        let _ = entered_tx.try_send(());
+        let _ = go_rx.recv();
+        Ok(())
+    });
+    entered_rx.recv_timeout(WAIT).unwrap();
+    let (dropped_tx, dropped_rx) = crossbeam_channel::bounded::<Duration>(1);
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        drop(handle);
+        dropped_tx.send(started.elapsed()).unwrap();
+    });
+    // The Sender never returns on its own: drop must come back anyway (hang guard only).
+    let took = dropped_rx
+        .recv_timeout(WAIT)
+        .expect("drop hung on a stuck Sender");
+    assert!(
+        took >= cfg.shutdown_timeout,
+        "drop returned after {took:?}, before the shutdown timeout"
+    );
+    assert!(store.state().sent.is_empty());
+    go_tx.send(()).unwrap();
 }
