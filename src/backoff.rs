@@ -33,6 +33,11 @@ pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 /// Default cap on the delay.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
+/// The longest retry delay a [`Backoff`] accepts: 30 days. A retry time is stored as a
+/// timestamp; a delay near [`Duration::MAX`] would overflow PostgreSQL's interval and fail
+/// the settlement of every batch holding the message.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30 * 24 * 3600);
+
 impl Default for Backoff {
     /// Exponential from 1 s, capped at 5 minutes, with jitter.
     fn default() -> Backoff {
@@ -89,6 +94,12 @@ impl Backoff {
     pub(crate) fn validate(&self) -> Result<(), String> {
         if self.initial.is_zero() {
             return Err("the initial delay must be greater than zero".into());
+        }
+        if self.max > MAX_BACKOFF {
+            return Err(format!(
+                "the maximum delay ({:?}) is above the limit of 30 days (MAX_BACKOFF)",
+                self.max
+            ));
         }
         if self.max < self.initial {
             return Err(format!(

@@ -33,6 +33,20 @@ pub const DEFAULT_MAX_VALUE_SIZE: usize = 1 << 20;
 pub const MAX_VALUE_SIZE_LIMIT: usize = 512 << 20;
 /// Largest accepted message key, in bytes. Keeps keys indexable for per-key ordering.
 pub const MAX_KEY_LEN: usize = 1024;
+
+/// The most headers (name-value pairs) one message may carry.
+pub const MAX_HEADERS: usize = 100;
+
+/// The most bytes one message's headers may hold, names and values together: 64 KiB.
+/// Headers are not counted in `max_value_size`; this bounds them on their own.
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
+
+/// The most messages one [`add_messages`](crate::Outbox::add_messages) call accepts.
+pub const MAX_MESSAGES_PER_CALL: usize = 10_000;
+
+/// The most bytes (keys, values and headers) one `add_messages` call accepts: 256 MiB, so a
+/// mistaken call cannot build a statement the size of the process's memory.
+pub const MAX_BYTES_PER_CALL: usize = 256 << 20;
 /// Longest error text stored with a failed message, in bytes.
 pub const MAX_ERROR_TEXT: usize = 1000;
 

@@ -43,6 +43,17 @@ pub enum Error {
         position: usize,
     },
 
+    /// An [`add_messages`](crate::Outbox::add_messages) call holds more than the limits
+    /// allow ([`MAX_MESSAGES_PER_CALL`](crate::MAX_MESSAGES_PER_CALL) messages,
+    /// [`MAX_BYTES_PER_CALL`](crate::MAX_BYTES_PER_CALL) bytes). Nothing was added.
+    #[error("add_messages was given {what}, the limit is {max}; split the messages over several calls (in the same transaction if they must commit together)")]
+    CallTooLarge {
+        /// What is over: the count of messages or of bytes.
+        what: String,
+        /// The limit.
+        max: usize,
+    },
+
     /// A message key is longer than the limit.
     #[error("message key is {len} bytes long, the limit is {max} bytes; use a shorter key (a hash of it, say)")]
     KeyTooLong {

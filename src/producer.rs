@@ -5,7 +5,9 @@ use std::sync::atomic::Ordering;
 use postgres::types::Type;
 use postgres::{GenericClient, NoTls, Statement};
 
-use crate::config::MAX_KEY_LEN;
+use crate::config::{
+    MAX_BYTES_PER_CALL, MAX_HEADERS, MAX_HEADER_BYTES, MAX_KEY_LEN, MAX_MESSAGES_PER_CALL,
+};
 use crate::outbox::Outbox;
 use crate::store::pg::MakeTls;
 use crate::store::sql::encode_headers;
@@ -61,6 +63,11 @@ impl<'a> NewMessage<'a> {
         &self.headers
     }
 
+    /// The bytes of the headers, names and values together.
+    fn header_bytes(&self) -> usize {
+        self.headers.iter().map(|(n, v)| n.len() + v.len()).sum()
+    }
+
     /// Checks what PostgreSQL would reject, or what the outbox refuses, before any round trip.
     fn validate(&self, max_value_size: usize) -> Result<(), Error> {
         if let Some(position) = self.key.bytes().position(|b| b == 0) {
@@ -76,6 +83,18 @@ impl<'a> NewMessage<'a> {
             return Err(Error::ValueTooLarge {
                 len: self.value.len(),
                 max: max_value_size,
+            });
+        }
+        if self.headers.len() > MAX_HEADERS {
+            return Err(Error::InvalidHeader {
+                name: String::new(),
+                reason: "the message has more than MAX_HEADERS (100) headers",
+            });
+        }
+        if self.header_bytes() > MAX_HEADER_BYTES {
+            return Err(Error::InvalidHeader {
+                name: String::new(),
+                reason: "the headers hold more than MAX_HEADER_BYTES (64 KiB), names and values together",
             });
         }
         for (name, value) in &self.headers {
@@ -213,6 +232,22 @@ impl<T: MakeTls> Outbox<T> {
         let messages: Vec<NewMessage<'m>> = messages.into_iter().collect();
         if messages.is_empty() {
             return Ok(0);
+        }
+        if messages.len() > MAX_MESSAGES_PER_CALL {
+            return Err(Error::CallTooLarge {
+                what: format!("{} messages", messages.len()),
+                max: MAX_MESSAGES_PER_CALL,
+            });
+        }
+        let bytes: usize = messages
+            .iter()
+            .map(|m| m.key.len() + m.value.len() + m.header_bytes())
+            .sum();
+        if bytes > MAX_BYTES_PER_CALL {
+            return Err(Error::CallTooLarge {
+                what: format!("{bytes} bytes"),
+                max: MAX_BYTES_PER_CALL,
+            });
         }
         let max = self.inner.config.max_value_size;
         messages.iter().try_for_each(|m| m.validate(max))?;

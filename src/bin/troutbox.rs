@@ -27,7 +27,9 @@ use troutbox::{BlockedKey, DeadMessage, Outbox, PgStore, Retention};
     after_help = "The connection string is a libpq key=value string or a postgresql:// URL. Durations are like 30s, 15m, 12h, 7d."
 )]
 struct Cli {
-    /// PostgreSQL connection string.
+    /// PostgreSQL connection string. Prefer the DATABASE_URL environment variable (or a
+    /// passfile, see libpq's PGPASSFILE): a password given on the command line shows in
+    /// `ps` to every user of the machine.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
 
@@ -81,9 +83,9 @@ enum Command {
     /// List blocked keys (per-key ordering): keys whose oldest pending message has failed,
     /// holding back the key's later messages, with that message and its last error.
     Blocked {
-        /// How many to show.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
+        /// How many to show, at most 1,000.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
     },
     /// Give up on a pending message: it becomes dead with the reason "skipped", which
     /// unblocks its key (per-key ordering). Refused while a relay is sending it.
@@ -97,8 +99,8 @@ enum Command {
 enum Dead {
     /// List dead messages, newest first, with attempts and last error.
     List {
-        /// How many to show.
-        #[arg(long, default_value_t = 50)]
+        /// How many to show, at most 1,000.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
         /// Show only messages with an id below this one (the next page).
         #[arg(long)]
@@ -260,7 +262,10 @@ fn run(cli: &Cli) -> Result<()> {
                 Some(age) => {
                     let age =
                         time::Duration::try_from(*age).map_err(|_| "--older-than is too large")?;
-                    store.purge_dead_before(OffsetDateTime::now_utc() - age)?
+                    let before = OffsetDateTime::now_utc()
+                        .checked_sub(age)
+                        .ok_or("--older-than reaches before the year -9999")?;
+                    store.purge_dead_before(before)?
                 }
                 None => store.purge_dead(ids)?,
             };
@@ -271,7 +276,7 @@ fn run(cli: &Cli) -> Result<()> {
             );
         }
         Command::Blocked { limit } => {
-            let blocked = store.blocked_keys(*limit)?;
+            let blocked = store.blocked_keys(*limit as usize)?;
             print(
                 cli,
                 serde_json::Value::Array(blocked.iter().map(blocked_json).collect()),
@@ -402,7 +407,22 @@ fn short(s: &str, n: usize) -> String {
     if s.chars().count() > n {
         out.push('…');
     }
-    out.replace(['\n', '\r'], " ")
+    escape_controls(&out)
+}
+
+/// Control characters (a newline, an escape sequence that would drive the terminal) as
+/// Rust escapes: a key or an error text written by anyone cannot forge table lines or
+/// take over the operator's terminal.
+fn escape_controls(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Rows under a header, columns aligned.

@@ -1,0 +1,60 @@
+//! The `troutbox` command line against hostile input and operator mistakes (issue 11):
+//! no panic on an absurd duration, no terminal control from a stored key or error, bounded
+//! listings.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{pool, store};
+use troutbox::Outbox;
+
+const SCHEMA: &str = "cli_hardening";
+
+fn troutbox(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_troutbox"))
+        .args(["--database-url", &common::url(), "--schema", SCHEMA])
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn hostile_input_and_absurd_options_are_errors_not_panics() {
+    let pool = pool(4);
+    let store = store(SCHEMA, &pool);
+    // A key and an error text that would clear the screen and forge a table line.
+    let evil = "k\u{1b}[2J\nID  FAKE-LINE\r";
+    let outbox = Outbox::builder(store.clone()).build().unwrap();
+    outbox
+        .add_message(&mut *pool.get().unwrap(), evil, b"v")
+        .unwrap();
+    pool.get()
+        .unwrap()
+        .batch_execute(&format!(
+            "UPDATE {SCHEMA}.outbox_messages SET state = 'dead', last_error = E'boom\\x1b[31m\\nFAKE'"
+        ))
+        .unwrap();
+
+    let out = troutbox(&["dead", "list"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
+    assert_eq!(text.lines().count(), 2, "one header and one row: {text:?}");
+    assert!(text.contains("\\u{1b}[2J\\nID"), "{text:?}");
+
+    // 20,000 years before now is before the year -9999: an error, not a panic.
+    let out = troutbox(&["dead", "purge", "--older-than", "20000y"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--older-than") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+
+    // Listings are bounded.
+    let out = troutbox(&["dead", "list", "--limit", "100000"]);
+    assert_eq!(out.status.code(), Some(2), "clap's usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1..=1000"));
+}
