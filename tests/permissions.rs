@@ -1,4 +1,5 @@
-//! Least privilege: a producer role with nothing but INSERT on the outbox table (and SELECT on
+//! Least privilege: a producer role with nothing but INSERT on three columns of the outbox
+//! table (and SELECT on
 //! the schema's table of ordering modes) can add
 //! messages, and a relay role with only what relaying needs can relay. The GRANT statements
 //! here are the ones the README's "Permissions" section documents.
@@ -49,7 +50,7 @@ fn producer_with_insert_only_and_relay_with_minimal_grants() {
              GRANT USAGE ON SCHEMA {SCHEMA} TO {PRODUCER}, {RELAY};
              GRANT INSERT ON {SCHEMA}.orders TO {PRODUCER};
              -- producer: exactly what the README documents
-             GRANT INSERT ON {SCHEMA}.outbox_messages TO {PRODUCER};
+             GRANT INSERT (key, value, headers) ON {SCHEMA}.outbox_messages TO {PRODUCER};
              -- both: the table's ordering mode, read once per outbox
              GRANT SELECT ON {SCHEMA}.troutbox_tables TO {PRODUCER}, {RELAY};
              -- relay: exactly what the README documents
@@ -71,6 +72,28 @@ fn producer_with_insert_only_and_relay_with_minimal_grants() {
         .add_messages(&mut tx, [troutbox::NewMessage::new("order-1", b"shipped")])
         .unwrap();
     tx.commit().unwrap();
+    // Nor can it choose the columns the relay relies on: an id ahead of the sequence (which
+    // would make later producers' transactions fail), a state, attempts, a retry time.
+    for column in ["id", "state", "attempts", "available_at", "created_at"] {
+        let value = match column {
+            "state" => "'dead'",
+            "available_at" | "created_at" => "now()",
+            _ => "1000000",
+        };
+        let err = conn
+            .execute(
+                &format!(
+                    "INSERT INTO {SCHEMA}.outbox_messages (key, value, {column}) VALUES ('k', 'v', {value})"
+                ),
+                &[],
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{column}: {err}"
+        );
+    }
     // The producer cannot read the outbox, so it really holds nothing but INSERT.
     let err = conn
         .query_one(
@@ -121,4 +144,84 @@ fn producer_with_insert_only_and_relay_with_minimal_grants() {
     );
     // The relay role can also operate the dead-letter tools.
     assert_eq!(relay_store.requeue_all_dead().unwrap(), 0);
+}
+
+/// Keep-sent retention: the relay marks rows sent and puts failures back with UPDATE, so its
+/// documented grant has no INSERT or DELETE on the table; partition maintenance runs DDL,
+/// which only the table's owner (or a member of the owning role) may run: the relay role's
+/// attempt is refused with a privilege error, the owner's succeeds.
+#[test]
+fn keep_sent_relay_grants_and_maintenance_by_the_owner() {
+    const KEEP: &str = "least_privilege_keep";
+    let owner = pool(4);
+    owner
+        .get()
+        .unwrap()
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {KEEP} CASCADE"))
+        .unwrap();
+    let retention = troutbox::Retention::keep_sent(Duration::from_secs(7 * 86_400));
+    let owner_store = PgStore::new(owner.clone())
+        .schema(KEEP)
+        .retention(retention.clone());
+    owner_store.migrate().unwrap();
+    let mut admin = owner.get().unwrap();
+    admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{RELAY}') THEN
+                 CREATE ROLE {RELAY} LOGIN PASSWORD '{PASSWORD}';
+               END IF;
+             END $$;
+             GRANT USAGE ON SCHEMA {KEEP} TO {RELAY};
+             -- relay, keep_sent: exactly what the README documents
+             GRANT SELECT, UPDATE ON {KEEP}.outbox_messages TO {RELAY};
+             GRANT SELECT, INSERT, DELETE ON {KEEP}.outbox_messages_claims, {KEEP}.outbox_messages_charges TO {RELAY};
+             GRANT SELECT ON {KEEP}.troutbox_tables TO {RELAY};"
+        ))
+        .unwrap();
+    let producer = Outbox::builder(owner_store.clone()).build().unwrap();
+    for key in ["a", "b"] {
+        producer.add_message(&mut *admin, key, b"v").unwrap();
+    }
+
+    let relay_store = PgStore::new(pool_as(RELAY))
+        .schema(KEEP)
+        .retention(retention);
+    let relay = Outbox::builder(relay_store.clone())
+        .max_retries(1)
+        .backoff(troutbox::Backoff::exponential(
+            Duration::from_millis(10),
+            Duration::from_millis(20),
+        ))
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let deliveries = Deliveries::new();
+    let d = deliveries.clone();
+    let mut handle = relay
+        .start(move |batch: &mut troutbox::Batch| -> Result<(), String> {
+            for m in batch.iter_mut() {
+                if m.key() == "a" && m.attempts() == 0 {
+                    m.mark_failed("first attempt fails");
+                }
+            }
+            d.record(batch);
+            Ok(())
+        })
+        .unwrap();
+    assert!(deliveries.wait_for(2, PATIENCE));
+    assert!(common::eventually(PATIENCE, || relay_store
+        .backlog()
+        .unwrap()
+        .sent
+        == 2));
+    handle.shutdown().unwrap();
+
+    let err = relay_store.run_maintenance_once().unwrap_err();
+    let text = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(
+        text.contains("must be owner") || text.contains("permission denied"),
+        "{text}"
+    );
+    owner_store.run_maintenance_once().unwrap();
 }
