@@ -53,7 +53,8 @@
 //!   recover), its SQL, row decoding and [`Retention`] (`store/`);
 //! - maintenance: partitions and dead letters (`maintenance/`);
 //! - observability: [`Backlog`] (`observability/`);
-//! - [`testing`]: a throw-away PostgreSQL server for tests and examples.
+//! - `testing` (feature `testing`, Unix): a throw-away PostgreSQL server for tests and
+//!   examples; not part of a normal build.
 //!
 //! ## Threads
 //!
@@ -76,6 +77,7 @@ mod producer;
 pub mod rabbitmq;
 mod relay;
 mod store;
+#[cfg(all(unix, any(test, feature = "testing")))]
 pub mod testing;
 
 /// The `postgres` crate troutbox is built on, re-exported so your versions always match.

@@ -5,6 +5,12 @@
 //! from the system's PostgreSQL binaries, on a free port and in a temporary directory, and
 //! removes both when the process exits (even when it is killed).
 //!
+//! Behind the `testing` feature (Unix only): a normal build of the library contains none of
+//! it. Safe on a shared machine: the server accepts connections only with its random
+//! superuser password (SCRAM), its data, log and socket live in a private directory (mode
+//! 0700, a random name created atomically), and it runs with a cleared environment, so a
+//! CI job's secrets do not reach it.
+//!
 //! The binaries are looked up on `PATH` (`initdb`), then through `pg_config --bindir`, then
 //! under `/usr/lib/postgresql/*/bin` (Debian and Ubuntu keep them there). `initdb` refuses to
 //! run as root, so when the process runs as root the server runs as the `postgres` system
@@ -20,11 +26,10 @@ use std::fmt;
 use std::fs;
 use std::io::Write;
 use std::net::TcpListener;
-use std::os::unix::fs::{chown, MetadataExt};
+use std::os::unix::fs::{fchown, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -106,6 +111,8 @@ impl TempPostgresBuilder {
 pub struct TempPostgres {
     dir: PathBuf,
     port: u16,
+    /// The superuser's password: random, set at initdb, required on every connection.
+    password: String,
     bin: PathBuf,
     run_as: Option<(u32, u32)>,
     settings: Vec<(String, String)>,
@@ -135,15 +142,15 @@ impl TempPostgres {
 
     fn start_with(options: TempPostgresBuilder) -> Result<TempPostgres, TempPostgresError> {
         let bin = find_bindir().ok_or_else(|| TempPostgresError(INSTALL_HINT.into()))?;
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "troutbox-pg-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir)
-            .or_else(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+        // A private directory: a random name created atomically with mode 0700 (an
+        // existing directory or link of that name is never reused), so no other local user
+        // can read the data, the log or the socket, or plant anything in it.
+        let dir = tempfile::Builder::new()
+            .prefix("troutbox-pg-")
+            .permissions(fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .or_else(|e| fail(format!("cannot create a temporary directory: {e}")))?
+            .keep();
         let owner = fs::metadata(&dir).map(|m| m.uid()).unwrap_or(1);
         let run_as = if owner == 0 {
             Some(unprivileged_account())
@@ -151,12 +158,16 @@ impl TempPostgres {
             None
         };
         if let Some((uid, gid)) = run_as {
-            chown(&dir, Some(uid), Some(gid))
+            // Through the open directory, not its path: nothing can swap a link in.
+            let handle = fs::File::open(&dir)
+                .or_else(|e| fail(format!("cannot open {}: {e}", dir.display())))?;
+            fchown(&handle, Some(uid), Some(gid))
                 .or_else(|e| fail(format!("cannot hand {} to uid {uid}: {e}", dir.display())))?;
         }
         let mut server = TempPostgres {
             dir,
             port: 0,
+            password: random_password()?,
             bin,
             run_as,
             settings: options.settings,
@@ -168,11 +179,12 @@ impl TempPostgres {
         Ok(server)
     }
 
-    /// A connection string for the superuser `postgres` on database `postgres`.
+    /// A connection string for the superuser `postgres` on database `postgres`, with its
+    /// password: the server accepts no connection without it.
     pub fn url(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=10",
-            self.port
+            "host=127.0.0.1 port={} user=postgres password={} dbname=postgres connect_timeout=10",
+            self.port, self.password
         )
     }
 
@@ -231,7 +243,12 @@ impl TempPostgres {
 
     fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(self.bin.join(program));
-        cmd.current_dir(&self.dir).env("LC_ALL", "C");
+        // A clean environment: the server must not inherit the caller's secrets (a CI
+        // job's tokens, a cloud key).
+        cmd.current_dir(&self.dir)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("LC_ALL", "C");
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
         }
@@ -239,6 +256,10 @@ impl TempPostgres {
     }
 
     fn initdb(&self) -> Result<(), TempPostgresError> {
+        // The password goes through a file in the private directory, readable by the
+        // server's account only, removed right after.
+        let pwfile = self.dir.join("pwfile");
+        write_private(&pwfile, self.password.as_bytes(), self.run_as)?;
         let output = self
             .command("initdb")
             .args([
@@ -246,8 +267,9 @@ impl TempPostgres {
                 "data",
                 "-U",
                 "postgres",
+                "--pwfile=pwfile",
                 "-A",
-                "trust",
+                "scram-sha-256",
                 "-E",
                 "UTF8",
                 "--no-locale",
@@ -260,6 +282,7 @@ impl TempPostgres {
                     self.bin.join("initdb").display()
                 ))
             })?;
+        let _ = fs::remove_file(&pwfile);
         if !output.status.success() {
             return fail(format!(
                 "initdb failed: {}",
@@ -271,7 +294,11 @@ impl TempPostgres {
 
     fn spawn_server(&mut self) -> Result<(), TempPostgresError> {
         let log_path = self.dir.join("server.log");
-        let log = fs::File::create(&log_path)
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&log_path)
             .or_else(|e| fail(format!("cannot create {}: {e}", log_path.display())))?;
         let log2 = log.try_clone().or_else(|e| fail(e.to_string()))?;
         let mut cmd = self.command("postgres");
@@ -360,6 +387,37 @@ fn spawn_watchdog(pid: u32, dir: &Path) -> Result<(Child, ChildStdin), TempPostg
         .or_else(|e| fail(format!("cannot start the cleanup watchdog: {e}")))?;
     let stdin = child.stdin.take().expect("stdin was piped");
     Ok((child, stdin))
+}
+
+/// 32 hexadecimal digits from the system's random source.
+fn random_password() -> Result<String, TempPostgresError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .or_else(|e| fail(format!("cannot read /dev/urandom: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `content` to a new file of mode 0600 (owned by `owner` when given).
+fn write_private(
+    path: &Path,
+    content: &[u8],
+    owner: Option<(u32, u32)>,
+) -> Result<(), TempPostgresError> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .or_else(|e| fail(format!("cannot create {}: {e}", path.display())))?;
+    file.write_all(content)
+        .or_else(|e| fail(format!("cannot write {}: {e}", path.display())))?;
+    if let Some((uid, gid)) = owner {
+        fchown(&file, Some(uid), Some(gid))
+            .or_else(|e| fail(format!("cannot hand {} to uid {uid}: {e}", path.display())))?;
+    }
+    Ok(())
 }
 
 fn free_port() -> Result<u16, TempPostgresError> {

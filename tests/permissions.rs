@@ -162,7 +162,7 @@ fn keep_sent_relay_grants_and_maintenance_by_the_owner() {
     let retention = troutbox::Retention::keep_sent(Duration::from_secs(7 * 86_400));
     let owner_store = PgStore::new(owner.clone())
         .schema(KEEP)
-        .retention(retention.clone());
+        .retention(retention);
     owner_store.migrate().unwrap();
     let mut admin = owner.get().unwrap();
     admin
