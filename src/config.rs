@@ -107,14 +107,32 @@ pub(crate) fn report_to(handler: &ErrorHandler, error: &crate::Error) {
 }
 
 /// The default error handler: logs through the `log` crate, Sender failures as warnings
-/// (the messages will be retried), everything else as errors.
+/// (the messages will be retried), everything else as errors, each with its whole chain of
+/// causes (a Sender's error often says what went wrong only in its source).
 pub(crate) fn log_error(error: &Error) {
+    let text = with_causes(error);
     match error {
         Error::Sender { .. } | Error::SenderPanicked { .. } => {
-            log::warn!("troutbox relay: {error}")
+            log::warn!("troutbox relay: {text}")
         }
-        _ => log::error!("troutbox relay: {error}"),
+        _ => log::error!("troutbox relay: {text}"),
     }
+}
+
+/// `error`'s text followed by each cause's, when the cause says something the text above it
+/// does not already contain.
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 impl Default for Config {
@@ -206,5 +224,40 @@ impl Config {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_causes;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn the_default_handler_prints_each_cause_once() {
+        let error = Layer(
+            "sender failed a batch of 3 message(s): broker said no",
+            Some(Box::new(Layer(
+                "broker said no",
+                Some(Box::new(Layer("connection reset by peer", None))),
+            ))),
+        );
+        assert_eq!(
+            with_causes(&error),
+            "sender failed a batch of 3 message(s): broker said no: connection reset by peer"
+        );
     }
 }

@@ -136,7 +136,7 @@ pub enum Error {
     },
 
     /// A statement failed in the database, or the connection to it failed.
-    #[error("database error while {context}: {source}")]
+    #[error("database error while {context}: {}", describe_db(source))]
     Database {
         /// What troutbox was doing.
         context: &'static str,
@@ -224,21 +224,55 @@ impl Error {
     }
 
     /// True when the error means the database or the connection to it is unavailable, so
-    /// retrying later may succeed.
+    /// retrying later may succeed: no connection from the pool, a closed connection, an I/O
+    /// error, or a server error of class 08 (connection exception) or 57P (shutdown, crash,
+    /// cannot connect now). Not a conversion error, nor any other server error.
     pub fn is_connection_error(&self) -> bool {
         match self {
             Error::Pool { .. } => true,
-            Error::Database { source, .. } => {
-                source.is_closed()
-                    || source.code().is_none()
-                    || matches!(
-                        source.code().map(|c| c.code()),
-                        Some(c) if c.starts_with("08") || c.starts_with("57P")
-                    )
-            }
+            Error::Database { source, .. } => match source.code() {
+                Some(code) => code.code().starts_with("08") || code.code().starts_with("57P"),
+                None => source.is_closed() || io_caused(source),
+            },
             _ => false,
         }
     }
+}
+
+/// A `postgres` error as a person needs it: for an error from the server, its severity,
+/// message, SQLSTATE, and detail and hint when there are (the `postgres` crate's own text is
+/// just "db error"); otherwise that crate's text.
+fn describe_db(error: &postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => {
+            let mut text = format!(
+                "{}: {} (SQLSTATE {})",
+                db.severity(),
+                db.message(),
+                db.code().code()
+            );
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!("; detail: {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            text
+        }
+        None => error.to_string(),
+    }
+}
+
+/// Whether an I/O error is somewhere in `error`'s chain: the connection, not the statement.
+fn io_caused(error: &postgres::Error) -> bool {
+    let mut next = std::error::Error::source(error);
+    while let Some(cause) = next {
+        if cause.is::<std::io::Error>() {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 /// The text of a caught panic payload.
