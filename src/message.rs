@@ -36,6 +36,32 @@ pub struct Message {
     pub(crate) status: Status,
 }
 
+/// Unit-testing a Sender without a database (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+impl Message {
+    /// A message as the relay would hand it over: `id`, `key`, `value`, no headers, created
+    /// now, never attempted, unmarked. For tests of your own Sender, with
+    /// [`Batch::for_test`](crate::Batch::for_test).
+    pub fn for_test(id: i64, key: &str, value: &[u8]) -> Message {
+        Message {
+            id,
+            key: key.to_owned(),
+            value: value.to_vec(),
+            headers: Vec::new(),
+            created_at: OffsetDateTime::now_utc(),
+            attempts: 0,
+            status: Status::Unmarked,
+        }
+    }
+
+    /// The same message with a header added.
+    #[must_use]
+    pub fn with_header(mut self, name: &str, value: &str) -> Message {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+}
+
 impl Message {
     /// The message's id, assigned by the database when the message was added. Use it as the
     /// idempotency key on the consumer side.

@@ -71,6 +71,41 @@ impl Batch {
         }
     }
 
+    /// A batch of `messages`, in id order, as an unordered outbox's relay hands it over:
+    /// for unit tests of your own Sender, without a database (feature `testing`). Read each
+    /// message's [`status`](Message::status) after the Sender ran.
+    ///
+    /// ```
+    /// use troutbox::{Batch, Message, Sender, Status};
+    ///
+    /// // The Sender under test: publishes each message, fails the ones keyed "bad".
+    /// let mut sender = |batch: &mut Batch| -> Result<(), String> {
+    ///     batch.send_each(|m| if m.key() == "bad" { Err("refused") } else { Ok(()) });
+    ///     Ok(())
+    /// };
+    /// let mut batch = Batch::for_test([
+    ///     Message::for_test(1, "good", b"a"),
+    ///     Message::for_test(2, "bad", b"b"),
+    /// ]);
+    /// sender.send(&mut batch).unwrap();
+    /// assert_eq!(batch.messages()[0].status(), &Status::Sent);
+    /// assert_eq!(batch.messages()[1].status(), &Status::Failed("refused".into()));
+    /// ```
+    #[cfg(any(test, feature = "testing"))]
+    pub fn for_test(messages: impl IntoIterator<Item = Message>) -> Batch {
+        Batch::new(messages.into_iter().collect())
+    }
+
+    /// Like [`for_test`](Self::for_test), as an outbox with
+    /// [`per_key_ordering`](crate::OutboxBuilder::per_key_ordering) hands it over (which
+    /// changes what [`send_each`](Self::send_each) does after a failure).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn for_test_ordered(messages: impl IntoIterator<Item = Message>) -> Batch {
+        let mut batch = Batch::for_test(messages);
+        batch.ordered = true;
+        batch
+    }
+
     /// Number of messages in the batch (at least 1, at most the configured batch size).
     pub fn len(&self) -> usize {
         self.messages.len()
@@ -116,5 +151,51 @@ impl<'a> IntoIterator for &'a mut Batch {
     type IntoIter = std::slice::IterMut<'a, Message>;
     fn into_iter(self) -> Self::IntoIter {
         self.iter_mut()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Status;
+
+    fn failing_b(m: &Message) -> Result<(), &'static str> {
+        if m.value() == b"fail" {
+            Err("refused")
+        } else {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn send_each_skips_a_failed_keys_followers_only_when_ordered() {
+        let messages = || {
+            [
+                Message::for_test(1, "a", b"ok"),
+                Message::for_test(2, "b", b"fail"),
+                Message::for_test(3, "b", b"ok"),
+                Message::for_test(4, "a", b"ok"),
+            ]
+        };
+        let mut published = Vec::new();
+        let mut ordered = Batch::for_test_ordered(messages());
+        ordered.send_each(|m| {
+            published.push(m.id());
+            failing_b(m)
+        });
+        assert_eq!(published, [1, 2, 4], "3 follows the failed 2 of key b");
+        let statuses: Vec<&Status> = ordered.iter().map(Message::status).collect();
+        assert_eq!(statuses[0], &Status::Sent);
+        assert_eq!(statuses[1], &Status::Failed("refused".into()));
+        assert!(matches!(statuses[2], Status::Failed(r) if r.contains("earlier message")));
+        assert_eq!(statuses[3], &Status::Sent);
+
+        let mut published = Vec::new();
+        let mut unordered = Batch::for_test(messages());
+        unordered.send_each(|m| {
+            published.push(m.id());
+            failing_b(m)
+        });
+        assert_eq!(published, [1, 2, 3, 4]);
     }
 }
