@@ -768,8 +768,10 @@ mod tests {
         }
     }
 
+    /// That a clone of a *connected* sender is unconnected needs a broker: see
+    /// `tests/rabbitmq.rs`, `a_clone_of_a_connected_sender_is_unconnected_and_keeps_its_configuration`.
     #[test]
-    fn clones_are_unconnected_and_debug_hides_the_url() {
+    fn a_clone_keeps_the_configuration_and_debug_hides_the_url() {
         let sender = RabbitSender::builder("amqp://user:secret@localhost")
             .exchange("orders")
             .build()

@@ -137,11 +137,14 @@ fn produce(
 }
 
 #[test]
-#[ignore = "entry point of the relay child process spawned by relay_killed_with_sigkill_loses_nothing"]
+#[ignore = "entry point of the relay child process spawned by relay_killed_with_sigkill_loses_nothing: fails when run on its own"]
 fn child_relay_process() {
-    let Ok(schema) = std::env::var(CHILD_SCHEMA) else {
-        return;
-    };
+    let schema = std::env::var(CHILD_SCHEMA).unwrap_or_else(|_| {
+        panic!(
+            "{CHILD_SCHEMA} is unset: this is the relay child process of \
+             relay_killed_with_sigkill_loses_nothing, not a test to run on its own"
+        )
+    });
     let url = std::env::var("DATABASE_URL").expect("the parent passes DATABASE_URL");
     let pool = pool_for(&url, 3, "faults-child-relay");
     let store = PgStore::new(pool.clone()).schema(&schema);
@@ -178,8 +181,12 @@ fn relay_killed_with_sigkill_loses_nothing() {
         .collect();
 
     let exe = std::env::current_exe().unwrap();
+    let delivered_so_far = format!("SELECT count(*) FROM {SCHEMA}.deliveries");
     let mut kills = 0;
+    let mut children_that_delivered = 0;
+    let mut child_output = Vec::new();
     while kills < KILLS || producers.iter().any(|p| !p.is_finished()) {
+        let before = count(&pool, &delivered_so_far);
         let mut child = Command::new(&exe)
             .args([
                 "child_relay_process",
@@ -189,16 +196,33 @@ fn relay_killed_with_sigkill_loses_nothing() {
             ])
             .env(CHILD_SCHEMA, SCHEMA)
             .env("DATABASE_URL", &url)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // The kill lands at a random moment of the child's life: that is the fault.
+        // The kill lands at a random moment of the child's life: that is the fault. (A
+        // sleep here is the fault's timing, not a synchronisation.)
         std::thread::sleep(Duration::from_millis(150 + random_below(450)));
+        let exited_on_its_own = child.try_wait().unwrap();
         child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        let output = child.wait_with_output().unwrap();
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            exited_on_its_own.is_none(),
+            "relay child exited before it was killed ({exited_on_its_own:?}):\n{output}"
+        );
+        child_output.push(output);
+        // The durable table says whether this child delivered anything before it died.
+        if count(&pool, &delivered_so_far) > before {
+            children_that_delivered += 1;
+        }
         kills += 1;
     }
+    let by_children = count(&pool, &delivered_so_far);
     let mut committed = Vec::new();
     let mut rolled_back = Vec::new();
     for p in producers {
@@ -225,13 +249,19 @@ fn relay_killed_with_sigkill_loses_nothing() {
         .filter(|v| delivered.contains(*v))
         .count();
     println!(
-        "FIGURES relay_killed: committed={} rolled_back={} kills={kills} lost={lost} rolled_back_delivered={phantom} duplicates={duplicates} (bound {}) final_drain_ms={}",
+        "FIGURES relay_killed: committed={} rolled_back={} kills={kills} children_that_delivered={children_that_delivered} delivered_by_children={by_children} lost={lost} rolled_back_delivered={phantom} duplicates={duplicates} (bound {}) final_drain_ms={}",
         committed.len(),
         rolled_back.len(),
         KILL_BATCH * kills,
         drain.as_millis()
     );
-    assert!(committed.len() >= 20_000);
+    // The killed children did the work: if they all failed at start-up, the final relay
+    // would deliver everything and the checks below would hold without any kill.
+    assert!(
+        by_children > 0 && children_that_delivered * 4 >= kills,
+        "{children_that_delivered} of {kills} children delivered ({by_children} deliveries); last output:\n{}",
+        child_output.last().map(String::as_str).unwrap_or_default()
+    );
     assert_eq!(lost, 0, "committed messages lost");
     assert_eq!(phantom, 0, "rolled-back messages delivered");
     assert_eq!(delivered.len(), committed.len());
@@ -244,7 +274,11 @@ fn relay_killed_with_sigkill_loses_nothing() {
 /// Runs producers and a relay against a private server while `fault` strikes; returns the
 /// figures line. The relay must report errors, never panic, and deliver every committed
 /// message in the end.
-fn survive(name: &str, fault: impl FnOnce(&mut TempPostgres, &Deliveries) -> Vec<Duration>) {
+fn survive(
+    name: &str,
+    expected_recoveries: usize,
+    fault: impl FnOnce(&mut TempPostgres, &Deliveries) -> Vec<Duration>,
+) {
     let mut server = TempPostgres::start().unwrap();
     let url = server.url();
     let pool = pool_for(&url, 6, "faults-producer");
@@ -303,9 +337,9 @@ fn survive(name: &str, fault: impl FnOnce(&mut TempPostgres, &Deliveries) -> Vec
     for e in &producer_errors {
         assert!(e.is_connection_error(), "producer got {e}");
     }
-    for r in recoveries {
-        assert!(r < Duration::from_secs(10), "recovery took {r:?}");
-    }
+    // Recovery times are figures, not asserts: `time_to_progress` bounds each wait only
+    // as a hang guard (PATIENCE).
+    assert_eq!(recoveries.len(), expected_recoveries);
 }
 
 /// Waits for the relay to deliver something it had not delivered at `since`.
@@ -320,7 +354,7 @@ fn time_to_progress(deliveries: &Deliveries, from: Instant) -> Duration {
 
 #[test]
 fn server_restarted_twice_the_relay_resumes_on_its_own() {
-    survive("server_restarted", |server, deliveries| {
+    survive("server_restarted", 2, |server, deliveries| {
         let mut recoveries = Vec::new();
         for _ in 0..2 {
             server.stop_server().unwrap(); // fast shutdown: every session is ended
@@ -337,7 +371,7 @@ fn server_restarted_twice_the_relay_resumes_on_its_own() {
 
 #[test]
 fn relay_connections_terminated_mid_run_lose_nothing() {
-    survive("connections_terminated", |server, deliveries| {
+    survive("connections_terminated", 5, |server, deliveries| {
         let admin = pool_for(&server.url(), 1, "faults-admin");
         let mut recoveries = Vec::new();
         for _ in 0..5 {
@@ -365,9 +399,11 @@ fn a_hung_sender_blocks_only_its_own_batch() {
     const HUNG_BATCH: usize = 10;
     let pool = common::pool(8);
     let store = store("faults_hung", &pool);
+    // A send timeout far beyond the test's wait: the server never releases the hung batch
+    // while the others are delivered, so only SKIP LOCKED can let them through.
     let outbox = Outbox::builder(store.clone())
         .batch_size(HUNG_BATCH)
-        .send_timeout(Duration::from_millis(500))
+        .send_timeout(PATIENCE * 10)
         .poll_interval(Duration::from_millis(10))
         .build()
         .unwrap();
@@ -404,28 +440,27 @@ fn a_hung_sender_blocks_only_its_own_batch() {
         "the others were blocked"
     );
     let others = started.elapsed();
+    let hung: HashSet<i64> = hung_ids.lock().unwrap().iter().copied().collect();
+    assert_eq!(hung.len(), HUNG_BATCH);
     assert!(
-        deliveries.wait_for(1000, PATIENCE),
-        "the hung batch was never released"
+        hung.iter().all(|id| deliveries.count_of(*id) == 0),
+        "a message of the hung batch was delivered while it hung"
     );
-    let released = started.elapsed();
     healthy.shutdown().unwrap();
+    // Released, the hung Sender returns Ok and its batch is settled: delivered once.
     go_tx.send(()).unwrap();
     hung_relay.shutdown().unwrap();
 
-    let hung: HashSet<i64> = hung_ids.lock().unwrap().iter().copied().collect();
     println!(
-        "FIGURES hung_sender: messages=1000 hung_batch={} delivered={} duplicates={} others_delivered_ms={} hung_batch_redelivered_ms={} (send_timeout 500 ms)",
+        "FIGURES hung_sender: messages=1000 hung_batch={} delivered={} duplicates={} others_delivered_ms={} (send_timeout {} s, never reached)",
         hung.len(),
         deliveries.distinct(),
         deliveries.duplicates(),
         others.as_millis(),
-        released.as_millis()
+        (PATIENCE * 10).as_secs()
     );
     assert_eq!(deliveries.distinct(), 1000);
-    // Only the hung batch can be delivered twice: once by the healthy relay after the
-    // timeout released it, once when the hung Sender finally returned.
-    assert!(deliveries.duplicates() <= hung.len());
+    assert_eq!(deliveries.duplicates(), 0);
     assert_eq!(
         count(&pool, "SELECT count(*) FROM faults_hung.outbox_messages"),
         0

@@ -471,3 +471,54 @@ fn mapping_returns_nacks_and_confirm_timeouts() {
         "the unconfirmed message was not failed after the confirm timeout"
     );
 }
+
+#[test]
+fn a_clone_of_a_connected_sender_is_unconnected_and_keeps_its_configuration() {
+    let rabbit = broker();
+    let url = rabbit.url();
+    declare(&url, &[("cloned", FieldTable::new())]);
+    let pool = pool(4);
+    let store: PgStore = store("rabbitmq_clone", &pool);
+    let outbox = Outbox::builder(store)
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    outbox
+        .add_message(&mut *pool.get().unwrap(), "cloned", b"v")
+        .unwrap();
+    let mut sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .build()
+        .unwrap();
+    // Inside the relay, after a send: the original is connected now, so its clone can show
+    // that cloning does not share the connection.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let mut relay = outbox
+        .start(
+            move |batch: &mut troutbox::Batch| -> Result<(), troutbox::BoxError> {
+                let result = troutbox::Sender::send(&mut sender, batch);
+                let clone = sender.clone();
+                s.lock().unwrap().push((
+                    sender.is_connected(),
+                    clone.is_connected(),
+                    clone.exchange().to_string(),
+                    format!("{clone:?}"),
+                ));
+                result.map_err(Into::into)
+            },
+        )
+        .unwrap();
+    assert!(eventually(PATIENCE, || !seen.lock().unwrap().is_empty()));
+    relay.shutdown().unwrap();
+    let seen = seen.lock().unwrap();
+    let (original, clone, exchange, debug) = &seen[0];
+    assert!(
+        *original,
+        "the original did not connect: the check below would be vacuous"
+    );
+    assert!(!*clone, "the clone shares the original's connection");
+    assert_eq!(exchange, EXCHANGE);
+    assert!(debug.contains("connected: false"), "{debug}");
+    assert!(eventually(PATIENCE, || ready(&url, "cloned") == 1));
+}
