@@ -62,6 +62,7 @@
 //! request threads. Each relay worker is a dedicated OS thread holding one pooled connection;
 //! the Sender runs on it, one clone per worker.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
@@ -74,10 +75,12 @@ mod observability;
 mod outbox;
 mod producer;
 #[cfg(feature = "rabbitmq")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
 pub mod rabbitmq;
 mod relay;
 mod store;
 #[cfg(all(unix, any(test, feature = "testing")))]
+#[cfg_attr(docsrs, doc(cfg(all(unix, feature = "testing"))))]
 pub mod testing;
 
 /// The `postgres` crate troutbox is built on, re-exported so your versions always match.
