@@ -1,12 +1,14 @@
 //! The `opentelemetry` feature with the SDK's in-memory exporters: metric names and values
-//! equal to the committed transitions and to SQL counts, the batch spans, and the
-//! producer's trace context arriving in the Sender's headers and linked from the batch span.
+//! equal to the committed transitions and to SQL counts (the gauges read with a backlog
+//! that is not empty, the histograms by their values, not only their counts), the batch
+//! spans, and the producer's trace context arriving in the Sender's headers and linked from
+//! the batch span.
 
 mod common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{count, eventually, pool, store, PATIENCE};
 use opentelemetry::trace::{Span as _, TraceContextExt, Tracer, TracerProvider as _};
@@ -49,12 +51,57 @@ fn metric_values(exporter: &InMemoryMetricExporter) -> HashMap<String, f64> {
     values
 }
 
+/// Count, sum, min and max of the histogram `name` in the last export that holds it.
+fn histogram(exporter: &InMemoryMetricExporter, name: &str) -> (u64, f64, f64, f64) {
+    let mut found = None;
+    for rm in exporter.get_finished_metrics().unwrap() {
+        for sm in rm.scope_metrics() {
+            for m in sm.metrics().filter(|m| m.name() == name) {
+                if let AggregatedMetrics::F64(MetricData::Histogram(h)) = m.data() {
+                    let points: Vec<_> = h.data_points().collect();
+                    assert_eq!(points.len(), 1, "{name}: one series, no attributes");
+                    let p = points[0];
+                    found = Some((
+                        p.count(),
+                        p.sum(),
+                        p.min().expect("min recorded"),
+                        p.max().expect("max recorded"),
+                    ));
+                }
+            }
+        }
+    }
+    found.unwrap_or_else(|| panic!("no histogram {name}"))
+}
+
+/// Seconds since the oldest pending message of `schema`'s outbox was created, by the
+/// server's clock.
+fn sql_oldest_pending_age(pool: &troutbox::PgPool, schema: &str) -> f64 {
+    pool.get()
+        .unwrap()
+        .query_one(
+            &format!(
+                "SELECT extract(epoch FROM now() - min(created_at))::float8 \
+                 FROM {schema}.outbox_messages WHERE state = 'pending'"
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
 #[test]
 fn metrics_spans_and_trace_context_with_in_memory_exporters() {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let metric_exporter = InMemoryMetricExporter::default();
+    // Collected only by the force_flush below: the gauges are read once, after the backlog
+    // below is in place (a periodic collection would cache an earlier reading for 1 s).
     let meter_provider = SdkMeterProvider::builder()
-        .with_reader(PeriodicReader::builder(metric_exporter.clone()).build())
+        .with_reader(
+            PeriodicReader::builder(metric_exporter.clone())
+                .with_interval(Duration::from_secs(3600))
+                .build(),
+        )
         .build();
     let span_exporter = InMemorySpanExporter::default();
     let tracer_provider = SdkTracerProvider::builder()
@@ -92,11 +139,26 @@ fn metrics_spans_and_trace_context_with_in_memory_exporters() {
         tx.commit().unwrap();
         Context::current().span().end();
     }
+    // Produced 1 h ("ok"), 2 h ("flaky") and 3 h ("doomed") ago by the server's clock, so
+    // each send latency is known to within the test's own duration.
+    let started = Instant::now();
+    pool.get()
+        .unwrap()
+        .batch_execute(
+            "UPDATE otel.outbox_messages SET created_at = now() - CASE key \
+             WHEN 'ok' THEN interval '1 hour' WHEN 'flaky' THEN interval '2 hours' \
+             ELSE interval '3 hours' END",
+        )
+        .unwrap();
 
     let seen_traceparents = Arc::new(Mutex::new(Vec::new()));
     let s = seen_traceparents.clone();
+    // Time spent inside the Sender, per batch: a lower bound of each batch's duration.
+    let sender_times = Arc::new(Mutex::new(Vec::new()));
+    let times = sender_times.clone();
     let mut handle = outbox
         .start(move |batch: &mut Batch| -> Result<(), String> {
+            let entered = Instant::now();
             for m in batch.iter_mut() {
                 s.lock()
                     .unwrap()
@@ -106,6 +168,7 @@ fn metrics_spans_and_trace_context_with_in_memory_exporters() {
                     _ => m.mark_sent(),
                 }
             }
+            times.lock().unwrap().push(entered.elapsed().as_secs_f64());
             Ok(())
         })
         .unwrap();
@@ -114,7 +177,25 @@ fn metrics_spans_and_trace_context_with_in_memory_exporters() {
         b.pending == 0 && b.dead == 1
     }));
     handle.shutdown().unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+
+    // A backlog the stopped relay leaves alone: 3 pending messages, the oldest created 2 h
+    // ago, so the gauges have something other than 0 to show.
+    {
+        let mut conn = pool.get().unwrap();
+        for key in ["late-1", "late-2", "late-3"] {
+            outbox.add_message(&mut *conn, key, b"v").unwrap();
+        }
+        conn.batch_execute(
+            "UPDATE otel.outbox_messages SET created_at = now() - CASE key \
+             WHEN 'late-1' THEN interval '30 minutes' ELSE interval '2 hours' END \
+             WHERE key IN ('late-1', 'late-2')",
+        )
+        .unwrap();
+    }
+    let age_before = sql_oldest_pending_age(&pool, "otel");
     meter_provider.force_flush().unwrap();
+    let age_after = sql_oldest_pending_age(&pool, "otel");
 
     // Counters: 4 sent; flaky failed once (retried), doomed twice (retried, then dead).
     let values = metric_values(&metric_exporter);
@@ -136,13 +217,49 @@ fn metrics_spans_and_trace_context_with_in_memory_exporters() {
         &pool,
         "SELECT count(*) FROM otel.outbox_messages WHERE state = 'pending'",
     );
+    assert_eq!((sql_dead, sql_pending), (1, 3));
     assert_eq!(values["outbox_dead_messages"], sql_dead as f64);
     assert_eq!(values["outbox_pending_messages"], sql_pending as f64);
-    assert_eq!(values["outbox_oldest_pending_age"], 0.0);
+    // The age of the oldest pending message (2 h), between two readings of the server's
+    // clock taken around the collection (1 s allowed between the two processes' clocks).
+    assert!(age_before > 7_199.0, "{age_before}");
+    let age = values["outbox_oldest_pending_age"];
+    assert!(
+        age_before - 1.0 <= age && age <= age_after + 1.0,
+        "oldest pending age {age}, SQL says {age_before}..{age_after}"
+    );
     // Blocked keys are per-key ordering's: an unordered outbox has no such gauges.
     assert!(!values.contains_key("outbox_blocked_keys"), "{values:?}");
     assert_eq!(values["outbox_batch_duration"], stats.batches as f64);
     assert_eq!(values["outbox_send_latency"], 7.0); // 5 + flaky's retry + doomed's retry
+
+    // Histogram values, in seconds. Send latency: 3 "ok" at 1 h, "flaky" twice at 2 h,
+    // "doomed" twice at 3 h, each plus at most the time the test has run (1 s allowed
+    // between the clocks).
+    let (n, sum, min, max) = histogram(&metric_exporter, "outbox_send_latency");
+    assert_eq!(n, 7);
+    let within = |v: f64, base: f64, times: f64| {
+        v >= times * (base - 1.0) && v <= times * (base + elapsed + 1.0)
+    };
+    assert!(within(min, 3_600.0, 1.0), "min latency {min}");
+    assert!(within(max, 10_800.0, 1.0), "max latency {max}");
+    let expected = 3.0 * 3_600.0 + 2.0 * 7_200.0 + 2.0 * 10_800.0;
+    assert!(
+        sum >= expected - 7.0 && sum <= expected + 7.0 * (elapsed + 1.0),
+        "latency sum {sum}, expected {expected} + up to 7 x {elapsed} s"
+    );
+    // Batch duration: each batch lasted at least its time in the Sender, and all of them
+    // together no longer than the relay ran.
+    let sender_times = sender_times.lock().unwrap();
+    let (n, sum, _, max) = histogram(&metric_exporter, "outbox_batch_duration");
+    assert_eq!(n, sender_times.len() as u64);
+    let in_sender: f64 = sender_times.iter().sum();
+    let longest = sender_times.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        sum >= in_sender && sum <= elapsed,
+        "batch durations sum {sum} s: at least {in_sender} s in the Sender, at most {elapsed} s of run"
+    );
+    assert!(max >= longest && max <= elapsed, "longest batch {max} s");
 
     // The producer's context reached the Sender in the headers.
     let traceparents = seen_traceparents.lock().unwrap();
