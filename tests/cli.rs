@@ -145,16 +145,48 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
     assert!(eventually(PATIENCE, || store.backlog().unwrap().dead == 2));
     handle.shutdown().unwrap();
     outbox.add_message(&mut *conn, "waiting", b"v").unwrap();
+    // Produced an hour ago by the server's clock, so its age is known.
+    conn.batch_execute(&format!(
+        "UPDATE {SCHEMA}.outbox_messages SET created_at = now() - interval '1 hour' \
+         WHERE key = 'waiting'"
+    ))
+    .unwrap();
+    let created_at: time::OffsetDateTime = conn
+        .query_one(
+            &format!("SELECT created_at FROM {SCHEMA}.outbox_messages WHERE key = 'waiting'"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let age_before = sql_age(&mut conn, created_at);
 
     let status = json(&["status"]);
     assert_eq!(status["pending"], 1);
     assert_eq!(status["dead"], 2);
-    assert!(status["oldest_pending_age_seconds"].as_f64().unwrap() >= 0.0);
-    let text = ok(&["status"]);
+    let age_after = sql_age(&mut conn, created_at);
+    // Between two readings of the server's clock (1 s allowed between the processes' clocks).
+    let age = status["oldest_pending_age_seconds"].as_f64().unwrap();
+    assert!(age_before >= 3_600.0, "{age_before}");
     assert!(
-        text.contains("pending") && text.contains("oldest pending"),
-        "{text}"
+        age >= age_before - 1.0 && age <= age_after + 1.0,
+        "oldest pending age {age}, SQL says {age_before}..{age_after}"
     );
+    let rfc3339 = created_at
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert_eq!(status["oldest_pending"], rfc3339.as_str(), "{status}");
+    let text = ok(&["status"]);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("oldest pending"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let shown: f64 = line
+        .rsplit('(')
+        .next()
+        .and_then(|rest| rest.strip_suffix(" s ago)"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(shown >= 3_600.0, "{line}");
 
     let listed = json(&["dead", "list"]);
     let listed = listed.as_array().unwrap();
@@ -171,9 +203,37 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
     );
     assert_eq!(table.lines().count(), 2, "{table}");
 
+    // `dead requeue` with neither ids nor --all is refused, saying what it needs, and
+    // re-queues nothing.
+    let out = troutbox(&["dead", "requeue"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("required") && err.contains("--all"), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let status = json(&["status"]);
+    assert_eq!(
+        (status["pending"].as_i64(), status["dead"].as_i64()),
+        (Some(1), Some(2)),
+        "{status}"
+    );
+
     assert_eq!(
         json(&["dead", "requeue", &newest.to_string()])["requeued"],
         1
+    );
+    let requeued = conn
+        .query_one(
+            &format!("SELECT state, attempts FROM {SCHEMA}.outbox_messages WHERE id = $1"),
+            &[&newest],
+        )
+        .unwrap();
+    assert_eq!(
+        (requeued.get::<_, String>(0), requeued.get::<_, i32>(1)),
+        ("pending".to_string(), 0)
     );
     assert_eq!(json(&["dead", "purge", "--older-than", "1h"])["purged"], 0);
     assert_eq!(json(&["dead", "purge", &oldest.to_string()])["purged"], 1);
@@ -183,6 +243,16 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
         (Some(2), Some(0))
     );
     assert!(ok(&["dead", "list"]).contains("no dead messages"));
+}
+
+/// Seconds from `t` to now, by the server's clock.
+fn sql_age(conn: &mut postgres::Client, t: time::OffsetDateTime) -> f64 {
+    conn.query_one(
+        "SELECT extract(epoch FROM now() - $1::timestamptz)::float8",
+        &[&t],
+    )
+    .unwrap()
+    .get(0)
 }
 
 #[test]
@@ -246,18 +316,60 @@ fn help_and_usage_errors_are_clear() {
     );
 }
 
+/// Partition names of `schema.outbox_messages`, from the catalog, sorted.
+fn partitions(pool: &troutbox::PgPool, schema: &str) -> Vec<String> {
+    let mut names: Vec<String> = pool
+        .get()
+        .unwrap()
+        .query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = to_regclass($1)",
+            &[&format!("\"{schema}\".outbox_messages")],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The start (Unix seconds) of a partition named `outbox_messages_p<start>`.
+fn partition_start(name: &str) -> i64 {
+    name.strip_prefix("outbox_messages_p")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a partition name: {name}"))
+}
+
+fn names(v: &serde_json::Value) -> Vec<String> {
+    let mut names: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `maintain` does all three of its jobs, each seen in the catalog: creates a missing
+/// partition ahead, creates the partitions of rows sitting in DEFAULT and moves them there,
+/// and on the next run drops the expired partition holding only sent rows while keeping the
+/// one with a pending row.
 #[test]
 fn maintain_runs_partition_maintenance_for_keep_sent_tables() {
+    const KEEP: &str = "cli_keep";
     let pool = pool(4);
     pool.get()
         .unwrap()
-        .batch_execute("DROP SCHEMA IF EXISTS cli_keep CASCADE")
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {KEEP} CASCADE"))
         .unwrap();
     let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_troutbox"))
-            .args(["--database-url", &common::url(), "--schema", "cli_keep"])
+            .args(["--database-url", &common::url(), "--schema", KEEP])
             .args(["--keep-sent", "7d", "--partitions-ahead", "5"])
             .args(args)
+            .env_remove("DATABASE_URL")
             .output()
             .unwrap();
         assert!(
@@ -267,25 +379,125 @@ fn maintain_runs_partition_maintenance_for_keep_sent_tables() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
+    let maintain =
+        || -> serde_json::Value { serde_json::from_str(&run(&["maintain", "--json"])).unwrap() };
     run(&["migrate"]);
-    let report: serde_json::Value = serde_json::from_str(&run(&["maintain", "--json"])).unwrap();
+    let after_migrate = partitions(&pool, KEEP);
+    assert_eq!(
+        after_migrate.len(),
+        1 + 6,
+        "DEFAULT + current + 5 ahead: {after_migrate:?}"
+    );
+    assert!(after_migrate.contains(&"outbox_messages_default".to_string()));
+    let report = maintain();
     assert_eq!(report["locked_out"], false);
     assert_eq!(
-        report["created"].as_array().unwrap().len(),
-        0,
+        names(&report["created"]),
+        Vec::<String>::new(),
         "migrate already made them"
     );
-    let partitions: i64 = pool
-        .get()
+
+    // Work for maintain: the furthest partition ahead is gone, and two rows from before any
+    // partition sit in DEFAULT: a sent one 30 days old and a pending one 20 days old.
+    let furthest = after_migrate
+        .iter()
+        .filter(|n| n.as_str() != "outbox_messages_default")
+        .max_by_key(|n| partition_start(n))
         .unwrap()
+        .clone();
+    let mut conn = pool.get().unwrap();
+    conn.batch_execute(&format!(
+        "DROP TABLE {KEEP}.{furthest};
+         INSERT INTO {KEEP}.outbox_messages (key, value, created_at, state, sent_at) VALUES
+           ('old-sent', 'v', now() - interval '30 days', 'sent', now() - interval '30 days'),
+           ('old-pending', 'v', now() - interval '20 days', 'pending', NULL)"
+    ))
+    .unwrap();
+    let slot = |key: &str| -> String {
+        let start: i64 = conn_slot(&pool, KEEP, key);
+        format!("outbox_messages_p{start}")
+    };
+    let (sent_slot, pending_slot) = (slot("old-sent"), slot("old-pending"));
+    let in_default = |pool: &troutbox::PgPool| {
+        common::count(
+            pool,
+            &format!("SELECT count(*) FROM {KEEP}.outbox_messages_default"),
+        )
+    };
+    assert_eq!(in_default(&pool), 2);
+
+    let report = maintain();
+    assert_eq!(report["locked_out"], false);
+    let created = names(&report["created"]);
+    for wanted in [&furthest, &sent_slot, &pending_slot] {
+        assert!(created.contains(wanted), "{wanted} not created: {report}");
+    }
+    // Anything else created can only be a new slot ahead, after midnight UTC.
+    let ahead = partition_start(&furthest);
+    assert!(
+        created
+            .iter()
+            .all(|n| [&furthest, &sent_slot, &pending_slot].contains(&n)
+                || partition_start(n) > ahead),
+        "{report}"
+    );
+    assert_eq!(names(&report["dropped"]), Vec::<String>::new(), "{report}");
+    let catalog = partitions(&pool, KEEP);
+    for wanted in [&furthest, &sent_slot, &pending_slot] {
+        assert!(catalog.contains(wanted), "{wanted} not in {catalog:?}");
+    }
+    assert_eq!(in_default(&pool), 0, "rows moved out of DEFAULT");
+    let home: String = conn
         .query_one(
-            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'cli_keep.outbox_messages'::regclass",
+            &format!("SELECT tableoid::regclass::text FROM {KEEP}.outbox_messages WHERE key = 'old-sent'"),
             &[],
         )
         .unwrap()
         .get(0);
-    assert_eq!(partitions, 1 + 6, "DEFAULT + current + 5 ahead");
+    assert_eq!(home, format!("{KEEP}.{sent_slot}"));
+
+    // Next run: both are expired; the one holding only a sent row goes, the other stays.
+    let report = maintain();
+    assert_eq!(names(&report["created"]), Vec::<String>::new(), "{report}");
+    assert_eq!(
+        names(&report["dropped"]),
+        vec![sent_slot.clone()],
+        "{report}"
+    );
+    assert_eq!(
+        report["kept"],
+        serde_json::json!([{"partition": pending_slot, "unsent": 1}]),
+        "{report}"
+    );
+    let catalog = partitions(&pool, KEEP);
+    assert!(!catalog.contains(&sent_slot), "{catalog:?}");
+    assert!(catalog.contains(&pending_slot), "{catalog:?}");
+    let keys: Vec<String> = conn
+        .query(
+            &format!("SELECT key FROM {KEEP}.outbox_messages ORDER BY key"),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys, vec!["old-pending".to_string()]);
+    let text = run(&["maintain"]);
+    assert!(text.contains(&format!("{pending_slot}: 1")), "{text}");
+
     // maintain on a table without --keep-sent explains what it needs.
     let out = troutbox(&["maintain"]);
+    assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--keep-sent"));
+}
+
+/// The start of the one-day partition slot of the row with `key`.
+fn conn_slot(pool: &troutbox::PgPool, schema: &str, key: &str) -> i64 {
+    common::count(
+        pool,
+        &format!(
+            "SELECT (floor(extract(epoch FROM created_at) / 86400) * 86400)::int8 \
+             FROM {schema}.outbox_messages WHERE key = '{key}'"
+        ),
+    )
 }
