@@ -68,6 +68,10 @@ pub(crate) struct Config {
     pub(crate) notify: bool,
     /// Per-key ordering (see `OutboxBuilder::per_key_ordering`).
     pub(crate) ordered: bool,
+    /// How long a worker's database call may go without returning before the watchdog
+    /// replaces the worker (see `Handle::watch`); set by `Outbox::start` from the send
+    /// timeout and the pool's connection timeout.
+    pub(crate) stuck_after: Duration,
     pub(crate) error_handler: ErrorHandler,
     /// The meter for the outbox's metrics; `None` means the global meter provider's.
     #[cfg(feature = "opentelemetry")]
@@ -148,6 +152,7 @@ impl Default for Config {
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
             notify: false,
             ordered: false,
+            stuck_after: DEFAULT_SEND_TIMEOUT + Duration::from_secs(35),
             error_handler: Arc::new(log_error),
             #[cfg(feature = "opentelemetry")]
             meter: None,

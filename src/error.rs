@@ -189,6 +189,18 @@ pub enum Error {
         running: usize,
     },
 
+    /// A relay worker's database call did not return for this long (its connection was
+    /// most likely dropped without a word by a NAT, a load balancer or a proxy, which the
+    /// client cannot tell from a slow server). The relay's watchdog started a new worker in
+    /// its place, on a new connection, and left the stuck thread behind; the batch it held,
+    /// if any, is released by the server at the send timeout and delivered again. See
+    /// [`Health::replaced`](crate::Health::replaced).
+    #[error("a relay worker's database call did not return for {stuck_for:?}: its connection is presumed dead (dropped silently by the network?); a new worker replaced it")]
+    WorkerReplaced {
+        /// How long the call had been waiting.
+        stuck_for: std::time::Duration,
+    },
+
     /// A relay worker thread panicked outside the Sender (a bug in troutbox, or a panicking
     /// error handler: please report it). The worker gives back the batch it held (which
     /// counts as an attempt for its messages) and carries on.

@@ -17,6 +17,10 @@ use crate::store::pg::{MakeTls, PgStore};
 use crate::store::sql::Sql;
 use crate::Error;
 
+/// What a relay's database call may take beyond the send timeout and the pool's
+/// connection timeout before the watchdog presumes its connection dead.
+const STUCK_MARGIN: Duration = Duration::from_secs(5);
+
 /// A transactional outbox on one PostgreSQL table.
 ///
 /// Producers add messages inside their own transactions with
@@ -136,6 +140,12 @@ impl<T: MakeTls> Outbox<T> {
     where
         S: Sender + Clone,
     {
+        // A database call of the relay waits at most for a pool checkout (the pool's
+        // connection timeout) and then for statements the server bounds by the send
+        // timeout; one that has not returned well after both is on a dead connection.
+        let stuck_after = self.inner.config.send_timeout
+            + self.inner.store.pool().connection_timeout()
+            + STUCK_MARGIN;
         let relay = PgRelay::new(
             self.inner.store.clone(),
             self.inner.sql.clone(),
@@ -143,16 +153,19 @@ impl<T: MakeTls> Outbox<T> {
             self.inner.config.batch_size,
             self.inner.config.max_retries,
             self.inner.config.ordered,
+            stuck_after,
         );
         let telemetry = Telemetry {
             #[cfg(feature = "opentelemetry")]
             otel: Some(self.inner.otel.clone()),
             ..Telemetry::default()
         };
+        let mut config = self.inner.config.clone();
+        config.stuck_after = stuck_after;
         let mut handle = crate::relay::spawn(
             Arc::new(relay),
             sender,
-            &self.inner.config,
+            &config,
             Arc::new(telemetry),
             self.inner.wake_tx.clone(),
             self.inner.wake_rx.clone(),

@@ -1,12 +1,13 @@
 //! The running relay's handle: stop, wait, report.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender as ChannelSender};
 
-use crate::config::Config;
+use crate::config::{report_to, Config, ErrorHandler};
 use crate::error::panic_message;
 use crate::observability::stats::Stats;
 use crate::observability::SharedTelemetry;
@@ -35,33 +36,45 @@ pub struct Handle {
     stop: Option<ChannelSender<()>>,
     /// What the threads watch for the stop (for a thread started after the workers).
     stop_rx: Receiver<()>,
-    done: Receiver<()>,
     /// The listening thread (`notify(true)`) and the channel it drops when it ends.
     listener: Option<(JoinHandle<()>, Receiver<()>)>,
-    threads: Vec<JoinHandle<()>>,
-    statuses: Vec<Arc<WorkerStatus>>,
+    /// The watchdog thread and the channel it drops when it ends.
+    watchdog: Option<(JoinHandle<()>, Receiver<()>)>,
+    /// The running workers, shared with the watchdog, which replaces stuck ones.
+    slots: Arc<Mutex<Vec<Slot>>>,
+    /// Workers replaced by the watchdog so far.
+    replaced: Arc<AtomicUsize>,
+    /// The statuses of the workers joined by a shutdown, for `health` afterwards.
+    joined: Vec<Arc<WorkerStatus>>,
     timeout: Duration,
     wake: ChannelSender<()>,
     telemetry: SharedTelemetry,
 }
 
+/// One running worker: its thread, the channel its end drops, and its status.
+pub(crate) struct Slot {
+    pub(crate) thread: JoinHandle<()>,
+    pub(crate) done: Receiver<()>,
+    pub(crate) status: Arc<WorkerStatus>,
+}
+
 impl std::fmt::Debug for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Handle")
-            .field("workers", &self.threads.len())
+            .field("workers", &self.workers())
             .field("stopped", &self.stop.is_none())
             .finish_non_exhaustive()
     }
 }
 
+/// How often the watchdog looks at the workers.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
 impl Handle {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         stop: Option<ChannelSender<()>>,
         stop_rx: Receiver<()>,
-        done: Receiver<()>,
-        threads: Vec<JoinHandle<()>>,
-        statuses: Vec<Arc<WorkerStatus>>,
+        slots: Vec<Slot>,
         config: &Config,
         wake: ChannelSender<()>,
         telemetry: SharedTelemetry,
@@ -69,14 +82,69 @@ impl Handle {
         Handle {
             stop,
             stop_rx,
-            done,
             listener: None,
-            threads,
-            statuses,
+            watchdog: None,
+            slots: Arc::new(Mutex::new(slots)),
+            replaced: Arc::default(),
+            joined: Vec::new(),
             timeout: config.shutdown_timeout,
             wake,
             telemetry,
         }
+    }
+
+    fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the watchdog: a worker whose database call has not returned after
+    /// `stuck_after` (a connection that a NAT, a load balancer or a proxy dropped without a
+    /// word: the call would wait until the kernel gives up, two hours with default
+    /// keepalives) is abandoned, reported, and replaced by a new worker from `start`, which
+    /// takes a new connection. The abandoned thread is left detached with its connection;
+    /// should its call ever return, it leaves without acting on the result. Its claim, if
+    /// it held one, is released by the server at the send timeout and accounted for by the
+    /// claim journal like any lost claim.
+    pub(crate) fn watch<S>(
+        &mut self,
+        start: impl Fn(usize, Option<S>) -> std::io::Result<Slot> + Send + 'static,
+        stuck_after: Duration,
+        error_handler: ErrorHandler,
+    ) -> std::io::Result<()> {
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+        let stop = self.stop_rx.clone();
+        let slots = self.slots.clone();
+        let replaced = self.replaced.clone();
+        let thread = std::thread::Builder::new()
+            .name("troutbox-watchdog".into())
+            .spawn(move || {
+                let _done = done_tx;
+                loop {
+                    crossbeam_channel::select! {
+                        recv(stop) -> _ => return,
+                        default(WATCH_EVERY) => {}
+                    }
+                    let mut slots = slots.lock().unwrap_or_else(|p| p.into_inner());
+                    for (index, slot) in slots.iter_mut().enumerate() {
+                        let Some(stuck_for) = slot.status.in_db_for() else {
+                            continue;
+                        };
+                        if stuck_for < stuck_after || slot.thread.is_finished() {
+                            continue;
+                        }
+                        let Ok(fresh) = start(index, None) else {
+                            continue; // no thread to spare now: try again next round
+                        };
+                        slot.status.abandon();
+                        // The old thread is dropped from the slot: detached.
+                        drop(std::mem::replace(slot, fresh));
+                        replaced.fetch_add(1, Ordering::Relaxed);
+                        report_to(&error_handler, &Error::WorkerReplaced { stuck_for });
+                    }
+                }
+            })?;
+        self.watchdog = Some((thread, done_rx));
+        Ok(())
     }
 
     /// Starts one more thread that runs until the relay stops: `start` gets the stop signal
@@ -122,6 +190,16 @@ impl Handle {
         // between batches and in every sleep.
         self.stop = None;
         let deadline = Instant::now() + timeout;
+        // The watchdog first (it notices the stop at once), so that it replaces nobody
+        // while the workers are being joined.
+        if let Some((thread, done)) = self.watchdog.take() {
+            if matches!(
+                done.recv_deadline(deadline.max(Instant::now() + Duration::from_millis(200))),
+                Err(RecvTimeoutError::Disconnected)
+            ) {
+                let _ = thread.join();
+            }
+        }
         let result = self.join_workers(deadline);
         // The listener last, with what is left of the deadline: it holds nothing to finish.
         if let Some((thread, done)) = self.listener.take() {
@@ -137,23 +215,19 @@ impl Handle {
     }
 
     fn join_workers(&mut self, deadline: Instant) -> Result<(), Error> {
-        if self.threads.is_empty() {
-            return Ok(());
-        }
-        let all_done = loop {
-            match self.done.recv_deadline(deadline) {
-                Ok(()) => continue,
-                Err(RecvTimeoutError::Disconnected) => break true,
-                Err(RecvTimeoutError::Timeout) => break false,
-            }
-        };
+        let slots: Vec<Slot> = self.slots().drain(..).collect();
+        self.joined.extend(slots.iter().map(|s| s.status.clone()));
         let mut running = 0;
         let mut panicked = None;
-        for thread in self.threads.drain(..) {
-            // Once `done` is disconnected every worker has left its loop, so joining is
-            // immediate; otherwise join only the ones that finished and detach the rest.
-            if all_done || thread.is_finished() {
-                if let Err(payload) = thread.join() {
+        for slot in slots {
+            // The worker drops its end of `done` when its thread leaves its loop: then
+            // joining is immediate. One still busy at the deadline is detached.
+            let ended = matches!(
+                slot.done.recv_deadline(deadline),
+                Err(RecvTimeoutError::Disconnected)
+            );
+            if ended || slot.thread.is_finished() {
+                if let Err(payload) = slot.thread.join() {
                     panicked = Some(panic_message(&*payload));
                 }
             } else {
@@ -189,17 +263,20 @@ impl Handle {
     /// # }
     /// ```
     pub fn health(&self) -> Health {
-        Health::of(&self.statuses)
+        let mut statuses: Vec<Arc<WorkerStatus>> =
+            self.slots().iter().map(|s| s.status.clone()).collect();
+        statuses.extend(self.joined.iter().cloned());
+        Health::of(&statuses, self.replaced.load(Ordering::Relaxed))
     }
 
     /// Number of worker threads not yet joined.
     pub fn workers(&self) -> usize {
-        self.threads.len()
+        self.slots().len()
     }
 
     /// True when every worker thread has ended (after a shutdown, or never started).
     pub fn is_finished(&self) -> bool {
-        self.threads.iter().all(|t| t.is_finished())
+        self.slots().iter().all(|s| s.thread.is_finished())
     }
 }
 

@@ -1,17 +1,63 @@
 //! What each worker tells its [`Handle`](crate::Handle): alive or ended, and how many rounds
 //! in a row have failed, for an application's health check.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 /// One worker's status, written by the worker, read by the handle.
 #[derive(Debug, Default)]
 pub(crate) struct WorkerStatus {
     ended: AtomicBool,
     failures: AtomicU32,
+    /// When the worker entered its current database call (µs since [`epoch`] plus one), 0
+    /// when it is not in one: what the handle's watchdog reads.
+    busy_since: AtomicU64,
+    /// The watchdog gave up on this worker and started another in its place: whatever its
+    /// stuck call returns, the worker leaves without acting on it.
+    abandoned: AtomicBool,
+}
+
+/// The process's reference instant for [`WorkerStatus::busy_since`].
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl WorkerStatus {
+    /// The worker is about to wait on the database (a pool checkout, a claim, a settlement).
+    pub(crate) fn enter_db(&self) {
+        let now = u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.busy_since
+            .store(now.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// The database call returned.
+    pub(crate) fn leave_db(&self) {
+        self.busy_since.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the worker has been in its current database call, if it is in one.
+    pub(crate) fn in_db_for(&self) -> Option<Duration> {
+        match self.busy_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => {
+                let now = u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX);
+                Some(Duration::from_micros(now.saturating_sub(since - 1)))
+            }
+        }
+    }
+
+    /// Gives up on the worker (see `abandoned`).
+    pub(crate) fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the watchdog gave up on the worker.
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
     /// A round (claim, send, settle) ended without error.
     pub(crate) fn succeeded(&self) {
         self.failures.store(0, Ordering::Relaxed);
@@ -48,6 +94,11 @@ pub struct Health {
     pub failing: usize,
     /// The longest current streak of failed rounds among the workers.
     pub consecutive_failures: u32,
+    /// Workers replaced so far because a database call of theirs never returned (a
+    /// connection dropped silently by a NAT, a load balancer or a proxy). Each replaced
+    /// worker's thread is left behind, detached, with its connection; the replacement
+    /// takes a new one. A growing number is worth an alert about the network.
+    pub replaced: usize,
 }
 
 impl Health {
@@ -56,12 +107,13 @@ impl Health {
         self.ended == 0 && self.failing == 0
     }
 
-    pub(crate) fn of(statuses: &[Arc<WorkerStatus>]) -> Health {
+    pub(crate) fn of(statuses: &[Arc<WorkerStatus>], replaced: usize) -> Health {
         let mut health = Health {
             workers: statuses.len(),
             ended: 0,
             failing: 0,
             consecutive_failures: 0,
+            replaced,
         };
         for status in statuses {
             if status.ended.load(Ordering::Relaxed) {

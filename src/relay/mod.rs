@@ -26,8 +26,9 @@ use handle::Handle;
 use sender::Sender;
 use worker::Worker;
 
-/// Starts `config.workers` worker threads on `store`. The first session is opened here, so
-/// that an unreachable or unmigrated database is reported to the caller.
+/// Starts `config.workers` worker threads on `store`, and the watchdog that replaces a
+/// worker stuck in a database call (see [`handle::Slot`]). The first session is opened
+/// here, so that an unreachable or unmigrated database is reported to the caller.
 pub(crate) fn spawn<S, F>(
     store: Arc<S>,
     sender: F,
@@ -41,49 +42,53 @@ where
     F: Sender + Clone,
 {
     let mut first_session = Some(store.open_session()?);
-    // Nobody ever sends on these channels: dropping the sending side is the signal.
+    // Nobody ever sends on this channel: dropping the sending side is the signal.
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
-    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
-    let mut threads = Vec::with_capacity(config.workers);
-    let mut statuses = Vec::with_capacity(config.workers);
+    let wake = wake_tx.clone();
+    let start = {
+        let (config, telemetry, stop_rx) = (config.clone(), telemetry.clone(), stop_rx.clone());
+        move |index: usize, session: Option<S::Session>| -> std::io::Result<handle::Slot> {
+            let status = Arc::new(health::WorkerStatus::default());
+            let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+            let worker = Worker::new(
+                store.clone(),
+                session,
+                sender.clone(),
+                &config,
+                telemetry.clone(),
+                stop_rx.clone(),
+                wake_rx.clone(),
+                wake_tx.clone(),
+                done_tx,
+                status.clone(),
+            );
+            let thread = std::thread::Builder::new()
+                .name(format!("troutbox-relay-{index}"))
+                .spawn(move || worker.run())?;
+            Ok(handle::Slot {
+                thread,
+                done: done_rx,
+                status,
+            })
+        }
+    };
+    let mut slots = Vec::with_capacity(config.workers);
     let mut spawn_error = None;
     for index in 0..config.workers {
-        let status = Arc::new(health::WorkerStatus::default());
-        statuses.push(status.clone());
-        let worker = Worker::new(
-            store.clone(),
-            first_session.take(),
-            sender.clone(),
-            config,
-            telemetry.clone(),
-            stop_rx.clone(),
-            wake_rx.clone(),
-            wake_tx.clone(),
-            done_tx.clone(),
-            status,
-        );
-        let spawned = std::thread::Builder::new()
-            .name(format!("troutbox-relay-{index}"))
-            .spawn(move || worker.run());
-        match spawned {
-            Ok(thread) => threads.push(thread),
+        match start(index, first_session.take()) {
+            Ok(slot) => slots.push(slot),
             Err(e) => {
                 spawn_error = Some(e);
                 break;
             }
         }
     }
-    drop(done_tx);
-    let mut handle = Handle::new(
-        Some(stop_tx),
-        stop_rx,
-        done_rx,
-        threads,
-        statuses,
-        config,
-        wake_tx,
-        telemetry,
-    );
+    let mut handle = Handle::new(Some(stop_tx), stop_rx, slots, config, wake, telemetry);
+    if spawn_error.is_none() {
+        if let Err(e) = handle.watch(start, config.stuck_after, config.error_handler.clone()) {
+            spawn_error = Some(e);
+        }
+    }
     match spawn_error {
         None => Ok(handle),
         Some(e) => {

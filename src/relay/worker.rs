@@ -102,7 +102,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             send_failures: 0,
         };
         log::debug!("relay worker started");
-        while !self.stop_requested() {
+        while !self.stop_requested() && !self.status.is_abandoned() {
             // Everything a round does runs inside this boundary, not only the Sender: a
             // panic anywhere (a bug, a panicking error handler, a driver) is reported and
             // the worker carries on. The session is dropped, which gives the batch it held
@@ -129,7 +129,13 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
 
     /// One round: claim, send, settle, or sleep when drained. True when stopped meanwhile.
     fn round(&mut self, pace: &mut Pace) -> bool {
-        let claimed = match self.claim() {
+        let claimed = self.claim();
+        if self.status.is_abandoned() {
+            // The watchdog replaced this worker while the claim hung: whatever came back
+            // (late), leave it; the claim's transaction is gone or goes with this session.
+            return true;
+        }
+        let claimed = match claimed {
             Ok(claimed) => claimed,
             Err(e) => {
                 self.report(&e);
@@ -221,17 +227,24 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
         Ok(self.session.as_mut().expect("session was just opened"))
     }
 
+    /// Claims a batch (opening a session first if need be). Marked as a database call for
+    /// the handle's watchdog, which replaces a worker whose call never returns.
     fn claim(&mut self) -> Result<Claimed, Error> {
         let batch_size = self.batch_size;
-        self.session()?.claim(batch_size)
+        self.status.enter_db();
+        let claimed = self.session().and_then(|s| s.claim(batch_size));
+        self.status.leave_db();
+        claimed
     }
 
     /// Settles the batch on the session that claimed it; reports what was committed.
     fn settle(&mut self, settlement: Settlement) -> SettleReport {
+        self.status.enter_db();
         let outcome = match self.session.as_mut() {
             Some(session) => session.settle(settlement),
             None => (SettleReport::default(), None),
         };
+        self.status.leave_db();
         if let (_, Some(e)) = &outcome {
             self.report(e);
         }

@@ -55,7 +55,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use postgres::types::{ToSql, Type};
@@ -103,11 +103,20 @@ impl<T: MakeTls> PgRelay<T> {
         batch_size: usize,
         max_retries: u32,
         ordered: bool,
+        stuck_after: Duration,
     ) -> PgRelay<T> {
         let side = Arc::new(SideConnection {
             store: store.clone(),
             sql: sql.clone(),
-            conn: Mutex::new(None),
+            state: Mutex::new(SideState {
+                conn: None,
+                busy: false,
+                generation: 0,
+            }),
+            freed: Condvar::new(),
+            // Half the workers' bound: a worker waiting here gives up on a stuck user of
+            // the slot, and carries on, well before the watchdog would give up on it.
+            stuck_after: stuck_after / 2,
         });
         PgRelay {
             store,
@@ -127,10 +136,26 @@ type Pooled<T> = PooledConnection<PostgresConnectionManager<T>>;
 /// and rows set aside. Each use is one short transaction, so sharing costs a worker at most
 /// the wait for another's sub-millisecond statement, and the pool one connection per relay
 /// rather than one per worker.
+///
+/// The connection is taken out of the shared slot for each use, and the slot's lock is not
+/// held meanwhile: a use whose call never returns (a connection dropped silently by the
+/// network) holds up the others only until `stuck_after`, after which they give up on it
+/// and take a new connection, and the stuck use, should it ever return, leaves its
+/// connection alone.
 pub(crate) struct SideConnection<T: MakeTls> {
     store: PgStore<T>,
     sql: Arc<Sql>,
-    conn: Mutex<Option<Side<T>>>,
+    state: Mutex<SideState<T>>,
+    freed: Condvar,
+    stuck_after: Duration,
+}
+
+/// The shared slot: the idle connection, whether a use is in progress, and which
+/// generation of users the slot belongs to (bumped when a stuck use is given up on).
+struct SideState<T: MakeTls> {
+    conn: Option<Side<T>>,
+    busy: bool,
+    generation: u64,
 }
 
 /// The second connection, with the journal's INSERT prepared on it.
@@ -140,8 +165,8 @@ struct Side<T: MakeTls> {
 }
 
 impl<T: MakeTls> SideConnection<T> {
-    fn lock(&self) -> MutexGuard<'_, Option<Side<T>>> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, SideState<T>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records claim `claim_id` of `ids` in the journal: the prepared INSERT, one round trip.
@@ -167,26 +192,71 @@ impl<T: MakeTls> SideConnection<T> {
         context: &'static str,
         f: impl FnOnce(&mut Client, &Statement) -> Result<R, postgres::Error>,
     ) -> Result<R, Error> {
-        let mut guard = self.lock();
-        if guard.as_ref().is_some_and(|c| c.client.is_closed()) {
-            *guard = None;
+        // Wait for the slot; give up on a use that has held it past `stuck_after`.
+        let mut state = self.lock();
+        let deadline = Instant::now() + self.stuck_after;
+        while state.busy {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::error!(
+                    "troutbox relay: the claim journal's connection has not answered for {:?}; presumed dead, taking a new one",
+                    self.stuck_after
+                );
+                state.generation = state.generation.wrapping_add(1);
+                state.conn = None;
+                break;
+            }
+            state = self
+                .freed
+                .wait_timeout(state, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
-        if guard.is_none() {
-            let mut client = self.store.connection(context)?;
-            let record = client
-                .prepare_typed(&self.sql.journal_insert, &[Type::INT4, Type::TEXT])
-                .map_err(self.store.db_error(context))?;
-            *guard = Some(Side { client, record });
+        state.busy = true;
+        let generation = state.generation;
+        let taken = state.conn.take();
+        drop(state);
+        let result = self.use_connection(taken, context, f);
+        // Hand the slot back, unless this use was given up on meanwhile.
+        let (side, result) = result;
+        let mut state = self.lock();
+        if state.generation == generation {
+            state.busy = false;
+            state.conn = side;
+            self.freed.notify_one();
         }
-        let side = guard.as_mut().expect("connection was just set");
-        let client = &mut side.client;
-        match f(client, &side.record) {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                if client.is_closed() || client.batch_execute(sql::ROLLBACK).is_err() {
-                    *guard = None;
+        result
+    }
+
+    /// Runs `f` on `taken` (or a new connection); returns the connection if it can be used
+    /// again, and `f`'s result.
+    fn use_connection<R>(
+        &self,
+        taken: Option<Side<T>>,
+        context: &'static str,
+        f: impl FnOnce(&mut Client, &Statement) -> Result<R, postgres::Error>,
+    ) -> (Option<Side<T>>, Result<R, Error>) {
+        let mut side = match taken.filter(|s| !s.client.is_closed()) {
+            Some(side) => side,
+            None => {
+                let connected = self.store.connection(context).and_then(|mut client| {
+                    let record = client
+                        .prepare_typed(&self.sql.journal_insert, &[Type::INT4, Type::TEXT])
+                        .map_err(self.store.db_error(context))?;
+                    Ok(Side { client, record })
+                });
+                match connected {
+                    Ok(side) => side,
+                    Err(e) => return (None, Err(e)),
                 }
-                Err(self.store.db_error(context)(e))
+            }
+        };
+        match f(&mut side.client, &side.record) {
+            Ok(r) => (Some(side), Ok(r)),
+            Err(e) => {
+                let usable =
+                    !side.client.is_closed() && side.client.batch_execute(sql::ROLLBACK).is_ok();
+                (usable.then_some(side), Err(self.store.db_error(context)(e)))
             }
         }
     }
