@@ -1,0 +1,318 @@
+//! Two outbox tables in one schema, against a real server: migrated at the same time, and
+//! then every operation on one (relay, dead letters, requeue, purge, backlog, the
+//! maintenance lock) touches only its own table. Both tables draw ids from their own
+//! identity, so the same ids exist in both: an operation reaching the wrong table would
+//! find rows there.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+use common::{count, eventually, pool, PATIENCE};
+use troutbox::{Backlog, Backoff, Batch, Outbox, PgPool, PgStore, Retention};
+
+const SCHEMA: &str = "two_tables";
+
+/// The stores of one schema, built from one store whose SQL was already prepared: naming
+/// the table afterwards must still give each its own table.
+fn stores(pool: &PgPool) -> (PgStore, PgStore, PgStore, PgStore) {
+    let base = PgStore::new(pool.clone()).schema(SCHEMA);
+    base.validate().unwrap();
+    let keep = || Retention::keep_sent(Duration::from_secs(7 * 86_400)).partitions_ahead(2);
+    (
+        base.clone().table("alpha"),
+        base.clone().table("beta"),
+        base.clone().table("gamma").retention(keep()),
+        base.table("delta").retention(keep()),
+    )
+}
+
+/// (state, count) of each state present in `table`, read with SQL.
+fn states(pool: &PgPool, table: &str) -> BTreeMap<String, i64> {
+    pool.get()
+        .unwrap()
+        .query(
+            &format!("SELECT state, count(*) FROM {SCHEMA}.{table} GROUP BY state"),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Ids of the rows of `table` in `state`, in order.
+fn ids(pool: &PgPool, table: &str, state: &str) -> Vec<i64> {
+    pool.get()
+        .unwrap()
+        .query(
+            &format!("SELECT id FROM {SCHEMA}.{table} WHERE state = $1 ORDER BY id"),
+            &[&state],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn map(pairs: &[(&str, i64)]) -> BTreeMap<String, i64> {
+    pairs.iter().map(|(s, n)| (s.to_string(), *n)).collect()
+}
+
+/// A relay of `store` that fails keys starting with "bad" and records every key it sees.
+fn relay(store: &PgStore, seen: &Arc<Mutex<Vec<String>>>) -> (Outbox, troutbox::Handle) {
+    let outbox = Outbox::builder(store.clone())
+        .max_retries(0)
+        .backoff(Backoff::exponential(
+            Duration::from_millis(10),
+            Duration::from_millis(20),
+        ))
+        .poll_interval(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let seen = seen.clone();
+    let handle = outbox
+        .start(move |batch: &mut Batch| -> Result<(), String> {
+            for m in batch.iter_mut() {
+                seen.lock().unwrap().push(m.key().to_string());
+                if m.key().starts_with("bad") {
+                    m.mark_failed("no route");
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    (outbox, handle)
+}
+
+fn add(store: &PgStore, pool: &PgPool, keys: &[&str]) {
+    let outbox = Outbox::builder(store.clone()).build().unwrap();
+    let mut conn = pool.get().unwrap();
+    for key in keys {
+        outbox.add_message(&mut *conn, key, b"v").unwrap();
+    }
+}
+
+fn pending_dead(b: &Backlog) -> (i64, i64) {
+    (b.pending, b.dead)
+}
+
+#[test]
+fn two_tables_in_one_schema_touch_only_their_own_rows() {
+    let pool = pool(16);
+    pool.get()
+        .unwrap()
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
+        .unwrap();
+    let (alpha, beta, gamma, delta) = stores(&pool);
+
+    // Four tables, two of them keep-sent, migrated at the same moment from four threads.
+    let barrier = Arc::new(Barrier::new(4));
+    let threads: Vec<_> = [&alpha, &beta, &gamma, &delta]
+        .into_iter()
+        .map(|store| {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                store.migrate()
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+    let mut conn = pool.get().unwrap();
+    let versions: Vec<(String, i32, i64)> = conn
+        .query(
+            &format!(
+                "SELECT table_name, max(version), count(*) FROM {SCHEMA}.troutbox_migrations \
+                 GROUP BY table_name ORDER BY table_name"
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let each = |t: &str| (t.to_string(), 3, 3);
+    assert_eq!(
+        versions,
+        vec![each("alpha"), each("beta"), each("delta"), each("gamma")],
+        "each table's versions 1 to 3, each applied once"
+    );
+    let kinds: Vec<(String, String)> = conn
+        .query(
+            "SELECT c.relname::text, c.relkind::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname IN ('alpha', 'beta', 'gamma', 'delta', 'outbox_messages') \
+             ORDER BY 1",
+            &[&SCHEMA],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let kind = |t: &str, k: &str| (t.to_string(), k.to_string());
+    assert_eq!(
+        kinds,
+        vec![
+            kind("alpha", "r"),
+            kind("beta", "r"),
+            kind("delta", "p"),
+            kind("gamma", "p")
+        ],
+        "no table under the default name"
+    );
+
+    // The same ids in both tables: alpha 1-5 (4 and 5 fail), beta 1-4 (4 fails).
+    add(&alpha, &pool, &["a-1", "a-2", "a-3", "bad-a4", "bad-a5"]);
+    add(&beta, &pool, &["b-1", "b-2", "b-3", "bad-b4"]);
+    assert_eq!(ids(&pool, "alpha", "pending"), vec![1, 2, 3, 4, 5]);
+    assert_eq!(ids(&pool, "beta", "pending"), vec![1, 2, 3, 4]);
+    assert_eq!(pending_dead(&alpha.backlog().unwrap()), (5, 0));
+    assert_eq!(pending_dead(&beta.backlog().unwrap()), (4, 0));
+
+    // Alpha's relay alone: it drains alpha, and beta's rows wait untouched.
+    let alpha_seen = Arc::new(Mutex::new(Vec::new()));
+    let (_alpha_outbox, mut alpha_handle) = relay(&alpha, &alpha_seen);
+    assert!(eventually(PATIENCE, || states(&pool, "alpha") == map(&[("dead", 2)])));
+    alpha_handle.shutdown().unwrap();
+    let mut seen = alpha_seen.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(seen, ["a-1", "a-2", "a-3", "bad-a4", "bad-a5"]);
+    assert_eq!(states(&pool, "beta"), map(&[("pending", 4)]));
+    assert_eq!(
+        count(
+            &pool,
+            &format!("SELECT count(*) FROM {SCHEMA}.beta WHERE attempts > 0")
+        ),
+        0
+    );
+    // Backlog: each its own.
+    assert_eq!(pending_dead(&alpha.backlog().unwrap()), (0, 2));
+    assert_eq!(pending_dead(&beta.backlog().unwrap()), (4, 0));
+
+    // Beta's relay: drains beta, leaves alpha's dead rows as they are.
+    let beta_seen = Arc::new(Mutex::new(Vec::new()));
+    let (_beta_outbox, mut beta_handle) = relay(&beta, &beta_seen);
+    assert!(eventually(PATIENCE, || states(&pool, "beta") == map(&[("dead", 1)])));
+    beta_handle.shutdown().unwrap();
+    let mut seen = beta_seen.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(seen, ["b-1", "b-2", "b-3", "bad-b4"]);
+    assert_eq!(ids(&pool, "alpha", "dead"), vec![4, 5]);
+    assert_eq!(ids(&pool, "beta", "dead"), vec![4]);
+    assert_eq!(pending_dead(&alpha.backlog().unwrap()), (0, 2));
+    assert_eq!(pending_dead(&beta.backlog().unwrap()), (0, 1));
+
+    // Dead letters: each lists its own.
+    let keys = |store: &PgStore| -> Vec<String> {
+        store
+            .dead_messages(10, None)
+            .unwrap()
+            .iter()
+            .map(|d| d.message.key().to_string())
+            .collect()
+    };
+    assert_eq!(keys(&alpha), ["bad-a5", "bad-a4"]);
+    assert_eq!(keys(&beta), ["bad-b4"]);
+
+    // Requeue with alpha's dead ids, on beta: only beta's id 4 comes back.
+    assert_eq!(beta.requeue_dead(&[4, 5]).unwrap(), 1);
+    assert_eq!(states(&pool, "beta"), map(&[("pending", 1)]));
+    assert_eq!(ids(&pool, "alpha", "dead"), vec![4, 5]);
+    assert_eq!(beta.requeue_all_dead().unwrap(), 0, "beta has no dead left");
+    assert_eq!(ids(&pool, "alpha", "dead"), vec![4, 5]);
+    assert_eq!(alpha.requeue_all_dead().unwrap(), 2);
+    assert_eq!(states(&pool, "alpha"), map(&[("pending", 2)]));
+    assert_eq!(states(&pool, "beta"), map(&[("pending", 1)]));
+
+    // Purge: both tables have a dead id 4 again; purging it from alpha leaves beta's.
+    for table in ["alpha", "beta"] {
+        conn.batch_execute(&format!(
+            "UPDATE {SCHEMA}.{table} SET state = 'dead', available_at = now() - interval '1 day'"
+        ))
+        .unwrap();
+    }
+    assert_eq!(alpha.purge_dead(&[4]).unwrap(), 1);
+    assert_eq!(ids(&pool, "alpha", "dead"), vec![5]);
+    assert_eq!(ids(&pool, "beta", "dead"), vec![4]);
+    let an_hour_ago = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    assert_eq!(beta.purge_dead_before(an_hour_ago).unwrap(), 1);
+    assert_eq!(states(&pool, "beta"), map(&[]));
+    assert_eq!(ids(&pool, "alpha", "dead"), vec![5]);
+
+    // Maintenance lock. Gamma's maintenance run is held up inside its transaction, after
+    // taking gamma's lock: this test locks gamma's DEFAULT partition, which the run reads.
+    // Meanwhile a second run of gamma is locked out, and delta's run is not, and does its
+    // work (its furthest partition ahead was dropped). The held-up run has 5 s (its
+    // lock_timeout) before it gives up: what happens meanwhile takes milliseconds.
+    let mut furthest = |table: &str| -> String {
+        conn.query_one(
+            "SELECT max(c.relname::text) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = to_regclass($1) AND c.relname::text <> $2",
+            &[&format!("{SCHEMA}.{table}"), &format!("{table}_default")],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let (gamma_ahead, delta_ahead) = (furthest("gamma"), furthest("delta"));
+    conn.batch_execute(&format!(
+        "DROP TABLE {SCHEMA}.{gamma_ahead}; DROP TABLE {SCHEMA}.{delta_ahead}"
+    ))
+    .unwrap();
+    let mut blocker = pool.get().unwrap();
+    let mut blocker_tx = blocker.transaction().unwrap();
+    blocker_tx
+        .batch_execute(&format!(
+            "LOCK TABLE {SCHEMA}.gamma_default IN ACCESS EXCLUSIVE MODE"
+        ))
+        .unwrap();
+    let held_up = {
+        let gamma = gamma.clone();
+        std::thread::spawn(move || gamma.run_maintenance_once())
+    };
+    // The held-up run waits for the DEFAULT partition while holding an advisory lock.
+    let waiting_with_advisory_lock = || {
+        count(
+            &pool,
+            &format!(
+                "SELECT count(*) FROM pg_locks w JOIN pg_locks a ON a.pid = w.pid \
+                 WHERE w.relation = '{SCHEMA}.gamma_default'::regclass AND NOT w.granted \
+                 AND a.locktype = 'advisory' AND a.granted"
+            ),
+        ) == 1
+    };
+    assert!(eventually(PATIENCE, waiting_with_advisory_lock));
+    let report = gamma.run_maintenance_once().unwrap();
+    assert!(report.locked_out, "gamma is being maintained: {report:?}");
+    let report = delta.run_maintenance_once().unwrap();
+    assert!(!report.locked_out, "{report:?}");
+    assert_eq!(report.created, vec![delta_ahead.clone()]);
+    assert!(
+        waiting_with_advisory_lock(),
+        "the held-up run is still held up"
+    );
+    blocker_tx.rollback().unwrap();
+    let report = held_up.join().unwrap().unwrap();
+    assert!(!report.locked_out, "{report:?}");
+    assert_eq!(report.created, vec![gamma_ahead.clone()]);
+
+    // The lock is the table's: an instance holding gamma's key locks out gamma only.
+    let mut other = pool.get().unwrap();
+    let mut other_tx = other.transaction().unwrap();
+    let held: bool = other_tx
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&format!("troutbox:maintain:\"{SCHEMA}\".\"gamma\"")],
+        )
+        .unwrap()
+        .get(0);
+    assert!(held);
+    assert!(gamma.run_maintenance_once().unwrap().locked_out);
+    assert!(!delta.run_maintenance_once().unwrap().locked_out);
+    other_tx.rollback().unwrap();
+    assert!(!gamma.run_maintenance_once().unwrap().locked_out);
+}
