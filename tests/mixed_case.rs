@@ -302,7 +302,7 @@ fn mixed_case_names_through_keep_sent_maintenance_and_the_command_line() {
     let report = json(&["maintain"]);
     assert_eq!(
         names(&report["dropped"]),
-        [old_partition.clone()],
+        std::slice::from_ref(&old_partition),
         "{report}"
     );
     assert!(!partitions(&pool).contains(&old_partition));
