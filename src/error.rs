@@ -135,6 +135,19 @@ pub enum Error {
         found: &'static str,
     },
 
+    /// Maintenance was asked to run with a retention window or partition interval other
+    /// than the ones recorded with the table when it was migrated. Nothing was done: a
+    /// shorter window would drop audit history early.
+    #[error("outbox table {table} was created with {recorded}, but maintenance was configured with {configured}; configure the store like the table (the command line reads it from the table when no --keep-sent is given)")]
+    RetentionSettingsMismatch {
+        /// The qualified table name.
+        table: String,
+        /// The store's retention.
+        configured: String,
+        /// The table's.
+        recorded: String,
+    },
+
     /// A statement failed in the database, or the connection to it failed.
     #[error("database error while {context}: {}", describe_db(source))]
     Database {

@@ -58,3 +58,37 @@ fn hostile_input_and_absurd_options_are_errors_not_panics() {
     assert_eq!(out.status.code(), Some(2), "clap's usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("1..=1000"));
 }
+
+/// `maintain` reads the retention from the table when no `--keep-sent` is given, and refuses
+/// a `--keep-sent` other than the table's (which would drop audit history early).
+#[test]
+fn maintain_uses_the_tables_retention() {
+    const KEEP: &str = "cli_hardening_keep";
+    let pool = pool(2);
+    pool.get()
+        .unwrap()
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {KEEP} CASCADE"))
+        .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_troutbox"))
+            .args(["--database-url", &common::url(), "--schema", KEEP])
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["--keep-sent", "30d", "migrate"]).status.success());
+    let wrong = run(&["--keep-sent", "1d", "maintain"]);
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("was created with keep_sent(2592000 s)"),
+        "{stderr}"
+    );
+    let right = run(&["maintain", "--json"]);
+    assert!(
+        right.status.success(),
+        "{}",
+        String::from_utf8_lossy(&right.stderr)
+    );
+}

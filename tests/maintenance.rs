@@ -365,3 +365,55 @@ fn dead_letters_are_purged_by_id_and_by_age_and_nothing_else_is() {
     let backlog = store.backlog().unwrap();
     assert_eq!((backlog.dead, backlog.pending), (0, 1));
 }
+
+/// The retention recorded with the table (issue 11): maintenance configured with a shorter
+/// window (`--keep-sent 1d` against a 30-day table would drop 29 days of audit history) or
+/// another partition interval is refused and drops nothing; the table's own settings run,
+/// and `recorded_retention` reads them back. Maintenance reads the database's clock.
+#[test]
+fn maintenance_refuses_a_retention_other_than_the_tables() {
+    const SCHEMA: &str = "maintenance_recorded_retention";
+    let pool = pool(4);
+    pool.get()
+        .unwrap()
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
+        .unwrap();
+    let month = Duration::from_secs(30 * DAY as u64);
+    let store = PgStore::new(pool.clone())
+        .schema(SCHEMA)
+        .retention(Retention::keep_sent(month));
+    store.migrate().unwrap();
+    let partitions = || {
+        count(
+            &pool,
+            &format!(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = '{SCHEMA}.outbox_messages'::regclass"
+            ),
+        )
+    };
+    let before = partitions();
+    for wrong in [
+        Retention::keep_sent(Duration::from_secs(DAY as u64)),
+        Retention::keep_sent(month).partition_interval(Duration::from_secs(3600)),
+    ] {
+        let err = store
+            .clone()
+            .retention(wrong)
+            .run_maintenance_once()
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::RetentionSettingsMismatch { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("2592000 s"), "{err}");
+    }
+    assert_eq!(partitions(), before, "a refused run changed nothing");
+    assert_eq!(
+        store.recorded_retention().unwrap().keep_window(),
+        Some(month)
+    );
+    // The table's own settings, on the database's clock: the current partition and the
+    // ones ahead exist (migrate made them), and nothing expired is dropped.
+    let report = store.run_maintenance_once().unwrap();
+    assert!(report.dropped.is_empty(), "{report:?}");
+}

@@ -42,7 +42,8 @@ struct Cli {
     table: String,
 
     /// The table keeps sent messages this long, in partitions (Retention::keep_sent). Give it
-    /// to `migrate` to create such a table, and to `maintain`.
+    /// to `migrate` to create such a table; `maintain` reads it from the table when it is
+    /// not given, and refuses a value other than the table's.
     #[arg(long, value_parser = humantime::parse_duration, global = true)]
     keep_sent: Option<Duration>,
 
@@ -206,9 +207,22 @@ fn run(cli: &Cli) -> Result<()> {
             );
         }
         Command::Maintain => {
-            if cli.keep_sent.is_none() {
-                return Err("maintain needs --keep-sent (and the other retention options) as the table was created with".into());
-            }
+            // Without --keep-sent, the retention recorded with the table; with it, the
+            // library refuses settings that differ from the table's.
+            let store = if cli.keep_sent.is_none() {
+                let recorded = store.recorded_retention()?;
+                if recorded.keep_window().is_none() {
+                    return Err(format!(
+                        "{table} deletes messages on send: there is no partition to maintain"
+                    )
+                    .into());
+                }
+                store
+                    .clone()
+                    .retention(recorded.partitions_ahead(cli.partitions_ahead))
+            } else {
+                store.clone()
+            };
             let r = store.run_maintenance_once()?;
             let kept: Vec<_> = r
                 .kept

@@ -75,9 +75,17 @@ impl<T: MakeTls> PgStore<T> {
             report.locked_out = true;
             return Ok(report);
         }
+        self.check_retention(&mut tx)?;
 
         let interval = self.retention_config().interval_secs();
-        let now = self.now().unix_timestamp();
+        // The database's clock (the one `created_at` comes from), unless a test injected one.
+        let now = match self.injected_now() {
+            Some(now) => now.unix_timestamp(),
+            None => tx
+                .query_one(sql::DB_NOW, &[])
+                .and_then(|row| row.try_get::<_, i64>(0))
+                .map_err(self.db_error(context))?,
+        };
         let current = now.div_euclid(interval) * interval;
         let existing: BTreeSet<i64> = tx
             .query(&parts.list, &[])

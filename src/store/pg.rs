@@ -68,11 +68,13 @@ pub struct PgStore<T: MakeTls = NoTls> {
     schema: String,
     table: String,
     retention: Retention,
-    clock: Clock,
+    /// Where maintenance reads the time: the database's clock (`None`) unless a test
+    /// injects another.
+    clock: Option<Clock>,
     sql: OnceLock<Arc<Sql>>,
 }
 
-/// Where maintenance reads the time: the system clock unless a test injects another.
+/// A clock injected with [`PgStore::maintenance_clock`].
 pub(crate) type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 
 impl<T: MakeTls> Clone for PgStore<T> {
@@ -108,7 +110,7 @@ impl<T: MakeTls> PgStore<T> {
             schema: DEFAULT_SCHEMA.to_owned(),
             table: DEFAULT_TABLE.to_owned(),
             retention: Retention::default(),
-            clock: Arc::new(OffsetDateTime::now_utc),
+            clock: None,
             sql: OnceLock::new(),
         }
     }
@@ -141,13 +143,15 @@ impl<T: MakeTls> PgStore<T> {
     }
 
     /// The clock partition maintenance uses to decide which partitions to create and drop.
-    /// For tests that move time forward; defaults to the system clock (UTC).
+    /// For tests that move time forward; by default maintenance reads the database's clock
+    /// (`now()`), the one `created_at` comes from, so that a host whose clock is off cannot
+    /// drop a partition early.
     #[must_use]
     pub fn maintenance_clock(
         mut self,
         clock: impl Fn() -> OffsetDateTime + Send + Sync + 'static,
     ) -> PgStore<T> {
-        self.clock = Arc::new(clock);
+        self.clock = Some(Arc::new(clock));
         self
     }
 
@@ -155,8 +159,9 @@ impl<T: MakeTls> PgStore<T> {
         &self.retention
     }
 
-    pub(crate) fn now(&self) -> OffsetDateTime {
-        (self.clock)()
+    /// The injected maintenance clock's time, if one was injected.
+    pub(crate) fn injected_now(&self) -> Option<OffsetDateTime> {
+        self.clock.as_ref().map(|clock| clock())
     }
 
     /// The connection pool.
@@ -289,7 +294,9 @@ impl<T: MakeTls> PgStore<T> {
             {
                 tx.batch_execute(&sql.create_tables).map_err(map)?;
             }
-            tx.execute(&sql.migration_v3, &[&self.table]).map_err(map)?;
+            let (keep, interval) = self.retention_secs();
+            tx.execute(&sql.migration_v3, &[&self.table, &keep, &interval])
+                .map_err(map)?;
             tx.execute(&sql.record_version, &[&self.table, &3i32])
                 .map_err(map)?;
         }
@@ -315,6 +322,74 @@ impl<T: MakeTls> PgStore<T> {
             self.run_maintenance_once()?;
         }
         Ok(())
+    }
+
+    /// The configured retention as recorded with the table: (window, partition interval) in
+    /// seconds, or NULLs for delete-on-send.
+    fn retention_secs(&self) -> (Option<i64>, Option<i64>) {
+        match self.retention.keep {
+            Some(window) => (
+                Some(i64::try_from(window.as_secs()).unwrap_or(i64::MAX)),
+                Some(self.retention.interval_secs()),
+            ),
+            None => (None, None),
+        }
+    }
+
+    /// Refuses maintenance by a store whose keep-sent window or partition interval is not
+    /// the one recorded with the table at migration: `--keep-sent 1d` against a 30-day
+    /// table would drop 29 days of audit history.
+    pub(crate) fn check_retention(&self, client: &mut impl GenericClient) -> Result<(), Error> {
+        let sql = self.sql()?;
+        let context = "reading the outbox table's retention";
+        let Some(row) = client
+            .query_opt(&sql.recorded_retention, &[&self.table])
+            .map_err(self.db_error(context))?
+        else {
+            return Err(Error::OutdatedSchema {
+                table: self.qualified_table(),
+            });
+        };
+        let recorded: (Option<i64>, Option<i64>) = (
+            row.try_get(0).map_err(self.db_error(context))?,
+            row.try_get(1).map_err(self.db_error(context))?,
+        );
+        let configured = self.retention_secs();
+        if recorded != configured {
+            let show = |(window, interval): (Option<i64>, Option<i64>)| match (window, interval) {
+                (Some(w), Some(i)) => format!("keep_sent({w} s) with partitions of {i} s"),
+                _ => "delete_on_send".to_owned(),
+            };
+            return Err(Error::RetentionSettingsMismatch {
+                table: self.qualified_table(),
+                configured: show(configured),
+                recorded: show(recorded),
+            });
+        }
+        Ok(())
+    }
+
+    /// The retention recorded with the table at migration (for the command line, which then
+    /// needs no retention flags).
+    pub fn recorded_retention(&self) -> Result<Retention, Error> {
+        let sql = self.sql()?;
+        let context = "reading the outbox table's retention";
+        let mut conn = self.connection(context)?;
+        let row = conn
+            .query_opt(&sql.recorded_retention, &[&self.table])
+            .map_err(self.db_error(context))?
+            .ok_or_else(|| Error::OutdatedSchema {
+                table: self.qualified_table(),
+            })?;
+        let window: Option<i64> = row.try_get(0).map_err(self.db_error(context))?;
+        let interval: Option<i64> = row.try_get(1).map_err(self.db_error(context))?;
+        let secs = |s: i64| std::time::Duration::from_secs(u64::try_from(s).unwrap_or(0));
+        Ok(match (window, interval) {
+            (Some(w), Some(i)) => Retention::keep_sent(secs(w))
+                .partition_interval(secs(i))
+                .partitions_ahead(self.retention.ahead),
+            _ => Retention::delete_on_send(),
+        })
     }
 
     /// Whether the table is recorded as ordered (migration 3).

@@ -110,6 +110,7 @@ pub(crate) struct Sql {
     /// Migration 3 and the ordering mode (see [`TABLES_TABLE`]).
     pub(crate) create_tables: String,
     pub(crate) migration_v3: String,
+    pub(crate) recorded_retention: String,
     pub(crate) mode: String,
     pub(crate) table_exists: String,
     pub(crate) probe_table: String,
@@ -182,6 +183,9 @@ pub(crate) const MAINTENANCE_TIMEOUTS: &str =
 /// `statement_timeout` must not make that fail, yet a migration must not wait forever.
 pub(crate) const MIGRATION_TIMEOUTS: &str = "SET LOCAL lock_timeout = '60s'; \
      SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = '60s'";
+
+/// The database's clock, in Unix seconds, for partition maintenance.
+pub(crate) const DB_NOW: &str = "SELECT floor(extract(epoch FROM now()))::int8";
 
 /// `p` for a partitioned (keep-sent) table, `r` for a plain one, NULL when missing.
 pub(crate) const TABLE_KIND: &str =
@@ -538,11 +542,22 @@ impl Sql {
                 "CREATE TABLE {s}.\"{TABLES_TABLE}\" (
                     table_name text PRIMARY KEY,
                     per_key_ordering boolean NOT NULL,
+                    keep_sent_secs bigint,
+                    partition_interval_secs bigint,
                     changed_at timestamptz NOT NULL DEFAULT now())"
             ),
+            // The table's retention is recorded with it: maintenance refuses a store (or a
+            // command line) configured with another window, which would drop audit history
+            // early. NULL for delete-on-send.
             migration_v3: format!(
-                "INSERT INTO {s}.\"{TABLES_TABLE}\" (table_name, per_key_ordering) VALUES ($1, false)
+                "INSERT INTO {s}.\"{TABLES_TABLE}\"
+                    (table_name, per_key_ordering, keep_sent_secs, partition_interval_secs)
+                 VALUES ($1, false, $2, $3)
                  ON CONFLICT (table_name) DO NOTHING"
+            ),
+            recorded_retention: format!(
+                "SELECT keep_sent_secs, partition_interval_secs FROM {s}.\"{TABLES_TABLE}\"
+                 WHERE table_name = $1"
             ),
             mode: format!(
                 "SELECT per_key_ordering FROM {s}.\"{TABLES_TABLE}\" WHERE table_name = $1"
