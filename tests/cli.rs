@@ -486,7 +486,8 @@ fn maintain_runs_partition_maintenance_for_keep_sent_tables() {
     assert!(text.contains(&format!("{pending_slot}: 1")), "{text}");
 
     // maintain on a delete-on-send table (read from the table) says there is nothing to do.
-    let out = troutbox(&["maintain"]);
+    common::store("cli_maintain_plain", &pool);
+    let out = troutbox_in("cli_maintain_plain", &["maintain"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no partition to maintain"),
