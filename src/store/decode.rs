@@ -45,7 +45,7 @@ pub(crate) fn column<'a, V: postgres::types::FromSql<'a>>(
 /// (`id, key, value, headers, created_at, attempts`).
 pub(crate) fn message(row: &Row) -> Result<Message, Undecodable> {
     let flat: Vec<Option<String>> = column(row, 3, "headers")?;
-    if flat.len() % 2 != 0 {
+    if !flat.len().is_multiple_of(2) {
         return Err(Undecodable {
             column: "headers",
             reason: format!("{} elements, expected (name, value) pairs", flat.len()),
