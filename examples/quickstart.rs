@@ -7,15 +7,12 @@
 
 use std::time::Duration;
 
-use r2d2_postgres::PostgresConnectionManager;
 use troutbox::{Batch, Outbox, PgStore};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = troutbox::testing::database_url()?;
-    let pool = r2d2::Pool::new(PostgresConnectionManager::new(
-        url.parse()?,
-        postgres::NoTls,
-    ))?;
+    // A pool set up for an outbox: TCP keepalives and short timeouts (see troutbox::pool).
+    let pool = troutbox::pool(url.parse()?, 10)?;
 
     // Storage: the outbox table lives next to the business tables.
     let store = PgStore::new(pool.clone()).schema("quickstart");

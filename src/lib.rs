@@ -112,6 +112,7 @@ pub use relay::handle::Handle;
 pub use relay::health::Health;
 pub use relay::sender::Sender;
 pub use store::pg::{MakeTls, PgPool, PgStore, DEFAULT_SCHEMA, DEFAULT_TABLE};
+pub use store::pool::{pool, pool_with_tls, POOL_CONNECTION_TIMEOUT};
 pub use store::retention::{Retention, DEFAULT_PARTITIONS_AHEAD, DEFAULT_PARTITION_INTERVAL};
 
 /// The README's examples, compiled as doctests so the README stays true to the API.

@@ -1,6 +1,7 @@
 //! Storage: the PostgreSQL store, its SQL, and the small interface the relay uses.
 //!
-//! - [`pg`]: the store's configuration and migrations;
+//! - [`pg`]: the store's configuration and migrations; [`pool`]: a connection pool with
+//!   safe settings;
 //! - [`claim`]: the claim strategy, the protocol by which a relay takes, holds and settles
 //!   batches (claim, journal, settle, late settle), all in one file;
 //! - [`sql`]: every statement; [`decode`]: rows to messages, fallibly; [`ident`]: names;
@@ -18,6 +19,7 @@ pub(crate) mod ident;
 #[cfg(test)]
 pub(crate) mod memory;
 pub(crate) mod pg;
+pub(crate) mod pool;
 pub(crate) mod retention;
 pub(crate) mod sql;
 
