@@ -92,3 +92,75 @@ fn maintain_uses_the_tables_retention() {
         String::from_utf8_lossy(&right.stderr)
     );
 }
+
+/// The command line as an operator scripts it: `status` as a health check with documented
+/// exit statuses, `dead show` for one message whole, errors as JSON under `--json`, and
+/// `--database-url` accepted after the subcommand.
+#[test]
+fn status_thresholds_dead_show_and_json_errors() {
+    const OPS: &str = "cli_hardening_ops";
+    let pool = pool(2);
+    let store = store(OPS, &pool);
+    let outbox = Outbox::builder(store.clone()).build().unwrap();
+    let mut conn = pool.get().unwrap();
+    outbox
+        .add(
+            &mut *conn,
+            &troutbox::NewMessage::new("k1", &[0xff, 0x00, 0x41]).header("trace", "t\u{1b}1"),
+        )
+        .unwrap();
+    outbox.add_message(&mut *conn, "k2", b"fine").unwrap();
+    let dead_id: i64 = conn
+        .query_one(
+            &format!(
+                "UPDATE {OPS}.outbox_messages SET state = 'dead', last_error = 'boom: the whole story'
+                 WHERE key = 'k1' RETURNING id"
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    // --database-url after the subcommand.
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_troutbox"))
+            .args(["--schema", OPS])
+            .args(args)
+            .args(["--database-url", &common::url()])
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap()
+    };
+
+    let healthy = run(&["status", "--max-pending", "5", "--max-age", "1h", "--json"]);
+    assert_eq!(healthy.status.code(), Some(0));
+    let unhealthy = run(&["status", "--max-pending", "0", "--max-dead", "0", "--json"]);
+    assert_eq!(
+        unhealthy.status.code(),
+        Some(3),
+        "the documented 'unhealthy' status"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&unhealthy.stdout).unwrap();
+    assert_eq!(report["healthy"], false);
+    assert_eq!(report["exceeded"], serde_json::json!(["pending", "dead"]));
+
+    let shown = run(&["dead", "show", &dead_id.to_string(), "--json"]);
+    assert!(shown.status.success());
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["value_hex"], "ff0041");
+    assert_eq!(shown["value_utf8"], serde_json::Value::Null);
+    assert_eq!(shown["last_error"], "boom: the whole story");
+    assert_eq!(shown["headers"], serde_json::json!([["trace", "t\u{1b}1"]]));
+    let text = String::from_utf8(run(&["dead", "show", &dead_id.to_string()]).stdout).unwrap();
+    assert!(
+        text.contains("(not UTF-8, hex) ff0041") && !text.contains('\u{1b}'),
+        "{text:?}"
+    );
+
+    let missing = run(&["dead", "show", "999999999", "--json"]);
+    assert_eq!(missing.status.code(), Some(1));
+    let error: serde_json::Value = serde_json::from_slice(&missing.stderr).unwrap();
+    assert!(
+        error["error"].as_str().unwrap().contains("no dead message"),
+        "{error}"
+    );
+}

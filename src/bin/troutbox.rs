@@ -30,8 +30,8 @@ struct Cli {
     /// PostgreSQL connection string. Prefer the DATABASE_URL environment variable (or a
     /// passfile, see libpq's PGPASSFILE): a password given on the command line shows in
     /// `ps` to every user of the machine.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: String,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
 
     /// Schema of the outbox table.
     #[arg(long, default_value = troutbox::DEFAULT_SCHEMA, global = true)]
@@ -72,8 +72,19 @@ enum Command {
         #[arg(long)]
         per_key_ordering: bool,
     },
-    /// Count pending, dead and retained sent messages, and show the age of the oldest pending one.
-    Status,
+    /// Count pending, dead and retained sent messages, and show the age of the oldest pending
+    /// one. With thresholds, a health check: exit status 3 when one is exceeded.
+    Status {
+        /// Unhealthy above this many pending messages.
+        #[arg(long)]
+        max_pending: Option<i64>,
+        /// Unhealthy above this many dead messages.
+        #[arg(long)]
+        max_dead: Option<i64>,
+        /// Unhealthy when the oldest pending message is older than this (like 5m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_age: Option<Duration>,
+    },
     /// Run partition maintenance once (tables created with --keep-sent): create partitions
     /// ahead, move rows out of the DEFAULT partition, drop expired partitions that hold
     /// nothing but sent messages.
@@ -98,6 +109,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Dead {
+    /// Show one dead message whole: value (as text when it is UTF-8, else hex), headers and
+    /// the full last error.
+    Show {
+        /// Its id.
+        id: i64,
+    },
     /// List dead messages, newest first, with attempts and last error.
     List {
         /// How many to show, at most 1,000.
@@ -127,12 +144,21 @@ enum Dead {
     },
 }
 
+/// Exit statuses: 0 done (and healthy), 1 an error, 2 a usage error (from clap), 3 `status`
+/// found a threshold exceeded.
+const UNHEALTHY: u8 = 3;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(UNHEALTHY),
         Err(e) => {
-            eprintln!("troutbox: {e}");
+            if cli.json {
+                eprintln!("{}", json!({ "error": e.to_string() }));
+            } else {
+                eprintln!("troutbox: {e}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -140,9 +166,13 @@ fn main() -> ExitCode {
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-fn run(cli: &Cli) -> Result<()> {
-    let config: postgres::Config = cli
+/// Runs the command; `Ok(false)` when `status` found a threshold exceeded.
+fn run(cli: &Cli) -> Result<bool> {
+    let url = cli
         .database_url
+        .as_deref()
+        .ok_or("no database: set DATABASE_URL (or give --database-url)")?;
+    let config: postgres::Config = url
         .parse()
         .map_err(|e| format!("invalid --database-url: {e}"))?;
     let pool = r2d2::Pool::builder()
@@ -178,9 +208,25 @@ fn run(cli: &Cli) -> Result<()> {
                 format!("{table} is up to date"),
             );
         }
-        Command::Status => {
+        Command::Status {
+            max_pending,
+            max_dead,
+            max_age,
+        } => {
             let b = store.backlog()?;
             let age = b.oldest_pending.map(age_secs);
+            let mut exceeded = Vec::new();
+            if max_pending.is_some_and(|max| b.pending > max) {
+                exceeded.push("pending");
+            }
+            if max_dead.is_some_and(|max| b.dead > max) {
+                exceeded.push("dead");
+            }
+            if let (Some(max), Some(age)) = (max_age, age) {
+                if age > max.as_secs_f64() {
+                    exceeded.push("age");
+                }
+            }
             print(
                 cli,
                 json!({
@@ -190,6 +236,8 @@ fn run(cli: &Cli) -> Result<()> {
                     "sent_retained": b.sent,
                     "oldest_pending": b.oldest_pending.map(rfc3339),
                     "oldest_pending_age_seconds": age,
+                    "healthy": exceeded.is_empty(),
+                    "exceeded": exceeded,
                 }),
                 table_text(&[
                     ("table", table.clone()),
@@ -202,6 +250,56 @@ fn run(cli: &Cli) -> Result<()> {
                             (Some(t), Some(age)) => format!("{} ({age:.0} s ago)", rfc3339(t)),
                             _ => "-".into(),
                         },
+                    ),
+                    (
+                        "health",
+                        if exceeded.is_empty() {
+                            "ok".into()
+                        } else {
+                            format!("over the threshold: {}", exceeded.join(", "))
+                        },
+                    ),
+                ]),
+            );
+            return Ok(exceeded.is_empty());
+        }
+        Command::Dead(Dead::Show { id }) => {
+            let Some(d) = store.dead_message(*id)? else {
+                return Err(format!("no dead message with id {id}").into());
+            };
+            let value = d.message.value();
+            let text = std::str::from_utf8(value).ok();
+            let hex: String = value.iter().map(|b| format!("{b:02x}")).collect();
+            let headers: Vec<String> = d
+                .message
+                .headers()
+                .iter()
+                .map(|(n, v)| format!("{}: {}", escape_controls(n), escape_controls(v)))
+                .collect();
+            let mut json = dead_json(&d);
+            json["headers"] = json!(d.message.headers());
+            json["value_utf8"] = json!(text);
+            json["value_hex"] = json!(hex);
+            print(
+                cli,
+                json,
+                table_text(&[
+                    ("id", d.message.id().to_string()),
+                    ("key", escape_controls(d.message.key())),
+                    ("attempts", d.message.attempts().to_string()),
+                    ("created at", rfc3339(d.message.created_at())),
+                    ("died at", rfc3339(d.died_at)),
+                    ("headers", list(&headers)),
+                    (
+                        "value",
+                        match text {
+                            Some(t) => escape_controls(t),
+                            None => format!("(not UTF-8, hex) {hex}"),
+                        },
+                    ),
+                    (
+                        "last error",
+                        escape_controls(d.last_error.as_deref().unwrap_or("-")),
                     ),
                 ]),
             );
@@ -311,7 +409,7 @@ fn run(cli: &Cli) -> Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 fn print(cli: &Cli, json: serde_json::Value, text: String) {

@@ -30,6 +30,18 @@ impl<T: MakeTls> PgStore<T> {
         Ok(rows.iter().map(dead_message_from_row).collect())
     }
 
+    /// The dead message with this id, whole (value, headers, last error), or `None` when no
+    /// message with this id is dead.
+    pub fn dead_message(&self, id: i64) -> Result<Option<DeadMessage>, Error> {
+        let sql = self.sql()?;
+        let context = "reading a dead message";
+        let row = self
+            .connection(context)?
+            .query_opt(&sql.dead_one, &[&id])
+            .map_err(self.db_error(context))?;
+        Ok(row.as_ref().map(dead_message_from_row))
+    }
+
     /// Puts the dead messages with these ids back in the queue, as if just added: attempts
     /// start again from zero. Ids that are not dead are ignored. Returns how many were
     /// re-queued.

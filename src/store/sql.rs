@@ -140,6 +140,7 @@ pub(crate) struct Sql {
     pub(crate) set_aside: String,
     pub(crate) set_aside_unchecked: String,
     pub(crate) dead_list: String,
+    pub(crate) dead_one: String,
     pub(crate) requeue_dead_ids: String,
     pub(crate) requeue_dead_all: String,
     pub(crate) purge_dead_ids: String,
@@ -722,6 +723,11 @@ impl Sql {
                 "SELECT {MESSAGE_COLUMNS}, last_error, available_at
                  FROM {t} WHERE state = 'dead' AND ($2::int8 IS NULL OR id < $2)
                  ORDER BY id DESC LIMIT $1"
+            ),
+            // Admin: one dead message by id (the primary key).
+            dead_one: format!(
+                "SELECT {MESSAGE_COLUMNS}, last_error, available_at
+                 FROM {t} WHERE state = 'dead' AND id = $1"
             ),
             // Admin: a re-queued message starts over, as if just added.
             requeue_dead_ids: format!(
