@@ -27,6 +27,38 @@ fn pool_as(role: &str) -> PgPool {
         .unwrap()
 }
 
+/// A relay on `store` (one retry, fast backoff) whose Sender records every batch and fails
+/// the messages `fails_first` picks on their first attempt, so that the retry path runs with
+/// the role's grants too.
+fn relay_failing_once(
+    store: &PgStore,
+    fails_first: impl Fn(&troutbox::Message) -> bool + Clone + Send + 'static,
+) -> (troutbox::Handle, std::sync::Arc<Deliveries>) {
+    let relay = Outbox::builder(store.clone())
+        .max_retries(1)
+        .backoff(troutbox::Backoff::exponential(
+            Duration::from_millis(10),
+            Duration::from_millis(20),
+        ))
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let deliveries = Deliveries::new();
+    let d = deliveries.clone();
+    let handle = relay
+        .start(move |batch: &mut troutbox::Batch| -> Result<(), String> {
+            for m in batch.iter_mut() {
+                if fails_first(m) && m.attempts() == 0 {
+                    m.mark_failed("first attempt fails");
+                }
+            }
+            d.record(batch);
+            Ok(())
+        })
+        .unwrap();
+    (handle, deliveries)
+}
+
 #[test]
 fn producer_with_insert_only_and_relay_with_minimal_grants() {
     let owner = pool(4);
@@ -107,29 +139,8 @@ fn producer_with_insert_only_and_relay_with_minimal_grants() {
     );
 
     let relay_store = PgStore::new(pool_as(RELAY)).schema(SCHEMA);
-    let relay = Outbox::builder(relay_store.clone())
-        .max_retries(1)
-        .backoff(troutbox::Backoff::exponential(
-            Duration::from_millis(10),
-            Duration::from_millis(20),
-        ))
-        .poll_interval(Duration::from_millis(10))
-        .build()
-        .unwrap();
-    let deliveries = Deliveries::new();
-    let d = deliveries.clone();
     // Fail "paid" once so the relay also exercises the retry path (re-insert) with its grants.
-    let mut handle = relay
-        .start(move |batch: &mut troutbox::Batch| -> Result<(), String> {
-            for m in batch.iter_mut() {
-                if m.value() == b"paid" && m.attempts() == 0 {
-                    m.mark_failed("first attempt fails");
-                }
-            }
-            d.record(batch);
-            Ok(())
-        })
-        .unwrap();
+    let (mut handle, deliveries) = relay_failing_once(&relay_store, |m| m.value() == b"paid");
     assert!(deliveries.wait_for(2, PATIENCE));
     assert!(common::eventually(PATIENCE, || relay_store
         .backlog()
@@ -187,28 +198,7 @@ fn keep_sent_relay_grants_and_maintenance_by_the_owner() {
     let relay_store = PgStore::new(pool_as(RELAY))
         .schema(KEEP)
         .retention(retention);
-    let relay = Outbox::builder(relay_store.clone())
-        .max_retries(1)
-        .backoff(troutbox::Backoff::exponential(
-            Duration::from_millis(10),
-            Duration::from_millis(20),
-        ))
-        .poll_interval(Duration::from_millis(10))
-        .build()
-        .unwrap();
-    let deliveries = Deliveries::new();
-    let d = deliveries.clone();
-    let mut handle = relay
-        .start(move |batch: &mut troutbox::Batch| -> Result<(), String> {
-            for m in batch.iter_mut() {
-                if m.key() == "a" && m.attempts() == 0 {
-                    m.mark_failed("first attempt fails");
-                }
-            }
-            d.record(batch);
-            Ok(())
-        })
-        .unwrap();
+    let (mut handle, deliveries) = relay_failing_once(&relay_store, |m| m.key() == "a");
     assert!(deliveries.wait_for(2, PATIENCE));
     assert!(common::eventually(PATIENCE, || relay_store
         .backlog()

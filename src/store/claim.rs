@@ -578,6 +578,9 @@ impl<T: MakeTls> PgSession<T> {
     /// suspect, it could never be claimed alone while its head waits out a backoff, and
     /// the batch would be given back at every claim, stalling every key in it.
     fn suspects_of(&self, rows: &[Row]) -> Vec<i64> {
+        if rows.iter().all(|r| r.abandoned == 0) {
+            return Vec::new(); // the usual case: no claim was abandoned
+        }
         let mut first_of_key: std::collections::HashMap<&str, i64> = Default::default();
         if self.ordered {
             for r in rows {
