@@ -119,3 +119,13 @@ pub use store::retention::{Retention, DEFAULT_PARTITIONS_AHEAD, DEFAULT_PARTITIO
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The examples of docs/usage.md (dead letters and backlog), compiled as doctests too.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/usage.md")]
+pub struct UsageDoctests;
+
+/// The examples of docs/operations.md (retention, observability), compiled as doctests too.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/operations.md")]
+pub struct OperationsDoctests;
