@@ -10,6 +10,12 @@
 //! - `retained_5m_batch_ms`: mean batch time (claim + no-op send + commit) while draining
 //!   pending messages from a keep-sent table that retains 5,000,000 sent messages, reference =
 //!   the same on a keep-sent table that retains none. Target: within 1.2x.
+//! - `producer_p99_ms_during_maintenance`: p99 latency of a producer's one-message INSERT
+//!   (autocommit) while 4 producers commit, 2 relay workers drain, and maintenance creates
+//!   and drops partitions every 200 ms (1-minute partitions and window on a clock 20x fast);
+//!   reference = the same load with no maintenance running. p50 and max go to stderr.
+//!
+//! `TROUTBOX_BENCH_ONLY=maintenance` runs the last scenario alone.
 //!
 //! `DATABASE_URL` uses a server of your own (schemas `bench_retention_*` are dropped and
 //! created); otherwise a throw-away one starts with `fsync=on`. `TROUTBOX_BENCH_SCALE`
@@ -129,6 +135,10 @@ fn main() {
             postgres::NoTls,
         ))
         .unwrap();
+    if std::env::var("TROUTBOX_BENCH_ONLY").as_deref() == Ok("maintenance") {
+        producer_latency_during_maintenance(&url);
+        return;
+    }
     let keep = Retention::keep_sent(Duration::from_secs(7 * 86_400)).partitions_ahead(8);
 
     // Delete vs keep, same backlog, same relay.
@@ -186,4 +196,107 @@ fn main() {
             .unwrap()
             .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
     }
+    producer_latency_during_maintenance(&url);
+}
+
+/// Producer INSERT latencies (ms, sorted) over `load`, with 4 producers and 2 relay workers,
+/// maintenance churning partitions every 200 ms when `maintain`.
+fn producer_latencies(url: &str, schema: &str, maintain: bool, load: Duration) -> Vec<f64> {
+    let pool = r2d2::Pool::builder()
+        .max_size(12)
+        .build(PostgresConnectionManager::new(
+            url.parse().unwrap(),
+            postgres::NoTls,
+        ))
+        .unwrap();
+    pool.get()
+        .unwrap()
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .unwrap();
+    let (start, started) = (OffsetDateTime::now_utc(), Instant::now());
+    let store = PgStore::new(pool.clone())
+        .schema(schema)
+        .retention(
+            Retention::keep_sent(Duration::from_secs(60))
+                .partition_interval(Duration::from_secs(60))
+                .partitions_ahead(1),
+        )
+        .maintenance_clock(move || start + started.elapsed() * 20);
+    store.migrate().unwrap();
+    let outbox = Outbox::builder(store.clone())
+        .workers(2)
+        .batch_size(50)
+        .poll_interval(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let mut relay = outbox
+        .start(|_: &mut Batch| Ok::<(), Infallible>(()))
+        .unwrap();
+    let deadline = Instant::now() + load;
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let (outbox, pool) = (outbox.clone(), pool.clone());
+            std::thread::spawn(move || {
+                let mut conn = pool.get().unwrap();
+                let mut times = Vec::new();
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    n += 1;
+                    let t = Instant::now();
+                    outbox
+                        .add_message(
+                            &mut *conn,
+                            &format!("k{}", n % 8),
+                            format!("p{p}-{n}").as_bytes(),
+                        )
+                        .unwrap();
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                times
+            })
+        })
+        .collect();
+    let (mut runs, mut deferred) = (0, 0);
+    while maintain && Instant::now() < deadline {
+        let report = store.run_maintenance_once().unwrap();
+        runs += 1;
+        deferred += report.deferred.len();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut times: Vec<f64> = producers
+        .into_iter()
+        .flat_map(|p| p.join().unwrap())
+        .collect();
+    relay.shutdown().unwrap();
+    times.sort_by(f64::total_cmp);
+    if maintain {
+        eprintln!("maintenance: {runs} runs, {deferred} steps deferred");
+    }
+    times
+}
+
+fn producer_latency_during_maintenance(url: &str) {
+    let load = Duration::from_secs_f64((20.0 * scale()).max(5.0));
+    let pct = |t: &[f64], q: f64| t[((t.len() - 1) as f64 * q) as usize];
+    let quiet = producer_latencies(url, "bench_retention_quiet", false, load);
+    let busy = producer_latencies(url, "bench_retention_churn", true, load);
+    for (name, t) in [
+        ("no maintenance", &quiet),
+        ("maintenance every 200 ms", &busy),
+    ] {
+        eprintln!(
+            "{name}: {} INSERTs, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+            t.len(),
+            pct(t, 0.5),
+            pct(t, 0.99),
+            t[t.len() - 1]
+        );
+    }
+    emit(
+        "producer_p99_ms_during_maintenance",
+        pct(&busy, 0.99),
+        "ms",
+        pct(&quiet, 0.99),
+    );
 }

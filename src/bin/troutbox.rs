@@ -329,7 +329,7 @@ fn run(cli: &Cli) -> Result<bool> {
                 .collect();
             print(
                 cli,
-                json!({"locked_out": r.locked_out, "created": r.created, "dropped": r.dropped, "kept": kept}),
+                json!({"locked_out": r.locked_out, "created": r.created, "dropped": r.dropped, "kept": kept, "deferred": r.deferred}),
                 if r.locked_out {
                     "another instance is maintaining this table right now; nothing done".into()
                 } else {
@@ -345,6 +345,7 @@ fn run(cli: &Cli) -> Result<bool> {
                                     .collect::<Vec<_>>(),
                             ),
                         ),
+                        ("deferred (table busy; next run)", list(&r.deferred)),
                     ])
                 },
             );

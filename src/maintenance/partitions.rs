@@ -7,7 +7,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{select, Sender as ChannelSender};
-use postgres::SimpleQueryMessage;
 
 use crate::error::panic_message;
 use crate::store::pg::{MakeTls, PgStore};
@@ -29,6 +28,30 @@ pub struct MaintenanceReport {
     /// Expired partitions kept because they still hold pending or dead messages, with how
     /// many. They are dropped by a later run once those are sent, or purged.
     pub kept: Vec<(String, i64)>,
+    /// Partitions whose creation or drop was put off because the table stayed busy (a lock
+    /// not granted within 100 ms): the next run tries again. Rows meanwhile land in the
+    /// DEFAULT partition, or stay in the expired one; nothing is lost either way.
+    pub deferred: Vec<String>,
+}
+
+/// Opens one maintenance step's transaction, with the timeouts it relies on.
+fn begin_step(conn: &mut postgres::Client) -> Result<postgres::Transaction<'_>, postgres::Error> {
+    let mut tx = conn
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::ReadCommitted)
+        .start()?;
+    tx.batch_execute(sql::MAINTENANCE_STEP_TIMEOUTS)?;
+    Ok(tx)
+}
+
+/// Whether a step gave up waiting for a lock (`lock_timeout`).
+fn is_lock_timeout(e: &postgres::Error) -> bool {
+    e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+}
+
+fn defer(report: &mut MaintenanceReport, name: String, what: &str) {
+    log::info!("outbox maintenance: {what} of partition {name} put off to the next run: the table stayed busy");
+    report.deferred.push(name);
 }
 
 impl<T: MakeTls> PgStore<T> {
@@ -39,10 +62,18 @@ impl<T: MakeTls> PgStore<T> {
     /// never deleted). Does nothing with [`Retention::delete_on_send`](crate::Retention).
     ///
     /// Only one instance maintains a table at a time: a transaction-scoped advisory lock,
-    /// taken with `pg_try_advisory_xact_lock` on the one connection that runs the work and
+    /// taken with `pg_try_advisory_xact_lock` on a connection that holds nothing else and
     /// released by its COMMIT (or by the server if that process dies, so another instance
     /// takes over at its next run). An instance that finds the lock taken returns at once
-    /// with [`MaintenanceReport::locked_out`]. DDL waits at most 5 s for its locks.
+    /// with [`MaintenanceReport::locked_out`].
+    ///
+    /// The work itself runs on a second connection, one short transaction per partition,
+    /// so that a step that fails does not undo the others and no lock outlives its step.
+    /// Each step locks in the order the relay and producers do (the table, then its
+    /// partitions), so it cannot deadlock with them, and waits at most 100 ms for a lock:
+    /// everything that touches the table queues behind a waiting DDL statement, so that is
+    /// also the longest a producer waits for maintenance. A step that could not get its lock
+    /// in time is listed in [`MaintenanceReport::deferred`] and tried again at the next run.
     ///
     /// Schedule it yourself (cron, a timer) or let [`start_maintenance`](Self::start_maintenance)
     /// run it on a thread.
@@ -54,20 +85,19 @@ impl<T: MakeTls> PgStore<T> {
             return Ok(report);
         };
         let context = "maintaining outbox partitions";
-        let map = self.db_error(context);
-        let mut conn = self.connection(context)?;
-        // READ COMMITTED stated, not inherited: the count of unsent rows before a DROP must
-        // see the rows committed while maintenance waited for its lock, which a snapshot
-        // taken earlier (REPEATABLE READ or SERIALIZABLE as a database default) would not.
-        let mut tx = conn
+        // The election: this connection's transaction holds the advisory lock and touches
+        // no table, so the work on the other connection never waits for it.
+        let mut elected = self.connection(context)?;
+        let mut election = elected
             .build_transaction()
             .isolation_level(postgres::IsolationLevel::ReadCommitted)
             .start()
             .map_err(self.db_error(context))?;
-        tx.batch_execute(sql::MAINTENANCE_TIMEOUTS)
+        election
+            .batch_execute(sql::MAINTENANCE_ELECTION_TIMEOUTS)
             .map_err(self.db_error(context))?;
         let lock_key = format!("troutbox:maintain:{}", self.qualified_table());
-        let locked: bool = tx
+        let locked: bool = election
             .query_one(sql::MAINTENANCE_LOCK, &[&lock_key])
             .map_err(self.db_error(context))?
             .get(0);
@@ -75,8 +105,12 @@ impl<T: MakeTls> PgStore<T> {
             report.locked_out = true;
             return Ok(report);
         }
-        self.check_retention(&mut tx)?;
 
+        let mut conn = self.connection(context)?;
+        // What there is, in one short transaction. READ COMMITTED stated, not inherited
+        // (REPEATABLE READ or SERIALIZABLE as a database default would keep one snapshot).
+        let mut tx = begin_step(&mut conn).map_err(self.db_error(context))?;
+        self.check_retention(&mut tx)?;
         let interval = self.retention_config().interval_secs();
         // The database's clock (the one `created_at` comes from), unless a test injected one.
         let now = match self.injected_now() {
@@ -93,7 +127,6 @@ impl<T: MakeTls> PgStore<T> {
             .iter()
             .filter_map(|row| parts.partition_start(row.get::<_, &str>(0)))
             .collect();
-
         // Wanted: now and ahead, plus the home of every row sitting in DEFAULT.
         let ahead = i64::from(self.retention_config().ahead);
         let mut wanted: BTreeSet<i64> = (0..=ahead).map(|k| current + k * interval).collect();
@@ -103,37 +136,58 @@ impl<T: MakeTls> PgStore<T> {
         {
             wanted.insert(row.get::<_, i64>(0) * interval);
         }
+        tx.commit().map_err(self.db_error(context))?;
+
         for start in wanted.difference(&existing) {
-            tx.batch_execute(&parts.create_partition(*start, start + interval))
-                .map_err(self.db_error(context))?;
-            report.created.push(parts.partition_name(*start));
+            let name = parts.partition_name(*start);
+            let step = begin_step(&mut conn).and_then(|mut tx| {
+                tx.batch_execute(&parts.create_partition(*start, start + interval))?;
+                tx.commit()
+            });
+            match step {
+                Ok(()) => report.created.push(name),
+                Err(e) if is_lock_timeout(&e) => defer(&mut report, name, "create"),
+                Err(e) => return Err(self.db_error(context)(e)),
+            }
         }
 
         let window = i64::try_from(window.as_secs()).unwrap_or(i64::MAX);
         let horizon = now.saturating_sub(window);
         for start in existing.iter().filter(|s| **s + interval <= horizon) {
             let name = parts.partition_name(*start);
-            let unsent = tx
-                .simple_query(&parts.lock_and_count_unsent(*start))
-                .map_err(self.db_error(context))?
-                .iter()
-                .find_map(|m| match m {
-                    SimpleQueryMessage::Row(row) => row.get(0)?.parse::<i64>().ok(),
-                    _ => None,
-                })
-                .unwrap_or(0);
-            if unsent == 0 {
-                tx.batch_execute(&parts.drop_partition(*start))
-                    .map_err(self.db_error(context))?;
-                report.dropped.push(name);
-            } else {
+            // Counted before any lock, through the partial indexes of pending and dead
+            // rows: a partition that keeps unsent messages is never locked at all.
+            let mut tx = begin_step(&mut conn).map_err(self.db_error(context))?;
+            let unsent: i64 = tx
+                .query_one(&parts.count_unsent(*start), &[])
+                .and_then(|row| row.try_get(0))
+                .map_err(self.db_error(context))?;
+            if unsent > 0 {
+                tx.commit().map_err(self.db_error(context))?;
                 log::warn!(
                     "keeping expired outbox partition {name}: it still holds {unsent} pending or dead message(s)"
                 );
                 report.kept.push((name, unsent));
+                continue;
+            }
+            // The table first, as every claim and INSERT takes it, then the check again
+            // (under the lock nothing can change it) and the drop.
+            let step = (|| {
+                tx.batch_execute(&parts.lock_parent())?;
+                let unsent: bool = tx.query_one(&parts.any_unsent(*start), &[])?.try_get(0)?;
+                if !unsent {
+                    tx.batch_execute(&parts.drop_partition(*start))?;
+                }
+                tx.commit().map(|()| unsent)
+            })();
+            match step {
+                Ok(false) => report.dropped.push(name),
+                Ok(true) => report.kept.push((name, 1)),
+                Err(e) if is_lock_timeout(&e) => defer(&mut report, name, "drop"),
+                Err(e) => return Err(self.db_error(context)(e)),
             }
         }
-        tx.commit().map_err(map)?;
+        election.commit().map_err(self.db_error(context))?;
         if !report.created.is_empty() || !report.dropped.is_empty() {
             log::info!(
                 "outbox maintenance of {}: created {:?}, dropped {:?}",

@@ -173,11 +173,22 @@ pub(crate) const TABLE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_class c
 pub(crate) const MAINTENANCE_LOCK: &str =
     "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))";
 
-/// The timeouts maintenance relies on, whatever the role or database sets: a bound on how
-/// long it waits for the locks its DDL needs (so it never queues producers behind it for
-/// long), and no statement timeout, which would cut a move out of the DEFAULT partition short.
-pub(crate) const MAINTENANCE_TIMEOUTS: &str =
-    "SET LOCAL lock_timeout = '5s'; SET LOCAL statement_timeout = 0";
+/// The transaction that elects one maintainer holds only its advisory lock. It waits for
+/// nothing, so it sets no lock timeout; it is bounded in time so that a frozen maintainer
+/// cannot keep the others out for ever (a dead one loses the lock with its connection).
+pub(crate) const MAINTENANCE_ELECTION_TIMEOUTS: &str = "SET LOCAL statement_timeout = '60s'; \
+     SET LOCAL idle_in_transaction_session_timeout = '1h'";
+
+/// The settings of each maintenance step, whatever the role or database sets:
+/// - `lock_timeout` 100 ms: DDL waiting for its lock makes every later claim and INSERT of
+///   the table queue behind it, so this is also the longest maintenance can stall them; a
+///   step that times out is put off to the next run.
+/// - no statement timeout, which would cut a move out of the DEFAULT partition short.
+/// - the planner settings of the claim (see [`begin_claim`]): counts of unsent rows go
+///   through the partial indexes even on partitions never analyzed.
+pub(crate) const MAINTENANCE_STEP_TIMEOUTS: &str = "SET LOCAL lock_timeout = '100ms'; \
+     SET LOCAL statement_timeout = 0; SET LOCAL enable_seqscan = off; \
+     SET LOCAL enable_bitmapscan = off; SET LOCAL jit = off";
 
 /// The timeouts a migration relies on: concurrent migrations wait for each other's advisory
 /// lock, and DDL waits for relays' batches in flight; a role's short `lock_timeout` or
@@ -1037,14 +1048,21 @@ impl PartitionSql {
     }
 
     /// Creates the partition for `[start, end)` and attaches it, first moving any rows of
-    /// that range out of the DEFAULT partition (attaching would fail with them there). The
-    /// new table is built standalone and attached, so producers are blocked only for the
-    /// attach itself.
+    /// that range out of the DEFAULT partition (attaching would fail with them there).
+    ///
+    /// The table is locked first, in EXCLUSIVE mode (plain reads go on), as claims and
+    /// INSERTs take it, so that none of them can hold it and wait for a partition this step
+    /// holds (a deadlock). ATTACH alone would need less, but an INSERT that routed its row
+    /// to DEFAULT before the attach and writes it after fails the partition constraint, and
+    /// a claim holding DEFAULT would deadlock with it. Claims and INSERTs wait for the step:
+    /// milliseconds when DEFAULT is empty, as it is when partitions are made ahead.
     pub(crate) fn create_partition(&self, start: i64, end: i64) -> String {
         let p = self.qualified(start);
         let (from, to) = (timestamp(start), timestamp(end));
         format!(
-            "CREATE TABLE {p} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+            "LOCK TABLE ONLY {parent} IN EXCLUSIVE MODE;
+             LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE;
+             CREATE TABLE {p} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
              WITH moved AS (
                 DELETE FROM {default} WHERE created_at >= '{from}' AND created_at < '{to}' RETURNING *)
              INSERT INTO {p} SELECT * FROM moved;
@@ -1054,13 +1072,30 @@ impl PartitionSql {
         )
     }
 
-    /// Locks an expired partition against everything, then counts the rows that still
-    /// matter (pending or dead): it is dropped only if there are none.
-    pub(crate) fn lock_and_count_unsent(&self, start: i64) -> String {
+    /// Counts the rows of an expired partition that still matter (pending or dead), through
+    /// the partial indexes of each state, without locking anything beyond a read.
+    pub(crate) fn count_unsent(&self, start: i64) -> String {
         let p = self.qualified(start);
         format!(
-            "LOCK TABLE {p} IN ACCESS EXCLUSIVE MODE;
-             SELECT count(*) FROM {p} WHERE state <> 'sent'"
+            "SELECT (SELECT count(*) FROM {p} WHERE state = 'pending')
+                  + (SELECT count(*) FROM {p} WHERE state = 'dead')"
+        )
+    }
+
+    /// Locks the partitioned table against everything, before a partition is dropped: the
+    /// table first, as claims and INSERTs take it, so that maintenance never holds a
+    /// partition that one of them holds the table for and waits for (a deadlock). `ONLY`:
+    /// the partitions are not locked with it; no one reaches them without the table.
+    pub(crate) fn lock_parent(&self) -> String {
+        format!("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE", self.parent)
+    }
+
+    /// Whether an expired partition holds any pending or dead row, under [`lock_parent`].
+    pub(crate) fn any_unsent(&self, start: i64) -> String {
+        let p = self.qualified(start);
+        format!(
+            "SELECT EXISTS (SELECT FROM {p} WHERE state = 'pending')
+                 OR EXISTS (SELECT FROM {p} WHERE state = 'dead')"
         )
     }
 
