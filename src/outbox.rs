@@ -349,7 +349,7 @@ impl<T: MakeTls> OutboxBuilder<T> {
         self
     }
 
-    /// Uses `meter` for the outbox's metrics (see the README's "Observability"). Defaults to
+    /// Uses `meter` for the outbox's metrics (see docs/operations.md, "Observability"). Defaults to
     /// the global meter provider's meter named `troutbox`.
     #[cfg(feature = "opentelemetry")]
     #[must_use]

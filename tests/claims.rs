@@ -223,7 +223,7 @@ fn a_sender_always_slower_than_the_send_timeout_is_bounded_and_settled() {
     println!("FIGURES always_slow: deliveries={n} dead={dead} (bound 4)");
     assert_eq!(n, settled_at);
     // max_retries + 1 = 3 attempts, plus at most one claim per other worker made before the
-    // abandoned claim it raced with was charged (the README's "How it works" says why).
+    // abandoned claim it raced with was charged (docs/how-it-works.md says why).
     assert!(
         n <= 4,
         "delivered {n} times, bound is max_retries + workers = 4"

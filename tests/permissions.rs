@@ -2,7 +2,7 @@
 //! table (and SELECT on
 //! the schema's table of ordering modes) can add
 //! messages, and a relay role with only what relaying needs can relay. The GRANT statements
-//! here are the ones the README's "Permissions" section documents.
+//! here are the ones docs/permissions.md documents.
 
 mod common;
 
@@ -81,11 +81,11 @@ fn producer_with_insert_only_and_relay_with_minimal_grants() {
             "CREATE TABLE {SCHEMA}.orders (id bigint);
              GRANT USAGE ON SCHEMA {SCHEMA} TO {PRODUCER}, {RELAY};
              GRANT INSERT ON {SCHEMA}.orders TO {PRODUCER};
-             -- producer: exactly what the README documents
+             -- producer: exactly what docs/permissions.md documents
              GRANT INSERT (key, value, headers) ON {SCHEMA}.outbox_messages TO {PRODUCER};
              -- both: the table's ordering mode, read once per outbox
              GRANT SELECT ON {SCHEMA}.troutbox_tables TO {PRODUCER}, {RELAY};
-             -- relay: exactly what the README documents
+             -- relay: exactly what docs/permissions.md documents
              GRANT SELECT, INSERT, UPDATE, DELETE ON {SCHEMA}.outbox_messages TO {RELAY};
              GRANT SELECT, INSERT, DELETE ON {SCHEMA}.outbox_messages_claims, {SCHEMA}.outbox_messages_charges TO {RELAY};"
         ))
@@ -184,7 +184,7 @@ fn keep_sent_relay_grants_and_maintenance_by_the_owner() {
                END IF;
              END $$;
              GRANT USAGE ON SCHEMA {KEEP} TO {RELAY};
-             -- relay, keep_sent: exactly what the README documents
+             -- relay, keep_sent: exactly what docs/permissions.md documents
              GRANT SELECT, UPDATE ON {KEEP}.outbox_messages TO {RELAY};
              GRANT SELECT, INSERT, DELETE ON {KEEP}.outbox_messages_claims, {KEEP}.outbox_messages_charges TO {RELAY};
              GRANT SELECT ON {KEEP}.troutbox_tables TO {RELAY};"

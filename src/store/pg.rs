@@ -217,7 +217,7 @@ impl<T: MakeTls> PgStore<T> {
     /// serialized by a transaction-scoped advisory lock, taken and released on the single
     /// connection that runs them, and each version is applied once. Needs the right to create
     /// the schema (or own it) and tables in it; producers and relays need less (see the
-    /// README's "Permissions").
+    /// docs/permissions.md).
     pub fn migrate(&self) -> Result<(), Error> {
         self.migrate_with(None)
     }
