@@ -216,7 +216,7 @@ impl<T: MakeTls> PgStore<T> {
     /// Idempotent, and safe to run from many processes at once: migrations of one schema are
     /// serialized by a transaction-scoped advisory lock, taken and released on the single
     /// connection that runs them, and each version is applied once. Needs the right to create
-    /// the schema (or own it) and tables in it; producers and relays need less (see the
+    /// the schema (or own it) and tables in it; producers and relays need less (see
     /// docs/permissions.md).
     pub fn migrate(&self) -> Result<(), Error> {
         self.migrate_with(None)
