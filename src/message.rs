@@ -1,6 +1,7 @@
 //! Messages as the relay hands them to the Sender, and as the dead-letter API returns them.
 
 use std::fmt;
+use std::sync::Arc;
 
 use time::OffsetDateTime;
 
@@ -20,7 +21,9 @@ pub enum Status {
 /// [`Batch`](crate::Batch).
 ///
 /// Delivery is at least once, so a consumer that must not act twice deduplicates on
-/// [`id`](Message::id): it is unique per outbox table and never changes, retries included.
+/// [`dedup_key`](Message::dedup_key): unique across every outbox table, in every schema and
+/// database, and it never changes, retries included. ([`id`](Message::id) alone is unique
+/// only within one table: two services publishing to one topic would collide on it.)
 ///
 /// Not `Clone`, on purpose: the relay settles each claimed message from the batch the Sender
 /// hands back, and a Sender that could overwrite one batch entry with a copy of another would
@@ -28,6 +31,8 @@ pub enum Status {
 #[derive(Debug)]
 pub struct Message {
     pub(crate) id: i64,
+    /// The outbox table's identity (see [`Message::dedup_key`]); empty outside a relay.
+    pub(crate) outbox: Arc<str>,
     pub(crate) key: String,
     pub(crate) value: Vec<u8>,
     pub(crate) headers: Vec<(String, String)>,
@@ -40,11 +45,13 @@ pub struct Message {
 #[cfg(any(test, feature = "testing"))]
 impl Message {
     /// A message as the relay would hand it over: `id`, `key`, `value`, no headers, created
-    /// now, never attempted, unmarked. For tests of your own Sender, with
+    /// now, never attempted, unmarked, from an outbox whose identity is
+    /// [`TEST_OUTBOX_ID`](Message::TEST_OUTBOX_ID). For tests of your own Sender, with
     /// [`Batch::for_test`](crate::Batch::for_test).
     pub fn for_test(id: i64, key: &str, value: &[u8]) -> Message {
         Message {
             id,
+            outbox: Arc::from(Message::TEST_OUTBOX_ID),
             key: key.to_owned(),
             value: value.to_vec(),
             headers: Vec::new(),
@@ -53,6 +60,9 @@ impl Message {
             status: Status::Unmarked,
         }
     }
+
+    /// The outbox identity of messages made by [`for_test`](Message::for_test).
+    pub const TEST_OUTBOX_ID: &'static str = "00000000-0000-0000-0000-000000000000";
 
     /// The same message with a header added.
     #[must_use]
@@ -63,10 +73,34 @@ impl Message {
 }
 
 impl Message {
-    /// The message's id, assigned by the database when the message was added. Use it as the
-    /// idempotency key on the consumer side.
+    /// The message's id, assigned by the database when the message was added: unique within
+    /// its outbox table only. Consumers deduplicate on [`dedup_key`](Message::dedup_key).
     pub fn id(&self) -> i64 {
         self.id
+    }
+
+    /// The message's identity across every outbox: `<outbox id>:<id>`, for example
+    /// `6f1c0f2e-4b7a-4c39-9e56-0d4f3a1b2c3d:42`. Consumers deduplicate on it, since delivery
+    /// is at least once; it never changes, retries included. The outbox id is a random UUID
+    /// drawn once per outbox table when `migrate()` creates (or upgrades) it and recorded with
+    /// the table (see [`outbox_id`](Message::outbox_id)), so two tables never share one, even
+    /// with the same name in two databases. (A database restored from a backup into a second
+    /// environment keeps its tables' ids: that copy's messages collide with the original's.)
+    ///
+    /// `RabbitSender` puts it in the AMQP `message-id` property.
+    pub fn dedup_key(&self) -> String {
+        if self.outbox.is_empty() {
+            self.id.to_string()
+        } else {
+            format!("{}:{}", self.outbox, self.id)
+        }
+    }
+
+    /// The identity of the outbox table the message came from: a UUID in its text form,
+    /// the same for every message of the table (see [`dedup_key`](Message::dedup_key)).
+    /// Dead messages listed from a table not yet migrated to record one have it empty.
+    pub fn outbox_id(&self) -> &str {
+        &self.outbox
     }
 
     /// The key given to [`add_message`](crate::Outbox::add_message), for example a Kafka key

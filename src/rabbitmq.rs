@@ -680,6 +680,7 @@ mod tests {
 
     fn message(id: i64, key: &str, headers: &[(&str, &str)]) -> Message {
         Message {
+            outbox: "".into(),
             id,
             key: key.into(),
             value: b"v".to_vec(),

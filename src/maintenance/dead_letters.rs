@@ -1,6 +1,8 @@
 //! Dead letters: messages that used up their retries. Kept, visible, never retried
 //! automatically, and re-queueable from here.
 
+use std::sync::Arc;
+
 use crate::message::DeadMessage;
 use crate::store::pg::{dead_message_from_row, MakeTls, PgStore};
 use crate::Error;
@@ -23,11 +25,15 @@ impl<T: MakeTls> PgStore<T> {
     ) -> Result<Vec<DeadMessage>, Error> {
         let sql = self.sql()?;
         let context = "listing dead messages";
-        let rows = self
-            .connection(context)?
+        let mut conn = self.connection(context)?;
+        let rows = conn
             .query(&sql.dead_list, &[&i64::from(limit), &before_id])
             .map_err(self.db_error(context))?;
-        Ok(rows.iter().map(dead_message_from_row).collect())
+        let outbox = self.dead_outbox_id(&mut conn)?;
+        Ok(rows
+            .iter()
+            .map(|row| dead_message_from_row(row, &outbox))
+            .collect())
     }
 
     /// The dead message with this id, whole (value, headers, last error), or `None` when no
@@ -35,11 +41,21 @@ impl<T: MakeTls> PgStore<T> {
     pub fn dead_message(&self, id: i64) -> Result<Option<DeadMessage>, Error> {
         let sql = self.sql()?;
         let context = "reading a dead message";
-        let row = self
-            .connection(context)?
+        let mut conn = self.connection(context)?;
+        let row = conn
             .query_opt(&sql.dead_one, &[&id])
             .map_err(self.db_error(context))?;
-        Ok(row.as_ref().map(dead_message_from_row))
+        let outbox = self.dead_outbox_id(&mut conn)?;
+        Ok(row.as_ref().map(|row| dead_message_from_row(row, &outbox)))
+    }
+
+    /// The table's identity for listing its dead messages; empty for a table not yet
+    /// migrated to record one (dead letters stay readable then).
+    fn dead_outbox_id(&self, conn: &mut postgres::Client) -> Result<Arc<str>, Error> {
+        match self.outbox_id(conn) {
+            Err(Error::OutdatedSchema { .. }) => Ok(Arc::from("")),
+            other => other,
+        }
     }
 
     /// Puts the dead messages with these ids back in the queue, as if just added: attempts

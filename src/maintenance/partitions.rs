@@ -130,13 +130,19 @@ impl<T: MakeTls> PgStore<T> {
         // Wanted: now and ahead, plus the home of every row sitting in DEFAULT.
         let ahead = i64::from(self.retention_config().ahead);
         let mut wanted: BTreeSet<i64> = (0..=ahead).map(|k| current + k * interval).collect();
-        for row in tx
-            .query(&parts.default_slots, &[&interval])
-            .map_err(self.db_error(context))?
-        {
-            wanted.insert(row.get::<_, i64>(0) * interval);
+        // Last, as it reads DEFAULT, which may be busy: then the rows there wait for the
+        // next run, and the rest of this one goes on.
+        match tx.query(&parts.default_slots, &[&interval]) {
+            Ok(rows) => {
+                wanted.extend(rows.iter().map(|row| row.get::<_, i64>(0) * interval));
+                tx.commit().map_err(self.db_error(context))?;
+            }
+            Err(e) if is_lock_timeout(&e) => {
+                drop(tx);
+                defer(&mut report, parts.default_name(), "moving rows out");
+            }
+            Err(e) => return Err(self.db_error(context)(e)),
         }
-        tx.commit().map_err(self.db_error(context))?;
 
         for start in wanted.difference(&existing) {
             let name = parts.partition_name(*start);

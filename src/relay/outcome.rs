@@ -89,6 +89,7 @@ mod tests {
 
     fn message(id: i64, attempts: u32) -> Message {
         Message {
+            outbox: "".into(),
             id,
             key: format!("k{id}"),
             value: vec![],

@@ -291,10 +291,12 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
             last_recovery: None,
             last_cleanup: Instant::now(),
             partial: false,
+            outbox_id: Arc::from(""),
         };
         let conn = session.connect()?;
         self.store.check_table_kind(&mut *conn.client)?;
         self.store.check_ordering(&mut *conn.client, self.ordered)?;
+        session.outbox_id = self.store.outbox_id(&mut *conn.client)?;
         // A relay restarted after a crash charges its own abandoned claim before it claims.
         session.recover();
         Ok(session)
@@ -314,6 +316,8 @@ struct SessionConn<T: MakeTls> {
 /// One relay worker's connection, with the claim statements prepared on it.
 pub(crate) struct PgSession<T: MakeTls> {
     store: PgStore<T>,
+    /// The table's identity, given to every claimed message (see `Message::dedup_key`).
+    outbox_id: Arc<str>,
     sql: Arc<Sql>,
     side: Arc<SideConnection<T>>,
     /// The send timeout in milliseconds, as the claim transaction's bounds.
@@ -674,12 +678,12 @@ impl<T: MakeTls> PgSession<T> {
     }
 
     /// Decodes claimed rows: the good ones, and the ids of those that cannot be decoded.
-    fn decode(rows: &[postgres::Row]) -> (Vec<Row>, Vec<(i64, Undecodable)>) {
+    fn decode(&self, rows: &[postgres::Row]) -> (Vec<Row>, Vec<(i64, Undecodable)>) {
         let mut good = Vec::with_capacity(rows.len());
         let mut bad = Vec::new();
         for row in rows {
             let charges = decode::column::<Option<Vec<i32>>>(row, 7, "charges");
-            match (decode::message(row), charges) {
+            match (decode::message(row, &self.outbox_id), charges) {
                 (Ok(message), Ok(charges)) => {
                     let charges = charges.unwrap_or_default();
                     good.push(Row {
@@ -811,7 +815,7 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                 return Ok(claimed);
             }
             let full = rows.len() >= limit;
-            let (rows_ok, bad) = Self::decode(&rows);
+            let (rows_ok, bad) = self.decode(&rows);
             if !bad.is_empty() {
                 // Give the batch back untouched, then set the bad rows aside on their own.
                 self.rollback();

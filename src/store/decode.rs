@@ -2,6 +2,8 @@
 //! row written by hand, can put values there that Rust types refuse), so no column is read
 //! with a panicking `get`.
 
+use std::sync::Arc;
+
 use postgres::Row;
 use time::OffsetDateTime;
 
@@ -43,7 +45,8 @@ pub(crate) fn column<'a, V: postgres::types::FromSql<'a>>(
 
 /// Builds a [`Message`] from a row with the columns of `sql::MESSAGE_COLUMNS`
 /// (`id, key, value, headers, created_at, attempts`).
-pub(crate) fn message(row: &Row) -> Result<Message, Undecodable> {
+/// `outbox` is the table's identity (see [`Message::dedup_key`]).
+pub(crate) fn message(row: &Row, outbox: &Arc<str>) -> Result<Message, Undecodable> {
     let flat: Vec<Option<String>> = column(row, 3, "headers")?;
     if !flat.len().is_multiple_of(2) {
         return Err(Undecodable {
@@ -67,6 +70,7 @@ pub(crate) fn message(row: &Row) -> Result<Message, Undecodable> {
     let attempts: i32 = column(row, 5, "attempts")?;
     Ok(Message {
         id: column(row, 0, "id")?,
+        outbox: Arc::clone(outbox),
         key: column(row, 1, "key")?,
         value: column(row, 2, "value")?,
         headers,
@@ -92,6 +96,7 @@ pub(crate) fn message_lenient(row: &Row) -> Message {
     let attempts: i32 = column(row, 5, "attempts").unwrap_or(0);
     Message {
         id: column(row, 0, "id").unwrap_or(0),
+        outbox: Arc::from(""),
         key: column(row, 1, "key").unwrap_or_default(),
         value: column(row, 2, "value").unwrap_or_default(),
         headers,

@@ -48,6 +48,7 @@ impl MemoryStore {
         state.next_id += 1;
         let id = state.next_id;
         let message = Message {
+            outbox: "".into(),
             id,
             key: key.to_owned(),
             value: key.as_bytes().to_vec(),
@@ -125,6 +126,7 @@ impl RelaySession for MemorySession {
                 row.locked = true;
                 let m = &row.message;
                 batch.push(Message {
+                    outbox: "".into(),
                     id: m.id,
                     key: m.key.clone(),
                     value: m.value.clone(),

@@ -300,6 +300,11 @@ impl<T: MakeTls> PgStore<T> {
             tx.execute(&sql.record_version, &[&self.table, &3i32])
                 .map_err(map)?;
         }
+        if version < 4 {
+            tx.batch_execute(&sql.migration_v4).map_err(map)?;
+            tx.execute(&sql.record_version, &[&self.table, &4i32])
+                .map_err(map)?;
+        }
         if let Some(declared) = ordering {
             let recorded = self.recorded_ordering(&mut tx)?;
             if declared && !recorded {
@@ -419,6 +424,32 @@ impl<T: MakeTls> PgStore<T> {
         }
     }
 
+    /// The table's identity (migration 4), for [`Message::dedup_key`](crate::Message::dedup_key).
+    pub(crate) fn outbox_id(&self, client: &mut impl GenericClient) -> Result<Arc<str>, Error> {
+        let sql = self.sql()?;
+        let context = "reading the outbox table's identity";
+        let outdated = || Error::OutdatedSchema {
+            table: self.qualified_table(),
+        };
+        match client.query_opt(&sql.outbox_id, &[&self.table]) {
+            Ok(Some(row)) => row
+                .try_get::<_, String>(0)
+                .map(Arc::from)
+                .map_err(self.db_error(context)),
+            Ok(None) => Err(outdated()),
+            // The column comes with migration 4; the table with migration 3.
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(&SqlState::UNDEFINED_COLUMN) | Some(&SqlState::UNDEFINED_TABLE)
+                ) =>
+            {
+                Err(outdated())
+            }
+            Err(e) => Err(self.db_error(context)(e)),
+        }
+    }
+
     /// Refuses an outbox whose ordering mode is not the table's.
     pub(crate) fn check_ordering(
         &self,
@@ -473,11 +504,13 @@ impl<T: MakeTls> PgStore<T> {
     }
 }
 
-/// Builds a [`Message`](crate::Message) from a dead row, leniently (see
+/// Builds a [`Message`](crate::Message) from a dead row of the table `outbox`, leniently (see
 /// [`decode::message_lenient`]).
-pub(crate) fn dead_message_from_row(row: &postgres::Row) -> crate::DeadMessage {
+pub(crate) fn dead_message_from_row(row: &postgres::Row, outbox: &Arc<str>) -> crate::DeadMessage {
+    let mut message = decode::message_lenient(row);
+    message.outbox = Arc::clone(outbox);
     crate::DeadMessage {
-        message: decode::message_lenient(row),
+        message,
         last_error: decode::column(row, 6, "last_error").unwrap_or(None),
         died_at: decode::column(row, 7, "available_at").unwrap_or(OffsetDateTime::UNIX_EPOCH),
     }

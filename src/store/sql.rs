@@ -20,7 +20,7 @@ use crate::store::retention::Retention;
 pub(crate) const MIGRATIONS_TABLE: &str = "troutbox_migrations";
 
 /// The schema version this build of the crate creates and expects.
-pub(crate) const SCHEMA_VERSION: i32 = 3;
+pub(crate) const SCHEMA_VERSION: i32 = 4;
 
 /// Name of the table that records, per outbox table of a schema, the mode producers and relays
 /// must agree on (migration 3): whether the table is relayed with per-key ordering.
@@ -110,6 +110,9 @@ pub(crate) struct Sql {
     /// Migration 3 and the ordering mode (see [`TABLES_TABLE`]).
     pub(crate) create_tables: String,
     pub(crate) migration_v3: String,
+    /// Migration 4: each table's identity, for [`Message::dedup_key`](crate::Message::dedup_key).
+    pub(crate) migration_v4: String,
+    pub(crate) outbox_id: String,
     pub(crate) recorded_retention: String,
     pub(crate) mode: String,
     pub(crate) table_exists: String,
@@ -566,6 +569,17 @@ impl Sql {
                     (table_name, per_key_ordering, keep_sent_secs, partition_interval_secs)
                  VALUES ($1, false, $2, $3)
                  ON CONFLICT (table_name) DO NOTHING"
+            ),
+            // Migration 4: a random identity per table, drawn once (the column's default
+            // gives every existing row its own, and every table migrated later too); run by
+            // each table's migration, a no-op after the first in a schema. gen_random_uuid()
+            // is built in from PostgreSQL 13 (troutbox needs 14).
+            migration_v4: format!(
+                "ALTER TABLE {s}.\"{TABLES_TABLE}\"
+                 ADD COLUMN IF NOT EXISTS outbox_id uuid NOT NULL DEFAULT gen_random_uuid()"
+            ),
+            outbox_id: format!(
+                "SELECT outbox_id::text FROM {s}.\"{TABLES_TABLE}\" WHERE table_name = $1"
             ),
             recorded_retention: format!(
                 "SELECT keep_sent_secs, partition_interval_secs FROM {s}.\"{TABLES_TABLE}\"
@@ -1032,6 +1046,11 @@ impl PartitionSql {
     /// The unqualified name of the partition starting at `start` (Unix seconds).
     pub(crate) fn partition_name(&self, start: i64) -> String {
         format!("{}_p{start}", self.table)
+    }
+
+    /// The unqualified name of the DEFAULT partition.
+    pub(crate) fn default_name(&self) -> String {
+        format!("{}_default", self.table)
     }
 
     /// Parses a partition name back to its start, `None` for the DEFAULT partition or a
