@@ -555,7 +555,8 @@ impl Link {
                     .properties
                     .message_id()
                     .as_ref()
-                    .and_then(|id| id.parse::<i64>().ok())
+                    // The dedup key ends with the message's id.
+                    .and_then(|key| key.rsplit(':').next()?.parse::<i64>().ok())
                     .and_then(|id| messages.binary_search_by_key(&id, Message::id).ok())
                 {
                     returned.insert(
@@ -660,7 +661,7 @@ fn properties(msg: &Message, persistent: bool) -> AmqpProperties {
             }
         }
     }
-    let mut properties = AmqpProperties::default().with_message_id(msg.id().to_string());
+    let mut properties = AmqpProperties::default().with_message_id(msg.dedup_key());
     if !headers.is_empty() {
         properties = properties.with_headers(headers);
     }

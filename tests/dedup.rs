@@ -15,7 +15,10 @@ fn relay_failing_once(store: &PgStore, n: usize) -> Vec<(i64, String, String)> {
     let seen: Arc<Mutex<Vec<(i64, String, String)>>> = Arc::default();
     let s = seen.clone();
     let outbox = Outbox::builder(store.clone())
-        .backoff(Backoff::exponential(Duration::from_millis(5), Duration::from_millis(5)))
+        .backoff(Backoff::exponential(
+            Duration::from_millis(5),
+            Duration::from_millis(5),
+        ))
         .poll_interval(Duration::from_millis(5))
         .build()
         .unwrap();
@@ -57,9 +60,15 @@ fn dedup_keys_differ_across_tables_and_never_change_for_a_message() {
     // Same id in both tables (each table's first message)...
     assert_eq!(seen_a[0].0, seen_b[0].0);
     // ...different identities, each the same on the retry as on the first attempt.
-    assert_eq!(seen_a[0].1, seen_a[1].1, "a retry keeps the message's identity");
+    assert_eq!(
+        seen_a[0].1, seen_a[1].1,
+        "a retry keeps the message's identity"
+    );
     assert_eq!(seen_b[0].1, seen_b[1].1);
-    assert_ne!(seen_a[0].1, seen_b[0].1, "two tables never share an identity");
+    assert_ne!(
+        seen_a[0].1, seen_b[0].1,
+        "two tables never share an identity"
+    );
     for (id, key, outbox) in [&seen_a[0], &seen_b[0]] {
         assert_eq!(key, &format!("{outbox}:{id}"));
         // A UUID in its text form, as the table recorded it.
