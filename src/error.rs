@@ -7,9 +7,16 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// Everything that can go wrong in troutbox.
 ///
-/// Database and Sender errors keep their cause, reachable through
-/// [`std::error::Error::source`]. The messages are meant for a person: they say what happened
-/// and, where there is one, what to do about it.
+/// The messages are meant for a person: they say what happened and, where there is one,
+/// what to do about it.
+///
+/// One convention for causes, everywhere: an error either says its cause in its message or
+/// returns it from [`source`](std::error::Error::source), never both, so that printing the
+/// whole chain (`anyhow`'s `{:#}`, or troutbox's default error handler) shows each cause
+/// once. Database errors say theirs, because the `postgres` crate's own text for a server
+/// error is just "db error" (the `postgres::Error` stays reachable through
+/// [`Error::postgres`]); every other error with a cause (the pool's, the Sender's, a
+/// thread's) returns it from `source`, and its own message omits it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -149,18 +156,22 @@ pub enum Error {
     },
 
     /// A statement failed in the database, or the connection to it failed.
-    #[error("database error while {context}: {}", describe_db(source))]
+    ///
+    /// The message is whole: the server's severity, message, SQLSTATE, detail and hint (or,
+    /// for a connection failure, the `postgres` crate's text and its causes), so this
+    /// variant has no [`source`](std::error::Error::source), which would repeat it. The
+    /// `postgres` error is in `error`, and [`Error::postgres`] returns it.
+    #[error("database error while {context}: {}", describe_db(error))]
     Database {
         /// What troutbox was doing.
         context: &'static str,
         /// The error from the `postgres` crate.
-        #[source]
-        source: postgres::Error,
+        error: postgres::Error,
     },
 
     /// No connection could be taken from the pool in time. The database may be down or the
     /// pool too small: each relay worker keeps one connection while it runs.
-    #[error("no database connection available while {context}: {source} (is PostgreSQL reachable, and is the pool larger than the number of relay workers?)")]
+    #[error("no database connection available while {context} (is PostgreSQL reachable, and is the pool larger than the number of relay workers?)")]
     Pool {
         /// What troutbox was doing.
         context: &'static str,
@@ -171,7 +182,7 @@ pub enum Error {
 
     /// The Sender returned an error for a batch. The messages it did not mark sent were
     /// recorded as failed and will be retried (or are dead after their retries).
-    #[error("sender failed a batch of {batch_size} message(s): {source}")]
+    #[error("sender failed a batch of {batch_size} message(s)")]
     Sender {
         /// Number of messages in the batch.
         batch_size: usize,
@@ -190,7 +201,7 @@ pub enum Error {
     },
 
     /// A relay worker thread could not be started.
-    #[error("could not start relay worker thread: {0}")]
+    #[error("could not start relay worker thread")]
     Spawn(#[source] std::io::Error),
 
     /// Shutdown gave up waiting for worker threads, typically because a Sender is still
@@ -244,6 +255,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// The `postgres` crate's error behind a [`Database`](Error::Database) or
+    /// [`NotMigrated`](Error::NotMigrated) error, for its SQLSTATE
+    /// ([`code`](postgres::Error::code)) or the server's fields
+    /// ([`as_db_error`](postgres::Error::as_db_error)).
+    pub fn postgres(&self) -> Option<&postgres::Error> {
+        match self {
+            Error::Database { error, .. } => Some(error),
+            Error::NotMigrated { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
     pub(crate) fn pool(context: &'static str) -> impl FnOnce(r2d2::Error) -> Error {
         move |source| Error::Pool { context, source }
     }
@@ -255,9 +278,9 @@ impl Error {
     pub fn is_connection_error(&self) -> bool {
         match self {
             Error::Pool { .. } => true,
-            Error::Database { source, .. } => match source.code() {
+            Error::Database { error, .. } => match error.code() {
                 Some(code) => code.code().starts_with("08") || code.code().starts_with("57P"),
-                None => source.is_closed() || io_caused(source),
+                None => error.is_closed() || io_caused(error),
             },
             _ => false,
         }
@@ -284,7 +307,9 @@ fn describe_db(error: &postgres::Error) -> String {
             }
             text
         }
-        None => error.to_string(),
+        // Not from the server: the crate's text ("error communicating with the server")
+        // says little without its causes (the I/O error).
+        None => crate::config::with_causes(error),
     }
 }
 

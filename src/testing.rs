@@ -36,20 +36,40 @@ use std::time::{Duration, Instant};
 /// How to get the binaries when none are found.
 const INSTALL_HINT: &str = "no PostgreSQL server binaries found (looked for initdb on PATH, via pg_config --bindir and in /usr/lib/postgresql/*/bin): install them (Debian/Ubuntu: apt-get install postgresql) or set DATABASE_URL to a server you own";
 
-/// Why a throw-away server could not be started.
+/// Why a throw-away server could not be started: what failed, and the I/O error behind it
+/// when there is one (as [`source`](std::error::Error::source), not repeated in the message).
 #[derive(Debug)]
-pub struct TempPostgresError(String);
+pub struct TempPostgresError {
+    message: String,
+    source: Option<std::io::Error>,
+}
 
 impl fmt::Display for TempPostgresError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
-impl std::error::Error for TempPostgresError {}
+impl std::error::Error for TempPostgresError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 fn fail<T>(message: impl Into<String>) -> Result<T, TempPostgresError> {
-    Err(TempPostgresError(message.into()))
+    Err(TempPostgresError {
+        message: message.into(),
+        source: None,
+    })
+}
+
+fn fail_io<T>(message: impl Into<String>, source: std::io::Error) -> Result<T, TempPostgresError> {
+    Err(TempPostgresError {
+        message: message.into(),
+        source: Some(source),
+    })
 }
 
 /// `DATABASE_URL` if set; otherwise the URL of a throw-away server started on first use and
@@ -61,7 +81,14 @@ pub fn database_url() -> Result<String, TempPostgresError> {
         }
     }
     static SHARED: OnceLock<Result<TempPostgres, String>> = OnceLock::new();
-    match SHARED.get_or_init(|| TempPostgres::start().map_err(|e| e.0)) {
+    // An error cannot be cloned for every caller: each gets its text, cause included.
+    let shared = SHARED.get_or_init(|| {
+        TempPostgres::start().map_err(|e| match &e.source {
+            Some(cause) => format!("{}: {cause}", e.message),
+            None => e.message,
+        })
+    });
+    match shared {
         Ok(server) => Ok(server.url()),
         Err(e) => fail(e.clone()),
     }
@@ -141,7 +168,10 @@ impl TempPostgres {
     }
 
     fn start_with(options: TempPostgresBuilder) -> Result<TempPostgres, TempPostgresError> {
-        let bin = find_bindir().ok_or_else(|| TempPostgresError(INSTALL_HINT.into()))?;
+        let bin = match find_bindir() {
+            Some(bin) => bin,
+            None => return fail(INSTALL_HINT),
+        };
         // A private directory: a random name created atomically with mode 0700 (an
         // existing directory or link of that name is never reused), so no other local user
         // can read the data, the log or the socket, or plant anything in it.
@@ -149,7 +179,7 @@ impl TempPostgres {
             .prefix("troutbox-pg-")
             .permissions(fs::Permissions::from_mode(0o700))
             .tempdir()
-            .or_else(|e| fail(format!("cannot create a temporary directory: {e}")))?
+            .or_else(|e| fail_io("cannot create a temporary directory", e))?
             .keep();
         let owner = fs::metadata(&dir).map(|m| m.uid()).unwrap_or(1);
         let run_as = if owner == 0 {
@@ -160,9 +190,9 @@ impl TempPostgres {
         if let Some((uid, gid)) = run_as {
             // Through the open directory, not its path: nothing can swap a link in.
             let handle = fs::File::open(&dir)
-                .or_else(|e| fail(format!("cannot open {}: {e}", dir.display())))?;
+                .or_else(|e| fail_io(format!("cannot open {}", dir.display()), e))?;
             fchown(&handle, Some(uid), Some(gid))
-                .or_else(|e| fail(format!("cannot hand {} to uid {uid}: {e}", dir.display())))?;
+                .or_else(|e| fail_io(format!("cannot hand {} to uid {uid}", dir.display()), e))?;
         }
         let mut server = TempPostgres {
             dir,
@@ -207,13 +237,13 @@ impl TempPostgres {
         let status = Command::new("kill")
             .args(["-INT", &child.id().to_string()])
             .status()
-            .or_else(|e| fail(format!("cannot run kill: {e}")))?;
+            .or_else(|e| fail_io("cannot run kill", e))?;
         if !status.success() {
             return fail("kill -INT on the server failed");
         }
         child
             .wait()
-            .or_else(|e| fail(format!("waiting for the server: {e}")))?;
+            .or_else(|e| fail_io("waiting for the server", e))?;
         if let Some((mut watchdog, mut stdin)) = self.watchdog.take() {
             let _ = stdin.write_all(b"keep\n");
             drop(stdin);
@@ -234,7 +264,7 @@ impl TempPostgres {
             }
             match self.spawn_server() {
                 Ok(()) => return Ok(()),
-                Err(e) if !fixed_port && e.0.contains("could not bind") => continue,
+                Err(e) if !fixed_port && e.message.contains("could not bind") => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -299,8 +329,10 @@ impl TempPostgres {
             .create(true)
             .mode(0o600)
             .open(&log_path)
-            .or_else(|e| fail(format!("cannot create {}: {e}", log_path.display())))?;
-        let log2 = log.try_clone().or_else(|e| fail(e.to_string()))?;
+            .or_else(|e| fail_io(format!("cannot create {}", log_path.display()), e))?;
+        let log2 = log
+            .try_clone()
+            .or_else(|e| fail_io("cannot duplicate the log file handle", e))?;
         let mut cmd = self.command("postgres");
         cmd.arg("-D").arg("data");
         cmd.args([
@@ -319,7 +351,7 @@ impl TempPostgres {
             .stdout(log)
             .stderr(log2)
             .spawn()
-            .or_else(|e| fail(format!("cannot start postgres: {e}")))?;
+            .or_else(|e| fail_io("cannot start postgres", e))?;
         self.watchdog = Some(spawn_watchdog(child.id(), &self.dir)?);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -384,7 +416,7 @@ fn spawn_watchdog(pid: u32, dir: &Path) -> Result<(Child, ChildStdin), TempPostg
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .or_else(|e| fail(format!("cannot start the cleanup watchdog: {e}")))?;
+        .or_else(|e| fail_io("cannot start the cleanup watchdog", e))?;
     let stdin = child.stdin.take().expect("stdin was piped");
     Ok((child, stdin))
 }
@@ -395,7 +427,7 @@ fn random_password() -> Result<String, TempPostgresError> {
     let mut bytes = [0u8; 16];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
-        .or_else(|e| fail(format!("cannot read /dev/urandom: {e}")))?;
+        .or_else(|e| fail_io("cannot read /dev/urandom", e))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -410,12 +442,12 @@ fn write_private(
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .or_else(|e| fail(format!("cannot create {}: {e}", path.display())))?;
+        .or_else(|e| fail_io(format!("cannot create {}", path.display()), e))?;
     file.write_all(content)
-        .or_else(|e| fail(format!("cannot write {}: {e}", path.display())))?;
+        .or_else(|e| fail_io(format!("cannot write {}", path.display()), e))?;
     if let Some((uid, gid)) = owner {
         fchown(&file, Some(uid), Some(gid))
-            .or_else(|e| fail(format!("cannot hand {} to uid {uid}: {e}", path.display())))?;
+            .or_else(|e| fail_io(format!("cannot hand {} to uid {uid}", path.display()), e))?;
     }
     Ok(())
 }
@@ -424,7 +456,7 @@ fn free_port() -> Result<u16, TempPostgresError> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .or_else(|e| fail(format!("cannot find a free port: {e}")))
+        .or_else(|e| fail_io("cannot find a free port", e))
 }
 
 /// The uid and gid of the `postgres` account, else `nobody`, from /etc/passwd.

@@ -50,3 +50,90 @@ fn a_lost_connection_is_a_connection_error() {
     let err = failure.unwrap();
     assert!(err.is_connection_error(), "{err}");
 }
+
+/// Every cause in `err`'s chain appears once when the whole chain is printed: no message
+/// repeats the text of its source (the convention documented on `troutbox::Error`).
+fn assert_no_repeated_cause(err: &(dyn std::error::Error + 'static)) {
+    let mut current = err;
+    while let Some(cause) = current.source() {
+        let (outer, inner) = (current.to_string(), cause.to_string());
+        assert!(
+            !outer.contains(&inner),
+            "{outer:?} repeats its source {inner:?}"
+        );
+        current = cause;
+    }
+}
+
+#[test]
+fn no_error_repeats_its_cause() {
+    let pool = pool(6);
+    let store = store("errors_chain", &pool);
+    let outbox = Outbox::builder(store).build().unwrap();
+
+    // A server error: the message is whole, and `postgres()` gives the crate's error.
+    let mut conn = pool.get().unwrap();
+    let mut tx = conn.transaction().unwrap();
+    assert!(tx.batch_execute("SELECT 1/0").is_err());
+    let err = outbox.add_message(&mut tx, "k", b"v").unwrap_err();
+    assert_no_repeated_cause(&err);
+    assert!(std::error::Error::source(&err).is_none(), "{err:?}");
+    let code = err.postgres().and_then(|e| e.code()).map(|c| c.code());
+    assert_eq!(code, Some("25P02"));
+    drop(tx);
+
+    // No connection from the pool: r2d2's error is the source, not in the message.
+    let config: postgres::Config = "host=127.0.0.1 port=1 user=nobody connect_timeout=1"
+        .parse()
+        .unwrap();
+    let unreachable = r2d2::Pool::builder()
+        .connection_timeout(std::time::Duration::from_millis(300))
+        .build_unchecked(r2d2_postgres::PostgresConnectionManager::new(
+            config,
+            postgres::NoTls,
+        ));
+    let err = troutbox::PgStore::new(unreachable).migrate().unwrap_err();
+    assert!(matches!(err, Error::Pool { .. }), "{err}");
+    assert!(std::error::Error::source(&err).is_some());
+    assert_no_repeated_cause(&err);
+
+    // A Sender's error, as the error handler gets it.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Error>::new()));
+    let s = seen.clone();
+    let outbox = Outbox::builder(common::store("errors_chain_sender", &pool))
+        .max_retries(0)
+        .error_handler(move |e| {
+            if matches!(e, Error::Sender { .. }) {
+                s.lock().unwrap().push(Error::SenderPanicked {
+                    batch_size: 0,
+                    message: format!("{e}|{}", std::error::Error::source(e).unwrap()),
+                });
+            }
+        })
+        .build()
+        .unwrap();
+    outbox.add_message(&mut *conn, "k", b"v").unwrap();
+    drop(conn);
+    let mut relay = outbox
+        .start(|_: &mut troutbox::Batch| Err::<(), _>("broker said no"))
+        .unwrap();
+    assert!(common::eventually(common::PATIENCE, || !seen
+        .lock()
+        .unwrap()
+        .is_empty()));
+    relay.shutdown().unwrap();
+    let recorded = match &seen.lock().unwrap()[0] {
+        Error::SenderPanicked { message, .. } => message.clone(),
+        _ => unreachable!(),
+    };
+    let (outer, source) = recorded.split_once('|').unwrap();
+    assert_eq!(source, "broker said no");
+    assert!(!outer.contains(source), "{outer:?}");
+
+    // The throw-away server's errors keep their I/O cause as the source.
+    let err = troutbox::testing::TempPostgres::builder()
+        .setting("no_such_setting", "1")
+        .start()
+        .unwrap_err();
+    assert_no_repeated_cause(&err);
+}

@@ -64,9 +64,9 @@ fn durable_sender(
             source,
         })?;
         conn.execute(&insert, &[&ids, &values])
-            .map_err(|source| Error::Database {
+            .map_err(|error| Error::Database {
                 context: "recording deliveries",
-                source,
+                error,
             })?;
         Ok(())
     }
@@ -109,9 +109,9 @@ fn produce(
                 context: "test producer",
                 source,
             })?;
-            let mut tx = conn.transaction().map_err(|source| Error::Database {
+            let mut tx = conn.transaction().map_err(|error| Error::Database {
                 context: "test producer",
-                source,
+                error,
             })?;
             let values: Vec<Vec<u8>> = (0..per_tx)
                 .map(|j| format!("{tag}-{i}-{j}").into_bytes())
@@ -119,9 +119,9 @@ fn produce(
             outbox.add_messages(&mut tx, values.iter().map(|v| NewMessage::new(tag, v)))?;
             let rollback = random_below(10) == 0;
             let end = if rollback { tx.rollback() } else { tx.commit() };
-            end.map_err(|source| Error::Database {
+            end.map_err(|error| Error::Database {
                 context: "test producer",
-                source,
+                error,
             })?;
             Ok((values, rollback))
         };

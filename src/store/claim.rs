@@ -706,8 +706,8 @@ impl<T: MakeTls> PgSession<T> {
 
 /// A claim refused by the table's CHECK.
 fn is_check_violation(e: &Error) -> bool {
-    matches!(e, Error::Database { source, .. }
-        if source.code() == Some(&postgres::error::SqlState::CHECK_VIOLATION))
+    matches!(e, Error::Database { error, .. }
+        if error.code() == Some(&postgres::error::SqlState::CHECK_VIOLATION))
 }
 
 fn attempts_i32(n: u32) -> i32 {

@@ -206,7 +206,10 @@ impl<T: MakeTls> PgStore<T> {
             if source.code() == Some(&SqlState::UNDEFINED_TABLE) {
                 Error::NotMigrated { table, source }
             } else {
-                Error::Database { context, source }
+                Error::Database {
+                    context,
+                    error: source,
+                }
             }
         }
     }
@@ -230,7 +233,7 @@ impl<T: MakeTls> PgStore<T> {
         let mut conn = self.connection("migrating the outbox schema")?;
         let map = |e| Error::Database {
             context: "migrating the outbox schema",
-            source: e,
+            error: e,
         };
         // Stated, not inherited: under a database default of REPEATABLE READ or SERIALIZABLE
         // the snapshot would be taken before the lock below, and concurrent migrations fail.
