@@ -312,7 +312,7 @@ impl<T: MakeTls> PgStore<T> {
                     self.qualified_table()
                 );
             } else if !declared && recorded {
-                return Err(self.ordering_mismatch(declared, recorded));
+                self.compare_ordering(declared, recorded)?;
             }
         }
         tx.commit().map_err(map)?;
@@ -426,18 +426,19 @@ impl<T: MakeTls> PgStore<T> {
         declared: bool,
     ) -> Result<(), Error> {
         let recorded = self.recorded_ordering(client)?;
-        if recorded != declared {
-            return Err(self.ordering_mismatch(declared, recorded));
-        }
-        Ok(())
+        self.compare_ordering(declared, recorded)
     }
 
-    fn ordering_mismatch(&self, declared: bool, recorded: bool) -> Error {
-        Error::OrderingMismatch {
-            table: self.qualified_table(),
-            declared,
-            recorded,
+    /// Refuses an outbox `declared` ordered or not when the table is `recorded` otherwise.
+    pub(crate) fn compare_ordering(&self, declared: bool, recorded: bool) -> Result<(), Error> {
+        if recorded != declared {
+            return Err(Error::OrderingMismatch {
+                table: self.qualified_table(),
+                declared,
+                recorded,
+            });
         }
+        Ok(())
     }
 
     /// Refuses a store whose retention does not match the table's: relaying a partitioned
