@@ -13,6 +13,10 @@ use crate::store::pg::MakeTls;
 use crate::store::sql::encode_headers;
 use crate::{Error, PgStore};
 
+#[cfg(feature = "diesel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "diesel")))]
+pub mod diesel;
+
 /// A message to add with [`Outbox::add_messages`] or [`Outbox::add`]: key, value and
 /// optional headers, all borrowed.
 ///

@@ -199,12 +199,21 @@ impl<T: MakeTls> PgStore<T> {
         self.pool.get().map_err(Error::pool(context))
     }
 
+    /// The table's unqualified name, as the schema's table of modes records it.
+    #[cfg(feature = "diesel")]
+    pub(crate) fn table_name(&self) -> &str {
+        &self.table
+    }
+
     /// Maps a database error, recognising a missing table.
     pub(crate) fn db_error(&self, context: &'static str) -> impl FnOnce(postgres::Error) -> Error {
         let table = self.qualified_table();
         move |source| {
             if source.code() == Some(&SqlState::UNDEFINED_TABLE) {
-                Error::NotMigrated { table, source }
+                Error::NotMigrated {
+                    table,
+                    source: Some(source),
+                }
             } else {
                 Error::Database { context, source }
             }
