@@ -93,9 +93,11 @@ pub enum Error {
     NotMigrated {
         /// The qualified table name.
         table: String,
-        /// The database error that revealed it.
+        /// The database error that revealed it, if one did: the [`diesel`](crate::diesel)
+        /// functions look the tables up first instead (diesel's errors do not carry the
+        /// SQLSTATE that tells a missing table from any other failure).
         #[source]
-        source: postgres::Error,
+        source: Option<postgres::Error>,
     },
 
     /// The outbox table exists but was migrated by an older version of troutbox, which did
@@ -167,6 +169,20 @@ pub enum Error {
         context: &'static str,
         /// The error from the `postgres` crate.
         error: postgres::Error,
+    },
+
+    /// A statement troutbox ran on a diesel connection failed in the database, or diesel
+    /// could not run it (feature `diesel`, see [`troutbox::diesel`](crate::diesel)). The
+    /// database's message is the source's text.
+    #[cfg(feature = "diesel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "diesel")))]
+    #[error("{}", describe_diesel(context, source))]
+    Diesel {
+        /// What troutbox was doing.
+        context: &'static str,
+        /// The error from diesel.
+        #[source]
+        source: diesel::result::Error,
     },
 
     /// No connection could be taken from the pool in time. The database may be down or the
@@ -274,7 +290,8 @@ impl Error {
     /// True when the error means the database or the connection to it is unavailable, so
     /// retrying later may succeed: no connection from the pool, a closed connection, an I/O
     /// error, or a server error of class 08 (connection exception) or 57P (shutdown, crash,
-    /// cannot connect now). Not a conversion error, nor any other server error.
+    /// cannot connect now), or with the `diesel` feature a diesel connection found closed.
+    /// Not a conversion error, nor any other server error.
     pub fn is_connection_error(&self) -> bool {
         match self {
             Error::Pool { .. } => true,
@@ -282,6 +299,14 @@ impl Error {
                 Some(code) => code.code().starts_with("08") || code.code().starts_with("57P"),
                 None => error.is_closed() || io_caused(error),
             },
+            #[cfg(feature = "diesel")]
+            Error::Diesel { source, .. } => matches!(
+                source,
+                diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::ClosedConnection,
+                    _
+                ) | diesel::result::Error::BrokenTransactionManager
+            ),
             _ => false,
         }
     }
@@ -311,6 +336,44 @@ fn describe_db(error: &postgres::Error) -> String {
         // says little without its causes (the I/O error).
         None => crate::config::with_causes(error),
     }
+}
+
+/// What a diesel error means for the caller, without the diesel error's own text (its
+/// `Display`, the source of [`Error::Diesel`]; for a database error, the server's message):
+/// where it happened, the detail and hint the server gave, and what to do.
+#[cfg(feature = "diesel")]
+fn describe_diesel(context: &str, error: &diesel::result::Error) -> String {
+    use diesel::result::{DatabaseErrorKind, Error as E};
+    let (kind, info) = match error {
+        E::DatabaseError(kind, info) => (kind, info),
+        E::BrokenTransactionManager => {
+            return format!(
+                "diesel's transaction manager is broken (the connection was most likely lost) \
+                 while {context}: run the whole transaction again on a new connection"
+            )
+        }
+        _ => {
+            return format!("diesel failed while {context}, before or after the database's answer")
+        }
+    };
+    let mut text =
+        format!("the database refused troutbox's statement (run through diesel) while {context}");
+    if let Some(detail) = info.details() {
+        text.push_str(&format!("; detail: {detail}"));
+    }
+    if let Some(hint) = info.hint() {
+        text.push_str(&format!("; hint: {hint}"));
+    }
+    text.push_str(match kind {
+        DatabaseErrorKind::ClosedConnection => {
+            "; the connection is lost: run the whole transaction again on a new connection"
+        }
+        DatabaseErrorKind::SerializationFailure => {
+            "; a serialization failure: run the whole transaction again"
+        }
+        _ => "; PostgreSQL has aborted the transaction: return the error from the diesel transaction's closure so that diesel rolls it back",
+    });
+    text
 }
 
 /// Whether an I/O error is somewhere in `error`'s chain: the connection, not the statement.

@@ -46,7 +46,8 @@
 //!
 //! ## Layout
 //!
-//! - producer side: [`Outbox::add_message`], [`NewMessage`] (`producer.rs`);
+//! - producer side: [`Outbox::add_message`], [`NewMessage`] (`producer.rs`), and the same
+//!   calls on a diesel connection, `troutbox::diesel` (feature `diesel`, `producer/diesel.rs`);
 //! - relay side: [`Sender`], [`Batch`], [`Message`], [`Handle`], [`Health`] (`relay/`), and
 //!   [`Backoff`] (`backoff.rs`);
 //! - store: [`PgStore`] and its migrations, the claim strategy (claim, journal, settle,
@@ -106,6 +107,9 @@ pub use message::{DeadMessage, Message, Status};
 pub use observability::backlog::Backlog;
 pub use observability::stats::{Stats, Timing};
 pub use outbox::{Outbox, OutboxBuilder};
+#[cfg(feature = "diesel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "diesel")))]
+pub use producer::diesel;
 pub use producer::{NewMessage, PreparedProducer};
 pub use relay::batch::Batch;
 pub use relay::handle::Handle;

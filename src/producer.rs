@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use postgres::types::Type;
+use postgres::types::{ToSql, Type};
 use postgres::{GenericClient, NoTls, Statement};
 
 use crate::config::{
@@ -11,7 +11,11 @@ use crate::config::{
 use crate::outbox::Outbox;
 use crate::store::pg::MakeTls;
 use crate::store::sql::encode_headers;
-use crate::Error;
+use crate::{Error, PgStore};
+
+#[cfg(feature = "diesel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "diesel")))]
+pub mod diesel;
 
 /// A message to add with [`Outbox::add_messages`] or [`Outbox::add`]: key, value and
 /// optional headers, all borrowed.
@@ -159,39 +163,23 @@ impl<T: MakeTls> Outbox<T> {
         client: &mut C,
         message: &NewMessage<'_>,
     ) -> Result<(), Error> {
-        self.insert_one(client, message, None)
+        self.insert_one(&mut PgConn::new(client, None), message)
     }
 
-    /// The single-message INSERT, unnamed (parse, bind and execute in one round trip, on any
-    /// connection) or through a statement prepared on the client's connection.
-    fn insert_one<C: GenericClient>(
-        &self,
-        client: &mut C,
-        message: &NewMessage<'_>,
-        prepared: Option<&PreparedProducer<T>>,
-    ) -> Result<(), Error> {
+    /// The single-message INSERT: checked, then run on `conn`.
+    fn insert_one(&self, conn: &mut impl Conn<T>, message: &NewMessage<'_>) -> Result<(), Error> {
         message.validate(self.inner.config.max_value_size)?;
-        self.check_mode(client)?;
+        self.check_mode(conn)?;
         let injected = self.trace_headers();
         let flat: Vec<&str> = with_injected(&message.headers, &injected)
             .flat_map(|(n, v)| [n, v])
             .collect();
-        let notify = self.should_notify();
-        let result = match prepared {
-            Some(prepared) => client.execute(
-                &prepared.pick(notify).one,
-                &[&message.key, &message.value, &flat],
-            ),
-            None => client.execute_typed(
-                self.inner.sql.inserts(notify, self.inner.config.ordered).0,
-                &[
-                    (&message.key, Type::TEXT),
-                    (&message.value, Type::BYTEA),
-                    (&flat, Type::TEXT_ARRAY),
-                ],
-            ),
+        let rows = Rows::One {
+            key: message.key,
+            value: message.value,
+            headers: &flat,
         };
-        result.map_err(self.inner.store.db_error("adding a message to the outbox"))?;
+        conn.insert(self, self.should_notify(), rows)?;
         self.nudge_relay();
         Ok(())
     }
@@ -215,18 +203,12 @@ impl<T: MakeTls> Outbox<T> {
         C: GenericClient,
         I: IntoIterator<Item = NewMessage<'m>>,
     {
-        self.insert_many(client, messages, None)
+        self.insert_many(&mut PgConn::new(client, None), messages)
     }
 
-    /// The many-message INSERT, unnamed or prepared, as [`insert_one`](Self::insert_one).
-    fn insert_many<'m, C, I>(
-        &self,
-        client: &mut C,
-        messages: I,
-        prepared: Option<&PreparedProducer<T>>,
-    ) -> Result<u64, Error>
+    /// The many-message INSERT: all checked, then run on `conn` in one statement.
+    fn insert_many<'m, I>(&self, conn: &mut impl Conn<T>, messages: I) -> Result<u64, Error>
     where
-        C: GenericClient,
         I: IntoIterator<Item = NewMessage<'m>>,
     {
         let messages: Vec<NewMessage<'m>> = messages.into_iter().collect();
@@ -251,41 +233,24 @@ impl<T: MakeTls> Outbox<T> {
         }
         let max = self.inner.config.max_value_size;
         messages.iter().try_for_each(|m| m.validate(max))?;
-        self.check_mode(client)?;
+        self.check_mode(conn)?;
         let keys: Vec<&str> = messages.iter().map(|m| m.key).collect();
         let values: Vec<&[u8]> = messages.iter().map(|m| m.value).collect();
         let injected = self.trace_headers();
-        let notify = self.should_notify();
-        let result = if injected.is_empty() && messages.iter().all(|m| m.headers.is_empty()) {
-            match prepared {
-                Some(prepared) => {
-                    client.execute(&prepared.pick(notify).many_plain, &[&keys, &values])
-                }
-                None => client.execute_typed(
-                    self.inner.sql.inserts(notify, self.inner.config.ordered).2,
-                    &[(&keys, Type::TEXT_ARRAY), (&values, Type::BYTEA_ARRAY)],
-                ),
-            }
-        } else {
-            let headers: Vec<String> = messages
-                .iter()
-                .map(|m| encode_headers(with_injected(&m.headers, &injected)))
-                .collect();
-            match prepared {
-                Some(prepared) => {
-                    client.execute(&prepared.pick(notify).many, &[&keys, &values, &headers])
-                }
-                None => client.execute_typed(
-                    self.inner.sql.inserts(notify, self.inner.config.ordered).1,
-                    &[
-                        (&keys, Type::TEXT_ARRAY),
-                        (&values, Type::BYTEA_ARRAY),
-                        (&headers, Type::TEXT_ARRAY),
-                    ],
-                ),
-            }
+        // The common case without any header sends none (`many_plain`).
+        let headers: Option<Vec<String>> =
+            (!injected.is_empty() || messages.iter().any(|m| !m.headers.is_empty())).then(|| {
+                messages
+                    .iter()
+                    .map(|m| encode_headers(with_injected(&m.headers, &injected)))
+                    .collect()
+            });
+        let rows = Rows::Many {
+            keys: &keys,
+            values: &values,
+            headers: headers.as_deref(),
         };
-        let added = result.map_err(self.inner.store.db_error("adding messages to the outbox"))?;
+        let added = conn.insert(self, self.should_notify(), rows)?;
         self.nudge_relay();
         Ok(added)
     }
@@ -315,7 +280,7 @@ impl<T: MakeTls> Outbox<T> {
                 .store
                 .db_error("preparing the producer statements")
         };
-        self.check_mode(client)?;
+        self.check_mode(&mut PgConn::new(client, None))?;
         let mut prepare = |notify: bool| -> Result<PreparedInserts, Error> {
             let (one, many, many_plain) = self.inner.sql.inserts(notify, self.inner.config.ordered);
             let text = [Type::TEXT, Type::BYTEA, Type::TEXT_ARRAY];
@@ -345,13 +310,12 @@ impl<T: MakeTls> Outbox<T> {
     /// the outbox's: producers that disagree with the relays would lose the order silently.
     /// One query, in the caller's transaction, the first time only (a failed check is
     /// checked again next time).
-    fn check_mode<C: GenericClient>(&self, client: &mut C) -> Result<(), Error> {
+    fn check_mode(&self, conn: &mut impl Conn<T>) -> Result<(), Error> {
         if self.inner.mode_checked.load(Ordering::Relaxed) {
             return Ok(());
         }
-        self.inner
-            .store
-            .check_ordering(client, self.inner.config.ordered)?;
+        let store = &self.inner.store;
+        store.compare_ordering(self.inner.config.ordered, conn.recorded_ordering(store)?)?;
         self.inner.mode_checked.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -402,6 +366,124 @@ impl<T: MakeTls> Outbox<T> {
 /// out spares those transactions PostgreSQL's serialized notifying commit, which busy
 /// producers would otherwise pay on every transaction (BENCHMARKS.md).
 pub(crate) const NOTIFY_COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// The rows of one producer call, checked and ready for [`Conn::insert`].
+enum Rows<'a> {
+    /// One message; its headers as one flat array of names and values.
+    One {
+        key: &'a str,
+        value: &'a [u8],
+        headers: &'a [&'a str],
+    },
+    /// Many messages; each one's headers as an array literal ([`encode_headers`]), or none
+    /// for any of them.
+    Many {
+        keys: &'a [&'a str],
+        values: &'a [&'a [u8]],
+        headers: Option<&'a [String]>,
+    },
+}
+
+impl Rows<'_> {
+    /// Which of the three INSERTs (one, many, many without headers) the rows need.
+    fn pick<S>(&self, (one, many, many_plain): (S, S, S)) -> S {
+        match self {
+            Rows::One { .. } => one,
+            Rows::Many {
+                headers: Some(_), ..
+            } => many,
+            Rows::Many { headers: None, .. } => many_plain,
+        }
+    }
+
+    /// The SQL text of the INSERT the rows need (see [`Sql::inserts`](crate::store::sql::Sql::inserts)).
+    fn statement<'s, T: MakeTls>(&self, outbox: &'s Outbox<T>, notify: bool) -> &'s str {
+        self.pick(
+            outbox
+                .inner
+                .sql
+                .inserts(notify, outbox.inner.config.ordered),
+        )
+    }
+
+    /// What the producer was doing, for errors.
+    fn context(&self) -> &'static str {
+        match self {
+            Rows::One { .. } => "adding a message to the outbox",
+            Rows::Many { .. } => "adding messages to the outbox",
+        }
+    }
+}
+
+/// A connection the producer's statements run on: a `postgres` client ([`PgConn`]) or, with
+/// the `diesel` feature, a diesel connection. The checks, limits, mode check, headers and
+/// notification decision are the outbox's, the same on every connection.
+trait Conn<T: MakeTls> {
+    /// Whether the table is recorded as ordered, or why that cannot be read
+    /// ([`Error::NotMigrated`], [`Error::OutdatedSchema`], ...).
+    fn recorded_ordering(&mut self, store: &PgStore<T>) -> Result<bool, Error>;
+
+    /// Runs the INSERT that `rows` need, with the notification signal or not, and returns
+    /// how many rows it added.
+    fn insert(&mut self, outbox: &Outbox<T>, notify: bool, rows: Rows<'_>) -> Result<u64, Error>;
+}
+
+/// A `postgres` client, with the statements of a [`PreparedProducer`] prepared on its
+/// connection or unnamed statements (parse, bind and execute in one round trip).
+struct PgConn<'c, C, T: MakeTls> {
+    client: &'c mut C,
+    prepared: Option<&'c PreparedProducer<T>>,
+}
+
+impl<'c, C, T: MakeTls> PgConn<'c, C, T> {
+    fn new(client: &'c mut C, prepared: Option<&'c PreparedProducer<T>>) -> Self {
+        PgConn { client, prepared }
+    }
+}
+
+impl<C: GenericClient, T: MakeTls> Conn<T> for PgConn<'_, C, T> {
+    fn recorded_ordering(&mut self, store: &PgStore<T>) -> Result<bool, Error> {
+        store.recorded_ordering(self.client)
+    }
+
+    fn insert(&mut self, outbox: &Outbox<T>, notify: bool, rows: Rows<'_>) -> Result<u64, Error> {
+        let params: Vec<(&(dyn ToSql + Sync), Type)> = match &rows {
+            Rows::One {
+                key,
+                value,
+                headers,
+            } => vec![
+                (key, Type::TEXT),
+                (value, Type::BYTEA),
+                (headers, Type::TEXT_ARRAY),
+            ],
+            Rows::Many {
+                keys,
+                values,
+                headers,
+            } => {
+                let mut params: Vec<(&(dyn ToSql + Sync), Type)> =
+                    vec![(keys, Type::TEXT_ARRAY), (values, Type::BYTEA_ARRAY)];
+                if let Some(headers) = headers {
+                    params.push((headers, Type::TEXT_ARRAY));
+                }
+                params
+            }
+        };
+        let result = match self.prepared {
+            Some(prepared) => {
+                let i = prepared.pick(notify);
+                let statement = rows.pick((&i.one, &i.many, &i.many_plain));
+                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(p, _)| *p).collect();
+                self.client.execute(statement, &values)
+            }
+            None => self
+                .client
+                .execute_typed(rows.statement(outbox, notify), &params),
+        };
+        result.map_err(outbox.inner.store.db_error(rows.context()))
+    }
+}
 
 /// The message's own headers, then the injected ones whose names it does not already use.
 fn with_injected<'h>(
@@ -458,7 +540,8 @@ impl<T: MakeTls> PreparedProducer<T> {
         client: &mut C,
         message: &NewMessage<'_>,
     ) -> Result<(), Error> {
-        self.outbox.insert_one(client, message, Some(self))
+        self.outbox
+            .insert_one(&mut PgConn::new(client, Some(self)), message)
     }
 
     /// Like [`Outbox::add_messages`], with the prepared statement.
@@ -467,6 +550,7 @@ impl<T: MakeTls> PreparedProducer<T> {
         C: GenericClient,
         I: IntoIterator<Item = NewMessage<'m>>,
     {
-        self.outbox.insert_many(client, messages, Some(self))
+        self.outbox
+            .insert_many(&mut PgConn::new(client, Some(self)), messages)
     }
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, pool, store, Deliveries, PATIENCE};
+use common::{channel, eventually, pool, store, Deliveries, PATIENCE};
 use postgres::fallible_iterator::FallibleIterator;
 use r2d2_postgres::PostgresConnectionManager;
 use troutbox::{NewMessage, Outbox, PgPool, PgStore};
@@ -20,20 +20,6 @@ fn named_pool(name: &str, size: u32) -> PgPool {
         .max_size(size)
         .build(PostgresConnectionManager::new(config, postgres::NoTls))
         .unwrap()
-}
-
-/// The table's channel, computed the way the crate documents it.
-fn channel(pool: &PgPool, schema: &str) -> String {
-    pool.get()
-        .unwrap()
-        .query_one(
-            &format!(
-                "SELECT 'troutbox_' || to_hex(hashtextextended('\"{schema}\".\"outbox_messages\"', 0))"
-            ),
-            &[],
-        )
-        .unwrap()
-        .get(0)
 }
 
 /// Seconds since the relay worker of `app` last ended a claim (its empty claims end with a

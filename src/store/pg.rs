@@ -199,12 +199,21 @@ impl<T: MakeTls> PgStore<T> {
         self.pool.get().map_err(Error::pool(context))
     }
 
+    /// The table's unqualified name, as the schema's table of modes records it.
+    #[cfg(feature = "diesel")]
+    pub(crate) fn table_name(&self) -> &str {
+        &self.table
+    }
+
     /// Maps a database error, recognising a missing table.
     pub(crate) fn db_error(&self, context: &'static str) -> impl FnOnce(postgres::Error) -> Error {
         let table = self.qualified_table();
         move |source| {
             if source.code() == Some(&SqlState::UNDEFINED_TABLE) {
-                Error::NotMigrated { table, source }
+                Error::NotMigrated {
+                    table,
+                    source: Some(source),
+                }
             } else {
                 Error::Database {
                     context,
@@ -320,7 +329,7 @@ impl<T: MakeTls> PgStore<T> {
                     self.qualified_table()
                 );
             } else if !declared && recorded {
-                return Err(self.ordering_mismatch(declared, recorded));
+                self.compare_ordering(declared, recorded)?;
             }
         }
         tx.commit().map_err(map)?;
@@ -460,18 +469,19 @@ impl<T: MakeTls> PgStore<T> {
         declared: bool,
     ) -> Result<(), Error> {
         let recorded = self.recorded_ordering(client)?;
-        if recorded != declared {
-            return Err(self.ordering_mismatch(declared, recorded));
-        }
-        Ok(())
+        self.compare_ordering(declared, recorded)
     }
 
-    fn ordering_mismatch(&self, declared: bool, recorded: bool) -> Error {
-        Error::OrderingMismatch {
-            table: self.qualified_table(),
-            declared,
-            recorded,
+    /// Refuses an outbox `declared` ordered or not when the table is `recorded` otherwise.
+    pub(crate) fn compare_ordering(&self, declared: bool, recorded: bool) -> Result<(), Error> {
+        if recorded != declared {
+            return Err(Error::OrderingMismatch {
+                table: self.qualified_table(),
+                declared,
+                recorded,
+            });
         }
+        Ok(())
     }
 
     /// Refuses a store whose retention does not match the table's: relaying a partitioned

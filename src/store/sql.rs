@@ -117,6 +117,11 @@ pub(crate) struct Sql {
     pub(crate) mode: String,
     pub(crate) table_exists: String,
     pub(crate) probe_table: String,
+    /// Whether both the schema's table of modes and the outbox table exist, without failing
+    /// when they do not: how a client whose errors carry no SQLSTATE (diesel) tells a table
+    /// never migrated from any other failure, before it reads the [`mode`](Sql::mode).
+    #[cfg(feature = "diesel")]
+    pub(crate) migrated: String,
     pub(crate) set_ordered: String,
     pub(crate) key_index: String,
     pub(crate) skip: String,
@@ -595,6 +600,12 @@ impl Sql {
                 t.replace('\'', "''")
             ),
             probe_table: format!("SELECT FROM {t} LIMIT 0"),
+            #[cfg(feature = "diesel")]
+            migrated: format!(
+                "SELECT to_regclass('{}') IS NOT NULL AND to_regclass('{}') IS NOT NULL AS migrated",
+                format!("{s}.\"{TABLES_TABLE}\"").replace('\'', "''"),
+                t.replace('\'', "''")
+            ),
             set_ordered: format!(
                 "UPDATE {s}.\"{TABLES_TABLE}\" SET per_key_ordering = true, changed_at = now()
                  WHERE table_name = $1"

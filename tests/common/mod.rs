@@ -140,3 +140,18 @@ pub fn ids_with_key(pool: &PgPool, schema: &str, key: &str) -> Vec<i64> {
         .map(|r| r.get(0))
         .collect()
 }
+
+/// The notification channel of `schema`'s default outbox table, computed the way the crate
+/// documents it.
+pub fn channel(pool: &PgPool, schema: &str) -> String {
+    pool.get()
+        .unwrap()
+        .query_one(
+            &format!(
+                "SELECT 'troutbox_' || to_hex(hashtextextended('\"{schema}\".\"outbox_messages\"', 0))"
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
