@@ -278,7 +278,7 @@ impl Error {
     pub fn postgres(&self) -> Option<&postgres::Error> {
         match self {
             Error::Database { error, .. } => Some(error),
-            Error::NotMigrated { source, .. } => Some(source),
+            Error::NotMigrated { source, .. } => source.as_ref(),
             _ => None,
         }
     }
