@@ -15,7 +15,8 @@
 //! - `TROUTBOX_BENCH_SCALE`: multiplies every message count and duration (default 1). Use
 //!   0.1 while developing; only a full run gives figures worth quoting.
 //! - `TROUTBOX_BENCH_ONLY`: comma-separated groups to run (`rss`, `burn_down`, `pinned`,
-//!   `never_analyzed`, `producer`, `add_messages`, `latency`, `notify`, `ordered`); all by
+//!   `never_analyzed`, `producer`, `add_messages`, `latency`, `notify`, `ordered`,
+//!   `batch_bytes`); all by
 //!   default. `pinned` needs
 //!   `burn_down` for its reference.
 //! - `TROUTBOX_BENCH_BURN_DOWN`: burn-down configurations to run, as `batchxworkers`
@@ -216,6 +217,9 @@ fn main() {
     }
     if runs("ordered") {
         bench.ordered();
+    }
+    if runs("batch_bytes") {
+        bench.batch_bytes();
     }
     bench.drop_schemas();
     let measured = started.elapsed();
@@ -578,6 +582,45 @@ impl Bench {
 
     /// `TROUTBOX_BENCH_BURN_DOWN=100x1,1000x2` restricts the burn-down configurations (for
     /// profiling one of them).
+    /// `batch_bytes_b{batch}`: the drain with the default bound on a batch's bytes (the
+    /// claim sizes its rows) against the same relay with the bound off
+    /// (`max_batch_bytes(usize::MAX)`, the claim of earlier versions), 1 worker, best of
+    /// the rounds, alternating. The messages are small, so the bound never cuts a batch:
+    /// this is the price of the sizing step alone.
+    fn batch_bytes(&self) {
+        let n = self.scaled(200_000);
+        for batch in [100usize, 1000] {
+            let scenario = format!("batch_bytes_b{batch}");
+            eprintln!("{scenario}: {n} messages");
+            let (mut bounded, mut unbounded) = (0.0f64, 0.0f64);
+            for round in 0..BURN_DOWN_ROUNDS {
+                let first = round % 2 == 0;
+                for bound in [first, !first] {
+                    let lib = self.lib.qualified_table();
+                    self.fill(&lib, n, true);
+                    let mut builder = Outbox::builder(self.lib.clone()).batch_size(batch);
+                    if !bound {
+                        builder = builder.max_batch_bytes(usize::MAX);
+                    }
+                    let outbox = builder.build().expect("valid options");
+                    let (seen, t) = self.drain_with(outbox, n, Duration::from_secs(120));
+                    assert_eq!(self.count(&lib), 0, "the relay drained everything");
+                    let rate = seen as f64 / t.as_secs_f64();
+                    eprintln!(
+                        "    {:<9} {rate:>8.0} msg/s",
+                        if bound { "bounded" } else { "unbounded" }
+                    );
+                    if bound {
+                        bounded = bounded.max(rate);
+                    } else {
+                        unbounded = unbounded.max(rate);
+                    }
+                }
+            }
+            emit(&scenario, bounded, "msg/s", unbounded);
+        }
+    }
+
     fn burn_down_selected(&self, batch: usize, workers: usize) -> bool {
         match std::env::var("TROUTBOX_BENCH_BURN_DOWN") {
             Ok(list) if !list.is_empty() => list

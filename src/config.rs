@@ -50,6 +50,9 @@ pub const MAX_BYTES_PER_CALL: usize = 256 << 20;
 /// Longest error text stored with a failed message, in bytes.
 pub const MAX_ERROR_TEXT: usize = 1000;
 
+/// Default bound on the bytes of one claimed batch (values and headers): 64 MiB.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 64 << 20;
+
 /// Called with every error the relay meets while running (database errors, Sender errors,
 /// panics). It runs on the worker thread: keep it short.
 pub type ErrorHandler = Arc<dyn Fn(&Error) + Send + Sync>;
@@ -68,6 +71,8 @@ pub(crate) struct Config {
     pub(crate) notify: bool,
     /// Per-key ordering (see `OutboxBuilder::per_key_ordering`).
     pub(crate) ordered: bool,
+    /// Bound on a claimed batch's bytes; `usize::MAX` for none.
+    pub(crate) max_batch_bytes: usize,
     /// How long a worker's database call may go without returning before the watchdog
     /// replaces the worker (see `Handle::watch`); set by `Outbox::start` from the send
     /// timeout and the pool's connection timeout.
@@ -88,6 +93,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("batch_size", &self.batch_size)
+            .field("max_batch_bytes", &self.max_batch_bytes)
             .field("max_retries", &self.max_retries)
             .field("backoff", &self.backoff)
             .field("poll_interval", &self.poll_interval)
@@ -143,6 +149,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             batch_size: DEFAULT_BATCH_SIZE,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_retries: DEFAULT_MAX_RETRIES,
             backoff: Backoff::default(),
             poll_interval: DEFAULT_POLL_INTERVAL,
@@ -175,6 +182,12 @@ impl Config {
                     "{} is out of range, use 1 to {MAX_BATCH_SIZE}",
                     self.batch_size
                 ),
+            );
+        }
+        if self.max_batch_bytes == 0 {
+            return invalid(
+                "max_batch_bytes",
+                "0 would claim nothing; use at least 1 (a message larger than the bound is still claimed, alone)".into(),
             );
         }
         if self.max_retries > MAX_MAX_RETRIES {

@@ -95,15 +95,16 @@ pub use time;
 
 pub use backoff::{Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX, MAX_BACKOFF};
 pub use config::{
-    ErrorHandler, DEFAULT_BATCH_SIZE, DEFAULT_MAX_RETRIES, DEFAULT_MAX_VALUE_SIZE,
-    DEFAULT_POLL_INTERVAL, DEFAULT_SEND_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WORKERS,
-    MAX_BATCH_SIZE, MAX_BYTES_PER_CALL, MAX_ERROR_TEXT, MAX_HEADERS, MAX_HEADER_BYTES, MAX_KEY_LEN,
-    MAX_MAX_RETRIES, MAX_MESSAGES_PER_CALL, MAX_VALUE_SIZE_LIMIT, MAX_WORKERS, MIN_POLL_INTERVAL,
+    ErrorHandler, DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RETRIES,
+    DEFAULT_MAX_VALUE_SIZE, DEFAULT_POLL_INTERVAL, DEFAULT_SEND_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_WORKERS, MAX_BATCH_SIZE, MAX_BYTES_PER_CALL, MAX_ERROR_TEXT, MAX_HEADERS,
+    MAX_HEADER_BYTES, MAX_KEY_LEN, MAX_MAX_RETRIES, MAX_MESSAGES_PER_CALL, MAX_VALUE_SIZE_LIMIT,
+    MAX_WORKERS, MIN_POLL_INTERVAL,
 };
 pub use error::{BoxError, Error};
 pub use maintenance::ordering::BlockedKey;
 pub use maintenance::partitions::{MaintenanceHandle, MaintenanceReport};
-pub use message::{DeadMessage, Message, Status};
+pub use message::{DeadMessage, DeadSummary, Message, Status};
 pub use observability::backlog::Backlog;
 pub use observability::stats::{Stats, Timing};
 pub use outbox::{Outbox, OutboxBuilder};

@@ -158,6 +158,28 @@ impl Message {
     }
 }
 
+/// A dead message without its payload, as listed by
+/// [`PgStore::dead_summaries`](crate::PgStore::dead_summaries): what an operator's listing
+/// needs, read without fetching the values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadSummary {
+    /// The message's id.
+    pub id: i64,
+    /// Its key.
+    pub key: String,
+    /// Its failed attempts.
+    pub attempts: u32,
+    /// When it was added (database clock).
+    pub created_at: OffsetDateTime,
+    /// When it was declared dead (database clock).
+    pub died_at: OffsetDateTime,
+    /// The error text of the last failed attempt.
+    pub last_error: Option<String>,
+    /// The length of its value in bytes.
+    pub value_bytes: u64,
+}
+
 /// A message that ran out of retries, as listed by
 /// [`PgStore::dead_messages`](crate::PgStore::dead_messages).
 #[derive(Debug)]
@@ -170,4 +192,20 @@ pub struct DeadMessage {
     pub last_error: Option<String>,
     /// When it was declared dead (database clock).
     pub died_at: OffsetDateTime,
+}
+
+impl DeadMessage {
+    /// The message without its payload, as [`PgStore::dead_summaries`](crate::PgStore::dead_summaries)
+    /// lists it.
+    pub fn summary(&self) -> DeadSummary {
+        DeadSummary {
+            id: self.message.id,
+            key: self.message.key.clone(),
+            attempts: self.message.attempts,
+            created_at: self.message.created_at,
+            died_at: self.died_at,
+            last_error: self.last_error.clone(),
+            value_bytes: u64::try_from(self.message.value.len()).unwrap_or(u64::MAX),
+        }
+    }
 }

@@ -149,10 +149,7 @@ impl<T: MakeTls> Outbox<T> {
         let relay = PgRelay::new(
             self.inner.store.clone(),
             self.inner.sql.clone(),
-            self.inner.config.send_timeout,
-            self.inner.config.batch_size,
-            self.inner.config.max_retries,
-            self.inner.config.ordered,
+            &self.inner.config,
             stuck_after,
         );
         let telemetry = Telemetry {
@@ -210,6 +207,22 @@ impl<T: MakeTls> OutboxBuilder<T> {
     #[must_use]
     pub fn batch_size(mut self, n: usize) -> Self {
         self.config.batch_size = n;
+        self
+    }
+
+    /// A bound on the bytes of one batch (values plus headers as stored), which the relay
+    /// holds in memory and hands to the Sender: a worker's memory is bounded by it whatever
+    /// the messages' sizes, not only by `batch_size`. A claim stops before the message
+    /// that would cross it, in id order; a single message larger than the bound is still
+    /// claimed, alone, so nothing is ever stuck behind it. Defaults to 64 MiB
+    /// ([`DEFAULT_MAX_BATCH_BYTES`](crate::DEFAULT_MAX_BATCH_BYTES)); `usize::MAX` turns
+    /// the bound off (the claim then skips the sizing step); 0 is refused.
+    ///
+    /// The rows past the bound that the claim had locked stay locked, unsent, until the
+    /// batch ends, and are claimed by the next one.
+    #[must_use]
+    pub fn max_batch_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_batch_bytes = bytes;
         self
     }
 

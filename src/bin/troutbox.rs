@@ -17,7 +17,7 @@ use r2d2_postgres::PostgresConnectionManager;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use troutbox::{BlockedKey, DeadMessage, Outbox, PgStore, Retention};
+use troutbox::{BlockedKey, DeadSummary, Outbox, PgStore, Retention};
 
 #[derive(Parser)]
 #[command(
@@ -276,7 +276,7 @@ fn run(cli: &Cli) -> Result<bool> {
                 .iter()
                 .map(|(n, v)| format!("{}: {}", escape_controls(n), escape_controls(v)))
                 .collect();
-            let mut json = dead_json(&d);
+            let mut json = dead_json(&d.summary());
             json["headers"] = json!(d.message.headers());
             json["value_utf8"] = json!(text);
             json["value_hex"] = json!(hex);
@@ -351,7 +351,8 @@ fn run(cli: &Cli) -> Result<bool> {
             );
         }
         Command::Dead(Dead::List { limit, before }) => {
-            let dead = store.dead_messages(*limit, *before)?;
+            // Summaries: the values are never fetched, only their length.
+            let dead = store.dead_summaries(*limit, *before)?;
             print(
                 cli,
                 serde_json::Value::Array(dead.iter().map(dead_json).collect()),
@@ -446,15 +447,15 @@ fn table_text(rows: &[(&str, String)]) -> String {
         .join("\n")
 }
 
-fn dead_json(d: &DeadMessage) -> serde_json::Value {
+fn dead_json(d: &DeadSummary) -> serde_json::Value {
     json!({
-        "id": d.message.id(),
-        "key": d.message.key(),
-        "attempts": d.message.attempts(),
-        "created_at": rfc3339(d.message.created_at()),
+        "id": d.id,
+        "key": d.key,
+        "attempts": d.attempts,
+        "created_at": rfc3339(d.created_at),
         "died_at": rfc3339(d.died_at),
         "last_error": d.last_error,
-        "value_bytes": d.message.value().len(),
+        "value_bytes": d.value_bytes,
     })
 }
 
@@ -495,7 +496,7 @@ fn blocked_table(blocked: &[BlockedKey]) -> String {
 }
 
 /// One line per dead message.
-fn dead_table(dead: &[DeadMessage]) -> String {
+fn dead_table(dead: &[DeadSummary]) -> String {
     if dead.is_empty() {
         return "no dead messages".into();
     }
@@ -503,9 +504,9 @@ fn dead_table(dead: &[DeadMessage]) -> String {
         .iter()
         .map(|d| {
             vec![
-                d.message.id().to_string(),
-                short(d.message.key(), 30),
-                d.message.attempts().to_string(),
+                d.id.to_string(),
+                short(&d.key, 30),
+                d.attempts.to_string(),
                 rfc3339(d.died_at),
                 short(d.last_error.as_deref().unwrap_or("-"), 60),
             ]

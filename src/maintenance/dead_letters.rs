@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use crate::message::DeadMessage;
+use crate::message::{DeadMessage, DeadSummary};
+use crate::store::decode;
 use crate::store::pg::{dead_message_from_row, MakeTls, PgStore};
 use crate::Error;
 
@@ -34,6 +35,23 @@ impl<T: MakeTls> PgStore<T> {
             .iter()
             .map(|row| dead_message_from_row(row, &outbox))
             .collect())
+    }
+
+    /// Lists up to `limit` dead messages like [`dead_messages`](Self::dead_messages), without
+    /// their values and headers: for listings of many, or of large, messages (the values
+    /// are not even read from the table, only their length).
+    pub fn dead_summaries(
+        &self,
+        limit: u32,
+        before_id: Option<i64>,
+    ) -> Result<Vec<DeadSummary>, Error> {
+        let sql = self.sql()?;
+        let context = "listing dead messages";
+        let rows = self
+            .connection(context)?
+            .query(&sql.dead_summaries, &[&i64::from(limit), &before_id])
+            .map_err(self.db_error(context))?;
+        Ok(rows.iter().map(decode::dead_summary).collect())
     }
 
     /// The dead message with this id, whole (value, headers, last error), or `None` when no

@@ -89,6 +89,8 @@ pub(crate) struct PgRelay<T: MakeTls> {
     pub(crate) sql: Arc<Sql>,
     pub(crate) send_timeout: Duration,
     pub(crate) batch_size: usize,
+    /// Bound on a batch's bytes, `None` for none (see `OutboxBuilder::max_batch_bytes`).
+    pub(crate) max_bytes: Option<u64>,
     pub(crate) max_retries: u32,
     /// Per-key ordering: the ordered claim (see `Sql::claim_ordered`).
     pub(crate) ordered: bool,
@@ -99,10 +101,7 @@ impl<T: MakeTls> PgRelay<T> {
     pub(crate) fn new(
         store: PgStore<T>,
         sql: Arc<Sql>,
-        send_timeout: Duration,
-        batch_size: usize,
-        max_retries: u32,
-        ordered: bool,
+        config: &crate::config::Config,
         stuck_after: Duration,
     ) -> PgRelay<T> {
         let side = Arc::new(SideConnection {
@@ -121,10 +120,12 @@ impl<T: MakeTls> PgRelay<T> {
         PgRelay {
             store,
             sql,
-            send_timeout,
-            batch_size,
-            max_retries,
-            ordered,
+            send_timeout: config.send_timeout,
+            batch_size: config.batch_size,
+            max_bytes: (config.max_batch_bytes != usize::MAX)
+                .then(|| u64::try_from(config.max_batch_bytes).unwrap_or(u64::MAX)),
+            max_retries: config.max_retries,
+            ordered: config.ordered,
             side,
         }
     }
@@ -274,6 +275,7 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
             side: self.side.clone(),
             timeout_ms: u64::try_from(timeout_ms).unwrap_or(u64::MAX),
             limit: self.batch_size,
+            max_bytes: self.max_bytes,
             max_retries: self.max_retries,
             ordered: self.ordered,
             send_timeout: self.send_timeout,
@@ -324,6 +326,8 @@ pub(crate) struct PgSession<T: MakeTls> {
     timeout_ms: u64,
     /// The batch size the claim statements were prepared for.
     limit: usize,
+    /// Their bound on a batch's bytes.
+    max_bytes: Option<u64>,
     max_retries: u32,
     /// Per-key ordering: the ordered claim statements.
     ordered: bool,
@@ -372,14 +376,22 @@ impl<T: MakeTls> PgSession<T> {
             let map = self.store.db_error(context);
             let ordered = self.ordered;
             let prepared = (|| {
-                let claim_head =
-                    client.prepare(&self.sql.claim(self.limit, ClaimKind::Head, ordered))?;
+                let claim_head = client.prepare(&self.sql.claim(
+                    self.limit,
+                    ClaimKind::Head,
+                    ordered,
+                    self.max_bytes,
+                ))?;
                 let claim_after = client.prepare_typed(
-                    &self.sql.claim(self.limit, ClaimKind::AfterMark, ordered),
+                    &self
+                        .sql
+                        .claim(self.limit, ClaimKind::AfterMark, ordered, self.max_bytes),
                     &[Type::TIMESTAMPTZ, Type::INT8],
                 )?;
-                let claim_one = client
-                    .prepare_typed(&self.sql.claim(1, ClaimKind::One, ordered), &[Type::INT8])?;
+                let claim_one = client.prepare_typed(
+                    &self.sql.claim(1, ClaimKind::One, ordered, None),
+                    &[Type::INT8],
+                )?;
                 Ok((claim_head, claim_after, claim_one))
             })();
             let (claim_head, claim_after, claim_one) = prepared.map_err(map)?;
@@ -1010,6 +1022,9 @@ mod tests {
 
     /// A pool on the test server and a freshly migrated store in `schema` (`ordered`: with
     /// per-key ordering).
+    pub(super) fn fresh_store_pub(schema: &str, ordered: bool) -> (PgPool, PgStore) {
+        fresh_store(schema, ordered)
+    }
     fn fresh_store(schema: &str, ordered: bool) -> (PgPool, PgStore) {
         let url = crate::testing::database_url().unwrap();
         let pool: PgPool = r2d2::Pool::builder()
@@ -1049,19 +1064,19 @@ mod tests {
             client
                 .batch_execute(&format!(
                     "PREPARE claim_after(timestamptz, int8) AS {}",
-                    sql.claim(100, ClaimKind::AfterMark, false)
+                    sql.claim(100, ClaimKind::AfterMark, false, None)
                 ))
                 .unwrap();
             let mut text = String::new();
             for query in [
                 format!(
                     "EXPLAIN (COSTS OFF) {}",
-                    sql.claim(100, ClaimKind::Head, false)
+                    sql.claim(100, ClaimKind::Head, false, None)
                 ),
                 "EXPLAIN (COSTS OFF) EXECUTE claim_after(now() - interval '1 day', 0)".into(),
                 format!(
                     "EXPLAIN (COSTS OFF) {}",
-                    sql.claim(1, ClaimKind::One, false)
+                    sql.claim(1, ClaimKind::One, false, None)
                 )
                 .replace("$1", "7"),
             ] {
@@ -1118,7 +1133,7 @@ mod tests {
             .query(
                 &format!(
                     "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {}",
-                    sql.claim(100, ClaimKind::Head, true)
+                    sql.claim(100, ClaimKind::Head, true, None)
                 ),
                 &[],
             )
@@ -1148,5 +1163,88 @@ mod tests {
         client
             .batch_execute("DROP SCHEMA unit_ordered_plan CASCADE")
             .unwrap();
+    }
+}
+#[cfg(test)]
+mod bounded_plan {
+    use super::*;
+
+    /// The claim bounded in bytes must not walk the table: its first versions did, once to
+    /// join the rows' sizes (a full scan of the primary key, to avoid the window's sort,
+    /// which the claim's settings penalise) and once to find the picked rows again (a walk
+    /// of the pending index): a quadratic drain.
+    #[test]
+    fn the_bounded_claim_probes_each_row_once() {
+        let (pool, store) = super::tests::fresh_store_pub("unit_bounded_plan", false);
+        let mut client = pool.get().unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO unit_bounded_plan.outbox_messages (key, value)
+                 SELECT 'k', convert_to(repeat('x', 200), 'UTF8') FROM generate_series(1, 5000);",
+            )
+            .unwrap();
+        let sql = store.sql().unwrap();
+        client.batch_execute(&sql::begin_claim(10_000, 1)).unwrap();
+        let claim = sql.claim(100, ClaimKind::Head, false, Some(64 << 20));
+        let plan: Vec<String> = client
+            .simple_query(&format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {claim}"))
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect();
+        client.batch_execute("ROLLBACK").unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("Delete on outbox_messages m (actual rows=100 loops=1)"),
+            "{plan}"
+        );
+        assert!(!plan.contains("Rows Removed by Join Filter"), "{plan}");
+        // The claimed rows are deleted through the primary key; the table is never walked.
+        assert!(
+            plan.contains("Index Scan using outbox_messages_pkey on outbox_messages m (actual rows=100 loops=1)"),
+            "{plan}"
+        );
+        assert!(!plan.contains("rows=5000"), "{plan}");
+    }
+
+    /// The same in keep mode (partitions, rows marked sent).
+    #[test]
+    fn the_bounded_claim_in_keep_mode_does_not_walk_the_table() {
+        let (pool, _) = super::tests::fresh_store_pub("unit_bounded_keep", false);
+        pool.get()
+            .unwrap()
+            .batch_execute("DROP SCHEMA unit_bounded_keep CASCADE")
+            .unwrap();
+        let store = PgStore::new(pool.clone())
+            .schema("unit_bounded_keep")
+            .retention(crate::Retention::keep_sent(Duration::from_secs(86_400)));
+        store.migrate().unwrap();
+        let mut client = pool.get().unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO unit_bounded_keep.outbox_messages (key, value)
+                 SELECT 'k', convert_to(repeat('x', 200), 'UTF8') FROM generate_series(1, 5000);",
+            )
+            .unwrap();
+        let sql = store.sql().unwrap();
+        client.batch_execute(&sql::begin_claim(10_000, 1)).unwrap();
+        let claim = sql.claim(100, ClaimKind::Head, false, Some(64 << 20));
+        let plan: Vec<String> = client
+            .simple_query(&format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {claim}"))
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect();
+        client.batch_execute("ROLLBACK").unwrap();
+        let plan = plan.join("\n");
+        assert!(plan.contains("(actual rows=100 loops=1)"), "{plan}");
+        assert!(!plan.contains("rows=5000"), "{plan}");
+        assert!(!plan.contains("Rows Removed by Join Filter"), "{plan}");
     }
 }
