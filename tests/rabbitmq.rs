@@ -13,15 +13,17 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use amiquip::{
-    AmqpValue, Connection, ConsumerMessage, ConsumerOptions, ExchangeDeclareOptions, ExchangeType,
-    FieldTable, QueueDeclareOptions,
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::ExchangeKind;
 use troutbox::rabbitmq::RabbitSender;
 use troutbox::{Backoff, NewMessage, Outbox, PgStore};
 
 use common::{count, eventually, pool, store, PATIENCE};
-use rabbit::TempRabbit;
+use rabbit::{next, Amqp, TempRabbit};
 
 const EXCHANGE: &str = "troutbox.test";
 
@@ -29,60 +31,58 @@ fn broker() -> TempRabbit {
     TempRabbit::start().unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Opens a connection, retrying while the broker is (re)starting.
-fn connect(url: &str, timeout: Duration) -> Result<Connection, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match Connection::insecure_open(url) {
-            Ok(conn) => return Ok(conn),
-            Err(e) if Instant::now() > deadline => return Err(format!("connect {url}: {e}")),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
 /// A durable direct exchange and durable queues bound to it by their own name, each with the
 /// given arguments.
 fn declare(url: &str, queues: &[(&str, FieldTable)]) {
-    let mut conn = connect(url, PATIENCE).unwrap();
-    let channel = conn.open_channel(None).unwrap();
-    let exchange = channel
-        .exchange_declare(
-            ExchangeType::Direct,
-            EXCHANGE,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-        )
-        .unwrap();
+    let amqp = Amqp::connect(url, PATIENCE).unwrap();
+    let channel = &amqp.channel;
+    amqp.block_on(channel.exchange_declare(
+        EXCHANGE.into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    ))
+    .unwrap();
     for (name, arguments) in queues {
-        let queue = channel
-            .queue_declare(
-                *name,
-                QueueDeclareOptions {
-                    durable: true,
-                    arguments: arguments.clone(),
-                    ..QueueDeclareOptions::default()
-                },
-            )
-            .unwrap();
-        queue.bind(&exchange, *name, FieldTable::new()).unwrap();
+        amqp.block_on(channel.queue_declare(
+            (*name).into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments.clone(),
+        ))
+        .unwrap();
+        amqp.block_on(channel.queue_bind(
+            (*name).into(),
+            EXCHANGE.into(),
+            (*name).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ))
+        .unwrap();
     }
-    conn.close().unwrap();
+    amqp.close();
 }
 
 /// Ready messages in `queue` (not counting delivered, unacknowledged ones).
 fn ready(url: &str, queue: &str) -> u32 {
-    let mut conn = connect(url, PATIENCE).unwrap();
-    let channel = conn.open_channel(None).unwrap();
-    let n = channel
-        .queue_declare_passive(queue)
-        .unwrap()
-        .declared_message_count()
-        .unwrap_or(0);
-    conn.close().unwrap();
-    n
+    let amqp = Amqp::connect(url, PATIENCE).unwrap();
+    let declared = amqp
+        .block_on(amqp.channel.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ))
+        .unwrap();
+    amqp.close();
+    declared.message_count()
 }
 
 /// message-id -> (deliveries, body, headers of the first delivery).
@@ -98,8 +98,9 @@ struct Received {
     /// Times the consumer had to connect again.
     reconnects: AtomicUsize,
     /// Deliveries flagged `redelivered`: handed out before, and not acknowledged when the
-    /// connection or the broker went down. Duplicates beyond these are the relay publishing
-    /// again a message whose confirm it did not get.
+    /// connection or the broker went down. Some are not duplicates: their first delivery was
+    /// still in the consumer's prefetch buffer (up to 500) when the connection died. The
+    /// other duplicates are the relay publishing again a message whose confirm it did not get.
     redelivered: AtomicUsize,
 }
 
@@ -142,24 +143,32 @@ fn consume(url: String, queue: &'static str) -> (Arc<Received>, Arc<AtomicBool>,
                 r.reconnects.fetch_add(1, Ordering::SeqCst);
             }
             first = false;
-            let Ok(mut conn) = connect(&url, Duration::from_millis(200)) else {
+            let Ok(amqp) = Amqp::connect(&url, Duration::from_millis(200)) else {
                 continue;
             };
-            let Ok(channel) = conn.open_channel(None) else {
-                continue;
-            };
-            if channel.qos(0, 500, false).is_err() {
+            let channel = &amqp.channel;
+            if amqp
+                .block_on(channel.basic_qos(500, BasicQosOptions::default()))
+                .is_err()
+            {
                 continue;
             }
-            let Ok(consumer) = channel.basic_consume(queue, ConsumerOptions::default()) else {
+            let Ok(mut consumer) = amqp.block_on(channel.basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )) else {
                 continue;
             };
             while !s.load(Ordering::SeqCst) {
-                let delivery = match consumer.receiver().recv_timeout(Duration::from_millis(100)) {
-                    Ok(ConsumerMessage::Delivery(d)) => d,
-                    Ok(_) => break, // cancelled or closed: connect again
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                let waited = amqp.block_on(async {
+                    tokio::time::timeout(Duration::from_millis(100), next(&mut consumer)).await
+                });
+                let delivery = match waited {
+                    Ok(Some(Ok(delivery))) => delivery,
+                    Ok(_) => break, // cancelled, closed or failed: connect again
+                    Err(_) => continue,
                 };
                 if delivery.redelivered {
                     r.redelivered.fetch_add(1, Ordering::SeqCst);
@@ -167,10 +176,10 @@ fn consume(url: String, queue: &'static str) -> (Arc<Received>, Arc<AtomicBool>,
                 match delivery.properties.message_id().clone() {
                     Some(id) => {
                         let mut state = r.by_id.lock().unwrap();
-                        let entry = state.entry(id).or_insert_with(|| {
+                        let entry = state.entry(id.to_string()).or_insert_with(|| {
                             (
                                 0,
-                                delivery.body.clone(),
+                                delivery.data.clone(),
                                 delivery.properties.headers().clone(),
                             )
                         });
@@ -182,12 +191,15 @@ fn consume(url: String, queue: &'static str) -> (Arc<Received>, Arc<AtomicBool>,
                         r.anonymous.fetch_add(1, Ordering::SeqCst);
                     }
                 }
-                if consumer.ack(delivery).is_err() {
+                if amqp
+                    .block_on(delivery.ack(BasicAckOptions::default()))
+                    .is_err()
+                {
                     break;
                 }
             }
             // Closing a connection to a dead broker fails, which is expected here.
-            let _ = conn.close();
+            amqp.close();
         }
     });
     (received, stop, thread)
@@ -203,7 +215,7 @@ fn ten_thousand_messages_survive_broker_restarts() {
     let started = Instant::now();
     let mut rabbit = broker();
     let url = rabbit.url();
-    declare(&url, &[(QUEUE, FieldTable::new())]);
+    declare(&url, &[(QUEUE, FieldTable::default())]);
 
     let pool = pool(8);
     let store: PgStore = store("rabbitmq_restarts", &pool);
@@ -307,8 +319,8 @@ fn ten_thousand_messages_survive_broker_restarts() {
             id.parse::<i64>().is_ok(),
             "message-id {id:?} is not an outbox id"
         );
-        let seq = match headers.as_ref().and_then(|h| h.get("seq")) {
-            Some(AmqpValue::LongString(s)) => s.parse::<usize>().unwrap(),
+        let seq = match headers.as_ref().and_then(|h| h.inner().get("seq")) {
+            Some(AMQPValue::LongString(s)) => s.to_string().parse::<usize>().unwrap(),
             other => panic!("message {id} has seq header {other:?}"),
         };
         assert_eq!(body, format!("order {seq}").as_bytes());
@@ -350,13 +362,13 @@ fn mapping_returns_nacks_and_confirm_timeouts() {
     let rabbit = broker();
     let url = rabbit.url();
     // "full" holds one message and nacks publishes beyond it.
-    let mut full = FieldTable::new();
-    full.insert("x-max-length".into(), AmqpValue::LongInt(1));
+    let mut full = FieldTable::default();
+    full.insert("x-max-length".into(), AMQPValue::LongInt(1));
     full.insert(
         "x-overflow".into(),
-        AmqpValue::LongString("reject-publish".into()),
+        AMQPValue::LongString("reject-publish".into()),
     );
-    declare(&url, &[("mapped", FieldTable::new()), ("full", full)]);
+    declare(&url, &[("mapped", FieldTable::default()), ("full", full)]);
     let pool = pool(4);
     let store: PgStore = store("rabbitmq_mapping", &pool);
     let table = "rabbitmq_mapping.outbox_messages";
@@ -413,17 +425,20 @@ fn mapping_returns_nacks_and_confirm_timeouts() {
         .get(&ids[0].to_string())
         .expect("message-id = outbox id");
     assert_eq!((*n, body.as_slice()), (1, &b"payload"[..]));
-    let headers = headers.as_ref().unwrap();
+    let headers = headers.as_ref().unwrap().inner();
     assert_eq!(
         headers.get("traceparent"),
-        Some(&AmqpValue::LongString("00-abc-def-01".into()))
+        Some(&AMQPValue::LongString("00-abc-def-01".into()))
     );
     assert_eq!(
         headers.get("tag"),
-        Some(&AmqpValue::FieldArray(vec![
-            AmqpValue::LongString("a".into()),
-            AmqpValue::LongString("b".into())
-        ]))
+        Some(&AMQPValue::FieldArray(
+            vec![
+                AMQPValue::LongString("a".into()),
+                AMQPValue::LongString("b".into())
+            ]
+            .into()
+        ))
     );
     drop(by_id);
     let errors: HashMap<i64, String> = conn
@@ -476,7 +491,7 @@ fn mapping_returns_nacks_and_confirm_timeouts() {
 fn a_clone_of_a_connected_sender_is_unconnected_and_keeps_its_configuration() {
     let rabbit = broker();
     let url = rabbit.url();
-    declare(&url, &[("cloned", FieldTable::new())]);
+    declare(&url, &[("cloned", FieldTable::default())]);
     let pool = pool(4);
     let store: PgStore = store("rabbitmq_clone", &pool);
     let outbox = Outbox::builder(store)
