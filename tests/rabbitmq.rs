@@ -19,8 +19,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::ExchangeKind;
-use troutbox::rabbitmq::RabbitSender;
-use troutbox::{Backoff, NewMessage, Outbox, PgStore};
+use troutbox::rabbitmq::{RabbitError, RabbitSender};
+use troutbox::{Backoff, Batch, Message, NewMessage, Outbox, PgStore, Sender, Status};
 
 use common::{count, eventually, pool, store, PATIENCE};
 use rabbit::{next, Amqp, TempRabbit};
@@ -536,4 +536,276 @@ fn a_clone_of_a_connected_sender_is_unconnected_and_keeps_its_configuration() {
     assert_eq!(exchange, EXCHANGE);
     assert!(debug.contains("connected: false"), "{debug}");
     assert!(eventually(PATIENCE, || ready(&url, "cloned") == 1));
+}
+
+/// A batch of one message for `queue`, as the relay would hand it over.
+fn one(id: i64, queue: &str, body: &[u8]) -> Batch {
+    Batch::for_test([Message::for_test(id, queue, body)])
+}
+
+/// The issue's memory alarm (issue 11): `rabbitmqctl set_vm_memory_high_watermark 0` makes the
+/// broker block publishing connections. The batch must fail at once with the broker's reason,
+/// not wait for its deadline; while the connection stays blocked a batch fails without
+/// publishing; once the alarm clears, the same connection publishes again.
+#[test]
+fn a_blocked_connection_fails_the_batch_at_once_with_the_brokers_reason() {
+    let rabbit = broker();
+    let url = rabbit.url();
+    declare(&url, &[("alarmed", FieldTable::default())]);
+    let deadline = Duration::from_secs(20);
+    let mut sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .confirm_timeout(deadline)
+        .build()
+        .unwrap();
+    let mut batch = one(1, "alarmed", b"before the alarm");
+    sender.send(&mut batch).unwrap();
+    assert_eq!(batch.messages()[0].status(), &Status::Sent);
+
+    rabbit.ctl(&["set_vm_memory_high_watermark", "0"]).unwrap();
+    // The alarm takes effect within a moment: publish until a batch is refused.
+    let given_up = Instant::now() + PATIENCE;
+    let mut id = 2;
+    let (error, took) = loop {
+        let mut batch = one(id, "alarmed", b"during the alarm");
+        let started = Instant::now();
+        let result = sender.send(&mut batch);
+        let took = started.elapsed();
+        id += 1;
+        match result {
+            Err(error) => break (error, took),
+            Ok(()) => {
+                assert!(Instant::now() < given_up, "the alarm never blocked a batch");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    let text = error.to_string();
+    assert!(
+        matches!(&error, RabbitError::Blocked { reason } if reason.contains("memory")),
+        "{text}"
+    );
+    assert!(
+        text.starts_with("RabbitMQ blocked the connection: "),
+        "{text}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the blocked batch took {took:?} (deadline {deadline:?})"
+    );
+    assert!(sender.is_connected(), "a blocked connection is kept");
+
+    // A connection that has not published yet learns of the alarm from its first publish:
+    // that batch is on its way already, and fails as soon as the broker says it is blocked.
+    let mut fresh = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .confirm_timeout(deadline)
+        .build()
+        .unwrap();
+    let mut batch = one(1_500, "alarmed", b"first publish during the alarm");
+    let started = Instant::now();
+    let error = fresh.send(&mut batch).unwrap_err();
+    let fresh_took = started.elapsed();
+    assert!(matches!(error, RabbitError::Blocked { .. }), "{error}");
+    assert!(
+        fresh_took < Duration::from_secs(5),
+        "a first publish into the alarm took {fresh_took:?} (deadline {deadline:?})"
+    );
+
+    // Still blocked: refused at once, and not published.
+    let never_published = 1_000;
+    let mut batch = one(never_published, "alarmed", b"refused while blocked");
+    let started = Instant::now();
+    let error = sender.send(&mut batch).unwrap_err();
+    assert!(matches!(error, RabbitError::Blocked { .. }), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    rabbit
+        .ctl(&["set_vm_memory_high_watermark", "0.4"])
+        .unwrap();
+    let after = 2_000;
+    assert!(
+        eventually(PATIENCE, || {
+            let mut batch = one(after, "alarmed", b"after the alarm");
+            sender.send(&mut batch).is_ok() && batch.messages()[0].status() == &Status::Sent
+        }),
+        "publishing did not resume once the alarm cleared"
+    );
+    eprintln!(
+        "rabbitmq blocked: {text:?} after {took:?}, a fresh connection's first publish after {fresh_took:?}; resumed after the alarm cleared"
+    );
+
+    let (received, stop_consumer, consumer) = consume(url.clone(), "alarmed");
+    assert!(
+        eventually(PATIENCE, || received
+            .by_id
+            .lock()
+            .unwrap()
+            .contains_key(&after.to_string())),
+        "the message sent after the alarm did not arrive"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop_consumer.store(true, Ordering::SeqCst);
+    consumer.join().unwrap();
+    let by_id = received.by_id.lock().unwrap();
+    assert!(by_id.contains_key("1"));
+    assert!(
+        !by_id.contains_key(&never_published.to_string()),
+        "a batch refused while blocked was published"
+    );
+}
+
+/// One deadline covers publishing and confirms (issue 11): a broker frozen with SIGSTOP keeps
+/// the connection open but reads nothing, so 32 MiB of bodies (more than the sockets buffer)
+/// cannot even be written. The batch must end at `confirm_timeout`, every message failed.
+#[test]
+fn a_frozen_broker_cannot_hold_a_batch_past_its_deadline() {
+    let rabbit = broker();
+    let url = rabbit.url();
+    declare(&url, &[("large", FieldTable::default())]);
+    let deadline = Duration::from_secs(2);
+    let mut sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .confirm_timeout(deadline)
+        .build()
+        .unwrap();
+    let mut batch = one(1, "large", b"connects");
+    sender.send(&mut batch).unwrap();
+
+    rabbit.pause();
+    let body = vec![b'x'; 8 << 20];
+    let mut batch = Batch::for_test((10..14).map(|id| Message::for_test(id, "large", &body)));
+    let started = Instant::now();
+    let result = sender.send(&mut batch);
+    let took = started.elapsed();
+    rabbit.resume();
+    let error = result.unwrap_err();
+    assert!(
+        matches!(error, RabbitError::ConfirmTimeout { unconfirmed: 4, .. }),
+        "{error}"
+    );
+    assert!(
+        took >= deadline && took < deadline + Duration::from_secs(2),
+        "the batch took {took:?}, its deadline is {deadline:?}"
+    );
+    for msg in batch.iter() {
+        assert!(
+            matches!(msg.status(), Status::Failed(reason) if reason.contains("no publisher confirm")),
+            "{:?}",
+            msg.status()
+        );
+    }
+    assert!(!sender.is_connected());
+    eprintln!(
+        "rabbitmq frozen broker: 4 x 8 MiB batch failed after {took:?} (deadline {deadline:?})"
+    );
+    // The broker runs again: the next batch connects anew and goes through.
+    assert!(eventually(PATIENCE, || {
+        let mut batch = one(20, "large", b"after");
+        sender.send(&mut batch).is_ok() && batch.messages()[0].status() == &Status::Sent
+    }));
+}
+
+/// The broker's own body limit (`max_message_size`, 64 KiB here): above it RabbitMQ closes
+/// the channel, failing the whole batch; with `max_body_size` set to the same limit only the
+/// oversized message fails, without being published.
+#[test]
+fn a_body_over_the_brokers_limit_fails_alone_when_max_body_size_matches_it() {
+    const LIMIT: usize = 64 * 1024;
+    let rabbit = TempRabbit::start_with(&format!("max_message_size = {LIMIT}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = rabbit.url();
+    declare(&url, &[("sized", FieldTable::default())]);
+    let big = vec![b'x'; LIMIT + 1];
+    let batch = |first: i64| {
+        Batch::for_test([
+            Message::for_test(first, "sized", b"small"),
+            Message::for_test(first + 1, "sized", &big),
+            Message::for_test(first + 2, "sized", b"small"),
+        ])
+    };
+
+    // The default (16 MiB) is above this broker's limit.
+    let mut sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .build()
+        .unwrap();
+    let mut over = batch(1);
+    let error = sender.send(&mut over).unwrap_err();
+    let text = error.to_string();
+    assert!(
+        matches!(
+            error,
+            RabbitError::Broker {
+                action: "publish",
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(text.contains("PRECONDITION_FAILED"), "{text}");
+    match over.messages()[1].status() {
+        Status::Failed(reason) => assert!(reason.contains("closed the channel"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+
+    let mut sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .max_body_size(LIMIT)
+        .build()
+        .unwrap();
+    let mut matched = batch(10);
+    sender.send(&mut matched).unwrap();
+    let statuses: Vec<&Status> = matched.iter().map(Message::status).collect();
+    assert_eq!(statuses[0], &Status::Sent);
+    assert!(
+        matches!(statuses[1], Status::Failed(r) if r.contains("max_body_size")),
+        "{:?}",
+        statuses[1]
+    );
+    assert_eq!(statuses[2], &Status::Sent);
+    eprintln!("rabbitmq over max_message_size: {text}");
+}
+
+/// The broker's connections carrying this test's sender (named "troutbox"), by process id.
+fn troutbox_connections(rabbit: &TempRabbit) -> Vec<String> {
+    let listing = rabbit
+        .ctl(&["-q", "list_connections", "pid", "client_properties"])
+        .unwrap();
+    let mut pids: Vec<String> = listing
+        .lines()
+        .filter(|line| line.contains("troutbox"))
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// Why each connection has a runtime of its own that runs between batches: an idle
+/// connection must keep answering heartbeats, or the broker closes it after two missed ones.
+/// With a 1-second heartbeat and 5 idle seconds, the same connection must still carry the
+/// next batch.
+#[test]
+fn an_idle_connection_outlives_its_heartbeat_timeout() {
+    let rabbit = broker();
+    let url = rabbit.url().replace("heartbeat=5", "heartbeat=1");
+    declare(&url, &[("idle", FieldTable::default())]);
+    let mut sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .build()
+        .unwrap();
+    let mut batch = one(1, "idle", b"first");
+    sender.send(&mut batch).unwrap();
+    let before = troutbox_connections(&rabbit);
+    assert_eq!(before.len(), 1, "{before:?}");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        troutbox_connections(&rabbit),
+        before,
+        "the idle connection was closed"
+    );
+    let mut batch = one(2, "idle", b"after idling");
+    sender.send(&mut batch).unwrap();
+    assert_eq!(batch.messages()[0].status(), &Status::Sent);
+    assert_eq!(troutbox_connections(&rabbit), before);
 }

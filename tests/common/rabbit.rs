@@ -43,6 +43,12 @@ pub struct TempRabbit {
 impl TempRabbit {
     /// Starts a broker, or says in one line why it cannot.
     pub fn start() -> Result<TempRabbit, String> {
+        TempRabbit::start_with("")
+    }
+
+    /// Starts a broker with `config` (`rabbitmq.conf` lines, such as
+    /// `max_message_size = 1048576`) added to its configuration.
+    pub fn start_with(config: &str) -> Result<TempRabbit, String> {
         let program = find_server().ok_or_else(|| INSTALL_HINT.to_string())?;
         let dir = std::env::temp_dir().join(format!(
             "troutbox-rabbit-{}-{}",
@@ -59,7 +65,7 @@ impl TempRabbit {
             ("enabled_plugins", "[].\n".to_string()),
             (
                 "rabbitmq.conf",
-                format!("listeners.tcp.default = 127.0.0.1:{port}\n"),
+                format!("listeners.tcp.default = 127.0.0.1:{port}\n{config}\n"),
             ),
         ];
         for (name, text) in files {
@@ -165,6 +171,37 @@ impl TempRabbit {
     /// Kills the broker (SIGKILL: no chance to flush anything) and waits for it.
     pub fn kill(&mut self) -> Result<(), String> {
         self.signal("KILL")
+    }
+
+    /// Runs `rabbitmqctl` against this broker (for example
+    /// `["set_vm_memory_high_watermark", "0"]`), returning its output or why it failed.
+    pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        let program = self.program.with_file_name("rabbitmqctl");
+        let d = &self.dir;
+        let output = Command::new(&program)
+            .current_dir(d)
+            // The Erlang cookie the broker wrote to its $HOME.
+            .env("HOME", d)
+            .env("RABBITMQ_CONF_ENV_FILE", d.join("env.conf"))
+            .env("RABBITMQ_NODENAME", &self.node)
+            .args(["-n", &self.node])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if output.status.success() {
+            Ok(text)
+        } else {
+            Err(format!(
+                "rabbitmqctl {args:?} failed ({}): {text}",
+                output.status
+            ))
+        }
     }
 
     /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
