@@ -18,10 +18,12 @@ mod rabbit;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use amiquip::{
-    AmqpValue, Connection, ConsumerMessage, ConsumerOptions, ExchangeDeclareOptions, ExchangeType,
-    FieldTable, QueueDeclareOptions,
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::ExchangeKind;
 use r2d2_postgres::PostgresConnectionManager;
 use troutbox::rabbitmq::RabbitSender;
 use troutbox::{NewMessage, Outbox, PgStore};
@@ -41,25 +43,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
-    // Topology belongs to the application: the sender only publishes.
-    let mut amqp = Connection::insecure_open(&amqp_url)?;
-    let channel = amqp.open_channel(None)?;
-    let durable = ExchangeDeclareOptions {
+    // Topology belongs to the application: the sender only publishes. This side of the
+    // example uses lapin (the client RabbitSender is built on) on a runtime of its own.
+    let amqp = rabbit::Amqp::connect(&amqp_url, Duration::from_secs(10))?;
+    let channel = &amqp.channel;
+    let durable_exchange = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    let exchange = channel.exchange_declare(ExchangeType::Direct, EXCHANGE, durable)?;
-    let queue = channel.queue_declare(
-        QUEUE,
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-    )?;
-    queue.bind(&exchange, ROUTING_KEY, FieldTable::new())?;
+    amqp.block_on(channel.exchange_declare(
+        EXCHANGE.into(),
+        ExchangeKind::Direct,
+        durable_exchange,
+        FieldTable::default(),
+    ))?;
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    amqp.block_on(channel.queue_declare(QUEUE.into(), durable_queue, FieldTable::default()))?;
+    amqp.block_on(channel.queue_bind(
+        QUEUE.into(),
+        EXCHANGE.into(),
+        ROUTING_KEY.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))?;
     // The queue is the example's own: start from empty so that a broker of your own shows
     // exactly this run's messages.
-    queue.purge()?;
+    amqp.block_on(channel.queue_purge(QUEUE.into(), QueuePurgeOptions::default()))?;
 
     // The outbox, next to the business table.
     let pool = r2d2::Pool::new(PostgresConnectionManager::new(
@@ -100,46 +112,53 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A consumer: at-least-once delivery means it keeps the ids it has processed and skips
     // repeats. (A real one stores them with its own effects, in the same transaction.)
-    let consumer = queue.consume(ConsumerOptions::default())?;
+    let mut consumer = amqp.block_on(channel.basic_consume(
+        QUEUE.into(),
+        "troutbox-example".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))?;
     let mut seen = HashSet::new();
     while seen.len() < ORDERS as usize {
-        let delivery = match consumer.receiver().recv_timeout(Duration::from_secs(30))? {
-            ConsumerMessage::Delivery(delivery) => delivery,
-            other => return Err(format!("consumer ended: {other:?}").into()),
+        let next = amqp.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), rabbit::next(&mut consumer)).await
+        });
+        let delivery = match next {
+            Ok(Some(delivery)) => delivery?,
+            Ok(None) => return Err("the consumer was cancelled".into()),
+            Err(_) => return Err("no delivery within 30 s".into()),
         };
-        let id = delivery.properties.message_id().clone().unwrap_or_default();
+        let id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
         let order = match delivery
             .properties
             .headers()
             .as_ref()
-            .and_then(|h| h.get("order-id"))
+            .and_then(|h| h.inner().get("order-id"))
         {
-            Some(AmqpValue::LongString(order)) => order.clone(),
+            Some(AMQPValue::LongString(order)) => order.to_string(),
             other => format!("{other:?}"),
         };
         if seen.insert(id.clone()) {
             println!(
                 "consumed message-id={id} routing-key={} body={} order-id header={order}",
                 delivery.routing_key,
-                String::from_utf8_lossy(&delivery.body),
+                String::from_utf8_lossy(&delivery.data),
             );
         } else {
             println!("skipped duplicate message-id={id}");
         }
-        consumer
-            .ack(delivery)
+        amqp.block_on(delivery.ack(BasicAckOptions::default()))
             .map_err(|e| format!("acknowledging a delivery: {e}"))?;
     }
     relay.shutdown()?;
-    // Cancel and wait for the broker's confirmation before closing: a consumer merely
-    // dropped is cancelled in the background, and closing the connection meanwhile races
-    // with the I/O thread (amiquip: "i/o loop thread tried to communicate with a
-    // nonexistent client").
-    consumer
-        .cancel()
+    amqp.block_on(channel.basic_cancel("troutbox-example".into(), BasicCancelOptions::default()))
         .map_err(|e| format!("cancelling the consumer: {e}"))?;
-    amqp.close()
-        .map_err(|e| format!("closing the consumer's connection: {e}"))?;
+    amqp.close();
 
     let backlog = outbox.store().backlog()?;
     println!(

@@ -13,15 +13,17 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use amiquip::{
-    AmqpValue, Connection, ConsumerMessage, ConsumerOptions, ExchangeDeclareOptions, ExchangeType,
-    FieldTable, QueueDeclareOptions,
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
-use troutbox::rabbitmq::RabbitSender;
-use troutbox::{Backoff, NewMessage, Outbox, PgStore};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::ExchangeKind;
+use troutbox::rabbitmq::{RabbitError, RabbitSender};
+use troutbox::{Backoff, Batch, Message, NewMessage, Outbox, PgStore, Sender, Status};
 
 use common::{count, eventually, pool, store, PATIENCE};
-use rabbit::TempRabbit;
+use rabbit::{next, Amqp, TempRabbit};
 
 const EXCHANGE: &str = "troutbox.test";
 
@@ -29,60 +31,58 @@ fn broker() -> TempRabbit {
     TempRabbit::start().unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Opens a connection, retrying while the broker is (re)starting.
-fn connect(url: &str, timeout: Duration) -> Result<Connection, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match Connection::insecure_open(url) {
-            Ok(conn) => return Ok(conn),
-            Err(e) if Instant::now() > deadline => return Err(format!("connect {url}: {e}")),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
 /// A durable direct exchange and durable queues bound to it by their own name, each with the
 /// given arguments.
 fn declare(url: &str, queues: &[(&str, FieldTable)]) {
-    let mut conn = connect(url, PATIENCE).unwrap();
-    let channel = conn.open_channel(None).unwrap();
-    let exchange = channel
-        .exchange_declare(
-            ExchangeType::Direct,
-            EXCHANGE,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-        )
-        .unwrap();
+    let amqp = Amqp::connect(url, PATIENCE).unwrap();
+    let channel = &amqp.channel;
+    amqp.block_on(channel.exchange_declare(
+        EXCHANGE.into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    ))
+    .unwrap();
     for (name, arguments) in queues {
-        let queue = channel
-            .queue_declare(
-                *name,
-                QueueDeclareOptions {
-                    durable: true,
-                    arguments: arguments.clone(),
-                    ..QueueDeclareOptions::default()
-                },
-            )
-            .unwrap();
-        queue.bind(&exchange, *name, FieldTable::new()).unwrap();
+        amqp.block_on(channel.queue_declare(
+            (*name).into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments.clone(),
+        ))
+        .unwrap();
+        amqp.block_on(channel.queue_bind(
+            (*name).into(),
+            EXCHANGE.into(),
+            (*name).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ))
+        .unwrap();
     }
-    conn.close().unwrap();
+    amqp.close();
 }
 
 /// Ready messages in `queue` (not counting delivered, unacknowledged ones).
 fn ready(url: &str, queue: &str) -> u32 {
-    let mut conn = connect(url, PATIENCE).unwrap();
-    let channel = conn.open_channel(None).unwrap();
-    let n = channel
-        .queue_declare_passive(queue)
-        .unwrap()
-        .declared_message_count()
-        .unwrap_or(0);
-    conn.close().unwrap();
-    n
+    let amqp = Amqp::connect(url, PATIENCE).unwrap();
+    let declared = amqp
+        .block_on(amqp.channel.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ))
+        .unwrap();
+    amqp.close();
+    declared.message_count()
 }
 
 /// message-id -> (deliveries, body, headers of the first delivery).
@@ -98,8 +98,9 @@ struct Received {
     /// Times the consumer had to connect again.
     reconnects: AtomicUsize,
     /// Deliveries flagged `redelivered`: handed out before, and not acknowledged when the
-    /// connection or the broker went down. Duplicates beyond these are the relay publishing
-    /// again a message whose confirm it did not get.
+    /// connection or the broker went down. Some are not duplicates: their first delivery was
+    /// still in the consumer's prefetch buffer (up to 500) when the connection died. The
+    /// other duplicates are the relay publishing again a message whose confirm it did not get.
     redelivered: AtomicUsize,
 }
 
@@ -142,24 +143,32 @@ fn consume(url: String, queue: &'static str) -> (Arc<Received>, Arc<AtomicBool>,
                 r.reconnects.fetch_add(1, Ordering::SeqCst);
             }
             first = false;
-            let Ok(mut conn) = connect(&url, Duration::from_millis(200)) else {
+            let Ok(amqp) = Amqp::connect(&url, Duration::from_millis(200)) else {
                 continue;
             };
-            let Ok(channel) = conn.open_channel(None) else {
-                continue;
-            };
-            if channel.qos(0, 500, false).is_err() {
+            let channel = &amqp.channel;
+            if amqp
+                .block_on(channel.basic_qos(500, BasicQosOptions::default()))
+                .is_err()
+            {
                 continue;
             }
-            let Ok(consumer) = channel.basic_consume(queue, ConsumerOptions::default()) else {
+            let Ok(mut consumer) = amqp.block_on(channel.basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )) else {
                 continue;
             };
             while !s.load(Ordering::SeqCst) {
-                let delivery = match consumer.receiver().recv_timeout(Duration::from_millis(100)) {
-                    Ok(ConsumerMessage::Delivery(d)) => d,
-                    Ok(_) => break, // cancelled or closed: connect again
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                let waited = amqp.block_on(async {
+                    tokio::time::timeout(Duration::from_millis(100), next(&mut consumer)).await
+                });
+                let delivery = match waited {
+                    Ok(Some(Ok(delivery))) => delivery,
+                    Ok(_) => break, // cancelled, closed or failed: connect again
+                    Err(_) => continue,
                 };
                 if delivery.redelivered {
                     r.redelivered.fetch_add(1, Ordering::SeqCst);
@@ -167,10 +176,10 @@ fn consume(url: String, queue: &'static str) -> (Arc<Received>, Arc<AtomicBool>,
                 match delivery.properties.message_id().clone() {
                     Some(id) => {
                         let mut state = r.by_id.lock().unwrap();
-                        let entry = state.entry(id).or_insert_with(|| {
+                        let entry = state.entry(id.to_string()).or_insert_with(|| {
                             (
                                 0,
-                                delivery.body.clone(),
+                                delivery.data.clone(),
                                 delivery.properties.headers().clone(),
                             )
                         });
@@ -182,12 +191,15 @@ fn consume(url: String, queue: &'static str) -> (Arc<Received>, Arc<AtomicBool>,
                         r.anonymous.fetch_add(1, Ordering::SeqCst);
                     }
                 }
-                if consumer.ack(delivery).is_err() {
+                if amqp
+                    .block_on(delivery.ack(BasicAckOptions::default()))
+                    .is_err()
+                {
                     break;
                 }
             }
             // Closing a connection to a dead broker fails, which is expected here.
-            let _ = conn.close();
+            amqp.close();
         }
     });
     (received, stop, thread)
@@ -203,7 +215,7 @@ fn ten_thousand_messages_survive_broker_restarts() {
     let started = Instant::now();
     let mut rabbit = broker();
     let url = rabbit.url();
-    declare(&url, &[(QUEUE, FieldTable::new())]);
+    declare(&url, &[(QUEUE, FieldTable::default())]);
 
     let pool = pool(8);
     let store: PgStore = store("rabbitmq_restarts", &pool);
@@ -308,8 +320,8 @@ fn ten_thousand_messages_survive_broker_restarts() {
                 .is_some_and(|(outbox, id)| outbox.len() == 36 && id.parse::<i64>().is_ok()),
             "message-id {id:?} is not a dedup key (<outbox id>:<id>)"
         );
-        let seq = match headers.as_ref().and_then(|h| h.get("seq")) {
-            Some(AmqpValue::LongString(s)) => s.parse::<usize>().unwrap(),
+        let seq = match headers.as_ref().and_then(|h| h.inner().get("seq")) {
+            Some(AMQPValue::LongString(s)) => s.to_string().parse::<usize>().unwrap(),
             other => panic!("message {id} has seq header {other:?}"),
         };
         assert_eq!(body, format!("order {seq}").as_bytes());
@@ -351,13 +363,13 @@ fn mapping_returns_nacks_and_confirm_timeouts() {
     let rabbit = broker();
     let url = rabbit.url();
     // "full" holds one message and nacks publishes beyond it.
-    let mut full = FieldTable::new();
-    full.insert("x-max-length".into(), AmqpValue::LongInt(1));
+    let mut full = FieldTable::default();
+    full.insert("x-max-length".into(), AMQPValue::LongInt(1));
     full.insert(
         "x-overflow".into(),
-        AmqpValue::LongString("reject-publish".into()),
+        AMQPValue::LongString("reject-publish".into()),
     );
-    declare(&url, &[("mapped", FieldTable::new()), ("full", full)]);
+    declare(&url, &[("mapped", FieldTable::default()), ("full", full)]);
     let pool = pool(4);
     let store: PgStore = store("rabbitmq_mapping", &pool);
     let table = "rabbitmq_mapping.outbox_messages";
@@ -416,17 +428,20 @@ fn mapping_returns_nacks_and_confirm_timeouts() {
         .map(|(_, seen)| seen)
         .expect("message-id = the message's dedup key");
     assert_eq!((*n, body.as_slice()), (1, &b"payload"[..]));
-    let headers = headers.as_ref().unwrap();
+    let headers = headers.as_ref().unwrap().inner();
     assert_eq!(
         headers.get("traceparent"),
-        Some(&AmqpValue::LongString("00-abc-def-01".into()))
+        Some(&AMQPValue::LongString("00-abc-def-01".into()))
     );
     assert_eq!(
         headers.get("tag"),
-        Some(&AmqpValue::FieldArray(vec![
-            AmqpValue::LongString("a".into()),
-            AmqpValue::LongString("b".into())
-        ]))
+        Some(&AMQPValue::FieldArray(
+            vec![
+                AMQPValue::LongString("a".into()),
+                AMQPValue::LongString("b".into())
+            ]
+            .into()
+        ))
     );
     drop(by_id);
     let errors: HashMap<i64, String> = conn
@@ -479,7 +494,7 @@ fn mapping_returns_nacks_and_confirm_timeouts() {
 fn a_clone_of_a_connected_sender_is_unconnected_and_keeps_its_configuration() {
     let rabbit = broker();
     let url = rabbit.url();
-    declare(&url, &[("cloned", FieldTable::new())]);
+    declare(&url, &[("cloned", FieldTable::default())]);
     let pool = pool(4);
     let store: PgStore = store("rabbitmq_clone", &pool);
     let outbox = Outbox::builder(store)
@@ -524,4 +539,281 @@ fn a_clone_of_a_connected_sender_is_unconnected_and_keeps_its_configuration() {
     assert_eq!(exchange, EXCHANGE);
     assert!(debug.contains("connected: false"), "{debug}");
     assert!(eventually(PATIENCE, || ready(&url, "cloned") == 1));
+}
+
+/// A batch of one message for `queue`, as the relay would hand it over.
+fn one(id: i64, queue: &str, body: &[u8]) -> Batch {
+    Batch::for_test([Message::for_test(id, queue, body)])
+}
+
+/// The `message-id` of the test message `id` (its dedup key).
+fn test_key(id: i64) -> String {
+    format!("{}:{id}", Message::TEST_OUTBOX_ID)
+}
+
+/// The issue's memory alarm (issue 11): `rabbitmqctl set_vm_memory_high_watermark 0` makes the
+/// broker block publishing connections. The batch must fail at once with the broker's reason,
+/// not wait for its deadline; while the connection stays blocked a batch fails without
+/// publishing; once the alarm clears, the same connection publishes again.
+#[test]
+fn a_blocked_connection_fails_the_batch_at_once_with_the_brokers_reason() {
+    let rabbit = broker();
+    let url = rabbit.url();
+    declare(&url, &[("alarmed", FieldTable::default())]);
+    let deadline = Duration::from_secs(20);
+    let mut sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .confirm_timeout(deadline)
+        .build()
+        .unwrap();
+    let mut batch = one(1, "alarmed", b"before the alarm");
+    sender.send(&mut batch).unwrap();
+    assert_eq!(batch.messages()[0].status(), &Status::Sent);
+
+    rabbit.ctl(&["set_vm_memory_high_watermark", "0"]).unwrap();
+    // The alarm takes effect within a moment: publish until a batch is refused.
+    let given_up = Instant::now() + PATIENCE;
+    let mut id = 2;
+    let (error, took) = loop {
+        let mut batch = one(id, "alarmed", b"during the alarm");
+        let started = Instant::now();
+        let result = sender.send(&mut batch);
+        let took = started.elapsed();
+        id += 1;
+        match result {
+            Err(error) => break (error, took),
+            Ok(()) => {
+                assert!(Instant::now() < given_up, "the alarm never blocked a batch");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    let text = error.to_string();
+    assert!(
+        matches!(&error, RabbitError::Blocked { reason } if reason.contains("memory")),
+        "{text}"
+    );
+    assert!(
+        text.starts_with("RabbitMQ blocked the connection: "),
+        "{text}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the blocked batch took {took:?} (deadline {deadline:?})"
+    );
+    assert!(sender.is_connected(), "a blocked connection is kept");
+
+    // A connection that has not published yet learns of the alarm from its first publish:
+    // that batch is on its way already, and fails as soon as the broker says it is blocked.
+    let mut fresh = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .confirm_timeout(deadline)
+        .build()
+        .unwrap();
+    let mut batch = one(1_500, "alarmed", b"first publish during the alarm");
+    let started = Instant::now();
+    let error = fresh.send(&mut batch).unwrap_err();
+    let fresh_took = started.elapsed();
+    assert!(matches!(error, RabbitError::Blocked { .. }), "{error}");
+    assert!(
+        fresh_took < Duration::from_secs(5),
+        "a first publish into the alarm took {fresh_took:?} (deadline {deadline:?})"
+    );
+
+    // Still blocked: refused at once, and not published.
+    let never_published = 1_000;
+    let mut batch = one(never_published, "alarmed", b"refused while blocked");
+    let started = Instant::now();
+    let error = sender.send(&mut batch).unwrap_err();
+    assert!(matches!(error, RabbitError::Blocked { .. }), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    rabbit
+        .ctl(&["set_vm_memory_high_watermark", "0.4"])
+        .unwrap();
+    let after = 2_000;
+    assert!(
+        eventually(PATIENCE, || {
+            let mut batch = one(after, "alarmed", b"after the alarm");
+            sender.send(&mut batch).is_ok() && batch.messages()[0].status() == &Status::Sent
+        }),
+        "publishing did not resume once the alarm cleared"
+    );
+    eprintln!(
+        "rabbitmq blocked: {text:?} after {took:?}, a fresh connection's first publish after {fresh_took:?}; resumed after the alarm cleared"
+    );
+
+    let (received, stop_consumer, consumer) = consume(url.clone(), "alarmed");
+    assert!(
+        eventually(PATIENCE, || received
+            .by_id
+            .lock()
+            .unwrap()
+            .contains_key(&test_key(after))),
+        "the message sent after the alarm did not arrive"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop_consumer.store(true, Ordering::SeqCst);
+    consumer.join().unwrap();
+    let by_id = received.by_id.lock().unwrap();
+    assert!(by_id.contains_key(&test_key(1)));
+    assert!(
+        !by_id.contains_key(&test_key(never_published)),
+        "a batch refused while blocked was published"
+    );
+}
+
+/// One deadline covers publishing and confirms (issue 11): a broker frozen with SIGSTOP keeps
+/// the connection open but reads nothing, so 32 MiB of bodies (more than the sockets buffer)
+/// cannot even be written. The batch must end at `confirm_timeout`, every message failed.
+#[test]
+fn a_frozen_broker_cannot_hold_a_batch_past_its_deadline() {
+    let rabbit = broker();
+    let url = rabbit.url();
+    declare(&url, &[("large", FieldTable::default())]);
+    let deadline = Duration::from_secs(2);
+    let mut sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .confirm_timeout(deadline)
+        .build()
+        .unwrap();
+    let mut batch = one(1, "large", b"connects");
+    sender.send(&mut batch).unwrap();
+
+    rabbit.pause();
+    let body = vec![b'x'; 8 << 20];
+    let mut batch = Batch::for_test((10..14).map(|id| Message::for_test(id, "large", &body)));
+    let started = Instant::now();
+    let result = sender.send(&mut batch);
+    let took = started.elapsed();
+    rabbit.resume();
+    let error = result.unwrap_err();
+    assert!(
+        matches!(error, RabbitError::ConfirmTimeout { unconfirmed: 4, .. }),
+        "{error}"
+    );
+    assert!(
+        took >= deadline && took < deadline + Duration::from_secs(2),
+        "the batch took {took:?}, its deadline is {deadline:?}"
+    );
+    for msg in batch.iter() {
+        assert!(
+            matches!(msg.status(), Status::Failed(reason) if reason.contains("no publisher confirm")),
+            "{:?}",
+            msg.status()
+        );
+    }
+    assert!(!sender.is_connected());
+    eprintln!(
+        "rabbitmq frozen broker: 4 x 8 MiB batch failed after {took:?} (deadline {deadline:?})"
+    );
+    // The broker runs again: the next batch connects anew and goes through.
+    assert!(eventually(PATIENCE, || {
+        let mut batch = one(20, "large", b"after");
+        sender.send(&mut batch).is_ok() && batch.messages()[0].status() == &Status::Sent
+    }));
+}
+
+/// The broker's own body limit (`max_message_size`, 64 KiB here): above it RabbitMQ closes
+/// the channel, failing the whole batch; with `max_body_size` set to the same limit only the
+/// oversized message fails, without being published.
+#[test]
+fn a_body_over_the_brokers_limit_fails_alone_when_max_body_size_matches_it() {
+    const LIMIT: usize = 64 * 1024;
+    let rabbit = TempRabbit::start_with(&format!("max_message_size = {LIMIT}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = rabbit.url();
+    declare(&url, &[("sized", FieldTable::default())]);
+    let big = vec![b'x'; LIMIT + 1];
+    let batch = |first: i64| {
+        Batch::for_test([
+            Message::for_test(first, "sized", b"small"),
+            Message::for_test(first + 1, "sized", &big),
+            Message::for_test(first + 2, "sized", b"small"),
+        ])
+    };
+
+    // The default (16 MiB) is above this broker's limit.
+    let mut sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .build()
+        .unwrap();
+    let mut over = batch(1);
+    let error = sender.send(&mut over).unwrap_err();
+    let text = error.to_string();
+    assert!(
+        matches!(
+            error,
+            RabbitError::Broker {
+                action: "publish",
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(text.contains("PRECONDITION_FAILED"), "{text}");
+    match over.messages()[1].status() {
+        Status::Failed(reason) => assert!(reason.contains("closed the channel"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+
+    let mut sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .max_body_size(LIMIT)
+        .build()
+        .unwrap();
+    let mut matched = batch(10);
+    sender.send(&mut matched).unwrap();
+    let statuses: Vec<&Status> = matched.iter().map(Message::status).collect();
+    assert_eq!(statuses[0], &Status::Sent);
+    assert!(
+        matches!(statuses[1], Status::Failed(r) if r.contains("max_body_size")),
+        "{:?}",
+        statuses[1]
+    );
+    assert_eq!(statuses[2], &Status::Sent);
+    eprintln!("rabbitmq over max_message_size: {text}");
+}
+
+/// The broker's connections carrying this test's sender (named "troutbox"), by process id.
+fn troutbox_connections(rabbit: &TempRabbit) -> Vec<String> {
+    let listing = rabbit
+        .ctl(&["-q", "list_connections", "pid", "client_properties"])
+        .unwrap();
+    let mut pids: Vec<String> = listing
+        .lines()
+        .filter(|line| line.contains("troutbox"))
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// Why each connection has a runtime of its own that runs between batches: an idle
+/// connection must keep answering heartbeats, or the broker closes it after two missed ones.
+/// With a 1-second heartbeat and 5 idle seconds, the same connection must still carry the
+/// next batch.
+#[test]
+fn an_idle_connection_outlives_its_heartbeat_timeout() {
+    let rabbit = broker();
+    let url = rabbit.url().replace("heartbeat=5", "heartbeat=1");
+    declare(&url, &[("idle", FieldTable::default())]);
+    let mut sender = RabbitSender::builder(url.clone())
+        .exchange(EXCHANGE)
+        .build()
+        .unwrap();
+    let mut batch = one(1, "idle", b"first");
+    sender.send(&mut batch).unwrap();
+    let before = troutbox_connections(&rabbit);
+    assert_eq!(before.len(), 1, "{before:?}");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        troutbox_connections(&rabbit),
+        before,
+        "the idle connection was closed"
+    );
+    let mut batch = one(2, "idle", b"after idling");
+    sender.send(&mut batch).unwrap();
+    assert_eq!(batch.messages()[0].status(), &Status::Sent);
+    assert_eq!(troutbox_connections(&rabbit), before);
 }

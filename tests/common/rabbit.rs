@@ -3,6 +3,9 @@
 //! temporary directory, so it can be stopped, killed and started again without touching any
 //! other broker on the machine (Debian's own service listens on 5672; this one never does).
 //!
+//! Also a small blocking AMQP client ([`Amqp`]: lapin on a runtime of its own) for declaring
+//! topology and consuming in tests.
+//!
 //! Included with `#[path]` by `tests/rabbitmq.rs` and `examples/rabbitmq.rs`.
 
 #![allow(dead_code)]
@@ -40,6 +43,12 @@ pub struct TempRabbit {
 impl TempRabbit {
     /// Starts a broker, or says in one line why it cannot.
     pub fn start() -> Result<TempRabbit, String> {
+        TempRabbit::start_with("")
+    }
+
+    /// Starts a broker with `config` (`rabbitmq.conf` lines, such as
+    /// `max_message_size = 1048576`) added to its configuration.
+    pub fn start_with(config: &str) -> Result<TempRabbit, String> {
         let program = find_server().ok_or_else(|| INSTALL_HINT.to_string())?;
         let dir = std::env::temp_dir().join(format!(
             "troutbox-rabbit-{}-{}",
@@ -56,7 +65,7 @@ impl TempRabbit {
             ("enabled_plugins", "[].\n".to_string()),
             (
                 "rabbitmq.conf",
-                format!("listeners.tcp.default = 127.0.0.1:{port}\n"),
+                format!("listeners.tcp.default = 127.0.0.1:{port}\n{config}\n"),
             ),
         ];
         for (name, text) in files {
@@ -162,6 +171,37 @@ impl TempRabbit {
     /// Kills the broker (SIGKILL: no chance to flush anything) and waits for it.
     pub fn kill(&mut self) -> Result<(), String> {
         self.signal("KILL")
+    }
+
+    /// Runs `rabbitmqctl` against this broker (for example
+    /// `["set_vm_memory_high_watermark", "0"]`), returning its output or why it failed.
+    pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        let program = self.program.with_file_name("rabbitmqctl");
+        let d = &self.dir;
+        let output = Command::new(&program)
+            .current_dir(d)
+            // The Erlang cookie the broker wrote to its $HOME.
+            .env("HOME", d)
+            .env("RABBITMQ_CONF_ENV_FILE", d.join("env.conf"))
+            .env("RABBITMQ_NODENAME", &self.node)
+            .args(["-n", &self.node])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if output.status.success() {
+            Ok(text)
+        } else {
+            Err(format!(
+                "rabbitmqctl {args:?} failed ({}): {text}",
+                output.status
+            ))
+        }
     }
 
     /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
@@ -306,4 +346,89 @@ fn unique() -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A blocking AMQP client for tests and examples: a lapin connection and channel, driven by a
+/// runtime of their own (one worker thread, so heartbeats run between calls).
+pub struct Amqp {
+    pub connection: lapin::Connection,
+    pub channel: lapin::Channel,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Amqp {
+    /// Connects, retrying for up to `patience` while the broker is (re)starting.
+    pub fn connect(url: &str, patience: Duration) -> Result<Amqp, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        let deadline = Instant::now() + patience;
+        let opened = runtime.block_on(async {
+            loop {
+                let attempt = async {
+                    let connection =
+                        lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+                            .await?;
+                    let channel = connection.create_channel().await?;
+                    Ok::<_, lapin::Error>((connection, channel))
+                };
+                match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                    Ok(Ok(opened)) => return Ok(opened),
+                    Ok(Err(e)) if Instant::now() > deadline => {
+                        return Err(format!("cannot connect to RabbitMQ: {e}"))
+                    }
+                    Err(_) if Instant::now() > deadline => {
+                        return Err("cannot connect to RabbitMQ: timed out".to_string())
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        match opened {
+            Ok((connection, channel)) => Ok(Amqp {
+                connection,
+                channel,
+                runtime: Some(runtime),
+            }),
+            Err(e) => {
+                runtime.shutdown_background();
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `future` (typically a call on [`channel`](Self::channel)) to its end.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime
+            .as_ref()
+            .expect("the connection is open")
+            .block_on(future)
+    }
+
+    /// Closes the connection (waiting up to a second for the broker) and the runtime.
+    pub fn close(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            let closing = self.connection.close(200, "OK".into());
+            let _ = runtime
+                .block_on(async { tokio::time::timeout(Duration::from_secs(1), closing).await });
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Amqp {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+/// The next item of a lapin stream (a consumer's deliveries).
+pub async fn next<S: futures_core::Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
+    std::future::poll_fn(|cx| std::pin::Pin::new(&mut *stream).poll_next(cx)).await
 }
