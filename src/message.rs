@@ -28,7 +28,11 @@ pub enum Status {
 /// Not `Clone`, on purpose: the relay settles each claimed message from the batch the Sender
 /// hands back, and a Sender that could overwrite one batch entry with a copy of another would
 /// make a committed message vanish. Copy what you need with the accessors.
-#[derive(Debug)]
+///
+/// Equality (`==`) compares every field, the Sender's [`status`](Message::status) included:
+/// two messages are equal when they hold the same data and the same mark. Whether two values
+/// are the *same message* is a question for [`dedup_key`](Message::dedup_key).
+#[derive(Debug, PartialEq, Eq)]
 pub struct Message {
     pub(crate) id: i64,
     /// The outbox table's identity (see [`Message::dedup_key`]); empty outside a relay.
@@ -160,7 +164,7 @@ impl Message {
 
 /// A message that ran out of retries, as listed by
 /// [`PgStore::dead_messages`](crate::PgStore::dead_messages).
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DeadMessage {
     /// The message as it was last handed to the Sender; its

@@ -68,6 +68,7 @@ pub const DEFAULT_MAX_BODY_SIZE: usize = 128 * 1024 * 1024;
 pub const MAX_SHORT_STRING: usize = 255;
 
 /// Why a [`RabbitSender`] could not be built, or could not publish a batch.
+// No PartialEq: an error is matched on its variant, not compared; its amiquip causes have none.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RabbitError {
@@ -225,7 +226,7 @@ fn percent_decoded(s: &str) -> String {
 
 /// Options for a [`RabbitSender`]; every one has a default. Its `Debug` output shows the
 /// URL without user name and password.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RabbitSenderBuilder {
     url: String,
     exchange: String,
@@ -355,6 +356,7 @@ impl RabbitSenderBuilder {
 /// Cloning gives an unconnected sender with the same options: the relay clones one per
 /// worker, and each opens its own connection and channel on its first batch, and opens them
 /// again after any failure.
+// No PartialEq: a sender is a connection (or the promise of one), not a value.
 pub struct RabbitSender {
     config: Arc<RabbitSenderBuilder>,
     /// The URL as the client is given it: the configured one plus the connect timeout.

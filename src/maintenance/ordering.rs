@@ -10,7 +10,7 @@ use crate::Error;
 
 /// A key whose oldest pending message (its head) has failed at least once, so that the
 /// key's later messages wait for it (per-key ordering). From [`PgStore::blocked_keys`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BlockedKey {
     /// The key.

@@ -243,6 +243,7 @@ impl<T: MakeTls> PgStore<T> {
 
 /// Stops the maintenance thread started by [`PgStore::start_maintenance`]. Dropping it stops
 /// the thread too; stopping twice is harmless.
+// No PartialEq: a handle owns a running thread; it has an identity, not a value.
 #[derive(Debug)]
 #[must_use = "dropping the MaintenanceHandle stops maintenance at once: keep it for as long as maintenance should run"]
 pub struct MaintenanceHandle {
