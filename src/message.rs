@@ -32,6 +32,12 @@ pub enum Status {
 /// Equality (`==`) compares every field, the Sender's [`status`](Message::status) included:
 /// two messages are equal when they hold the same data and the same mark. Whether two values
 /// are the *same message* is a question for [`dedup_key`](Message::dedup_key).
+///
+/// With the `serde` feature it implements `Serialize`, as an object with `id`, `dedup_key`,
+/// `outbox_id`, `key`, `attempts`, `created_at` (RFC 3339), `headers` (`[name, value]`
+/// pairs, in order) and the value: `value_bytes` (its length) and either `value_utf8` (the
+/// value as text, when it is UTF-8) or `value_hex` (lower-case hex, when it is not), the
+/// other one `null`. The Sender's [`status`](Message::status) is not part of it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Message {
     pub(crate) id: i64,
@@ -164,14 +170,23 @@ impl Message {
 
 /// A message that ran out of retries, as listed by
 /// [`PgStore::dead_messages`](crate::PgStore::dead_messages).
+///
+/// With the `serde` feature it implements `Serialize`: the [`Message`]'s fields, then
+/// `last_error` and `died_at` (RFC 3339), in one flat object.
 #[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct DeadMessage {
     /// The message as it was last handed to the Sender; its
     /// [`attempts`](Message::attempts) counts every failed attempt.
+    #[cfg_attr(feature = "serde", serde(flatten))]
     pub message: Message,
     /// The error text of the last failed attempt.
     pub last_error: Option<String>,
     /// When it was declared dead (database clock).
+    #[cfg_attr(
+        feature = "serde",
+        serde(serialize_with = "time::serde::rfc3339::serialize")
+    )]
     pub died_at: OffsetDateTime,
 }
