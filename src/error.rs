@@ -17,6 +17,8 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 /// error is just "db error" (the `postgres::Error` stays reachable through
 /// [`Error::postgres`]); every other error with a cause (the pool's, the Sender's, a
 /// thread's) returns it from `source`, and its own message omits it.
+// No PartialEq: the causes it carries (postgres, r2d2, I/O errors) have none, and an error
+// is matched on its variant, not compared.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

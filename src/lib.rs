@@ -54,6 +54,10 @@
 //!   recover), its SQL, row decoding and [`Retention`] (`store/`);
 //! - maintenance: partitions and dead letters (`maintenance/`);
 //! - observability: [`Backlog`] (`observability/`);
+//! - `serde` (feature `serde`): `Serialize` for [`Backlog`], [`Stats`], [`Health`],
+//!   [`DeadMessage`] and [`Message`], [`BlockedKey`] and [`MaintenanceReport`], as the
+//!   `troutbox` command prints them with `--json`: times in RFC 3339, durations in seconds
+//!   (`ser.rs`);
 //! - `testing` (feature `testing`, Unix): a throw-away PostgreSQL server for tests and
 //!   examples; not part of a normal build.
 //!
@@ -79,6 +83,8 @@ mod producer;
 #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
 pub mod rabbitmq;
 mod relay;
+#[cfg(feature = "serde")]
+mod ser;
 mod store;
 #[cfg(all(unix, any(test, feature = "testing")))]
 #[cfg_attr(docsrs, doc(cfg(all(unix, feature = "testing"))))]

@@ -28,7 +28,17 @@ pub enum Status {
 /// Not `Clone`, on purpose: the relay settles each claimed message from the batch the Sender
 /// hands back, and a Sender that could overwrite one batch entry with a copy of another would
 /// make a committed message vanish. Copy what you need with the accessors.
-#[derive(Debug)]
+///
+/// Equality (`==`) compares every field, the Sender's [`status`](Message::status) included:
+/// two messages are equal when they hold the same data and the same mark. Whether two values
+/// are the *same message* is a question for [`dedup_key`](Message::dedup_key).
+///
+/// With the `serde` feature it implements `Serialize`, as an object with `id`, `dedup_key`,
+/// `outbox_id`, `key`, `attempts`, `created_at` (RFC 3339), `headers` (`[name, value]`
+/// pairs, in order) and the value: `value_bytes` (its length) and either `value_utf8` (the
+/// value as text, when it is UTF-8) or `value_hex` (lower-case hex, when it is not), the
+/// other one `null`. The Sender's [`status`](Message::status) is not part of it.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Message {
     pub(crate) id: i64,
     /// The outbox table's identity (see [`Message::dedup_key`]); empty outside a relay.
@@ -89,11 +99,7 @@ impl Message {
     ///
     /// `RabbitSender` puts it in the AMQP `message-id` property.
     pub fn dedup_key(&self) -> String {
-        if self.outbox.is_empty() {
-            self.id.to_string()
-        } else {
-            format!("{}:{}", self.outbox, self.id)
-        }
+        dedup_key(&self.outbox, self.id)
     }
 
     /// The identity of the outbox table the message came from: a UUID in its text form,
@@ -158,21 +164,44 @@ impl Message {
     }
 }
 
+/// The identity of message `id` of the table `outbox` (see [`Message::dedup_key`]).
+pub(crate) fn dedup_key(outbox: &str, id: i64) -> String {
+    if outbox.is_empty() {
+        id.to_string()
+    } else {
+        format!("{outbox}:{id}")
+    }
+}
+
 /// A dead message without its payload, as listed by
 /// [`PgStore::dead_summaries`](crate::PgStore::dead_summaries): what an operator's listing
 /// needs, read without fetching the values.
+///
+/// With the `serde` feature it implements `Serialize`: an object with these fields, the
+/// times in RFC 3339 (`troutbox dead list --json` prints a list of them).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct DeadSummary {
     /// The message's id.
     pub id: i64,
+    /// Its identity across outboxes (see [`Message::dedup_key`]).
+    pub dedup_key: String,
     /// Its key.
     pub key: String,
     /// Its failed attempts.
     pub attempts: u32,
     /// When it was added (database clock).
+    #[cfg_attr(
+        feature = "serde",
+        serde(serialize_with = "time::serde::rfc3339::serialize")
+    )]
     pub created_at: OffsetDateTime,
     /// When it was declared dead (database clock).
+    #[cfg_attr(
+        feature = "serde",
+        serde(serialize_with = "time::serde::rfc3339::serialize")
+    )]
     pub died_at: OffsetDateTime,
     /// The error text of the last failed attempt.
     pub last_error: Option<String>,
@@ -182,15 +211,24 @@ pub struct DeadSummary {
 
 /// A message that ran out of retries, as listed by
 /// [`PgStore::dead_messages`](crate::PgStore::dead_messages).
-#[derive(Debug)]
+///
+/// With the `serde` feature it implements `Serialize`: the [`Message`]'s fields, then
+/// `last_error` and `died_at` (RFC 3339), in one flat object.
+#[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct DeadMessage {
     /// The message as it was last handed to the Sender; its
     /// [`attempts`](Message::attempts) counts every failed attempt.
+    #[cfg_attr(feature = "serde", serde(flatten))]
     pub message: Message,
     /// The error text of the last failed attempt.
     pub last_error: Option<String>,
     /// When it was declared dead (database clock).
+    #[cfg_attr(
+        feature = "serde",
+        serde(serialize_with = "time::serde::rfc3339::serialize")
+    )]
     pub died_at: OffsetDateTime,
 }
 
@@ -200,6 +238,7 @@ impl DeadMessage {
     pub fn summary(&self) -> DeadSummary {
         DeadSummary {
             id: self.message.id,
+            dedup_key: self.message.dedup_key(),
             key: self.message.key.clone(),
             attempts: self.message.attempts,
             created_at: self.message.created_at,

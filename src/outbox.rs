@@ -53,6 +53,8 @@ const STUCK_MARGIN: Duration = Duration::from_secs(5);
 /// handle.shutdown()?;
 /// # Ok(()) }
 /// ```
+// No PartialEq: an outbox is a pool, settings and an error handler (a closure, which has no
+// equality); two outboxes on one table are still two.
 pub struct Outbox<T: MakeTls = NoTls> {
     pub(crate) inner: Arc<Inner<T>>,
 }
@@ -187,6 +189,7 @@ impl<T: MakeTls> Outbox<T> {
 
 /// Configures an [`Outbox`]. Obtained from [`Outbox::builder`]; [`build`](Self::build)
 /// validates every value and returns an error, never panics.
+// No PartialEq: it holds a store (a pool) and closures, which have no equality.
 pub struct OutboxBuilder<T: MakeTls = NoTls> {
     store: PgStore<T>,
     config: Config,

@@ -500,6 +500,7 @@ fn with_injected<'h>(
 /// The producer side of an [`Outbox`] with its statements prepared on one connection, from
 /// [`Outbox::prepare`]. Same methods and guarantees as the outbox's own; use it only on the
 /// connection it was prepared on (and its transactions).
+// No PartialEq: prepared statements belong to one connection; equality has no meaning here.
 #[derive(Debug, Clone)]
 pub struct PreparedProducer<T: MakeTls = NoTls> {
     outbox: Outbox<T>,

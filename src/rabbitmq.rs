@@ -83,6 +83,7 @@ pub const MAX_SHORT_STRING: usize = 255;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why a [`RabbitSender`] could not be built, or could not publish a batch.
+// No PartialEq: an error is matched on its variant, not compared; its client causes have none.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RabbitError {
@@ -262,7 +263,7 @@ fn percent_decoded(s: &str) -> String {
 
 /// Options for a [`RabbitSender`]; every one has a default. Its `Debug` output shows the
 /// URL without user name and password.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RabbitSenderBuilder {
     url: String,
     exchange: String,
@@ -432,6 +433,7 @@ fn ipv6_host(url: &str) -> Option<&str> {
 /// client's own I/O thread: they answer heartbeats and watch the socket between batches. Do
 /// not call [`send`](crate::Sender::send) from inside an async runtime (it blocks the
 /// calling thread, as every troutbox Sender does); it returns an error there.
+// No PartialEq: a sender is a connection (or the promise of one), not a value.
 pub struct RabbitSender {
     config: Arc<RabbitSenderBuilder>,
     /// The URL as the client reads it.

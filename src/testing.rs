@@ -38,6 +38,7 @@ const INSTALL_HINT: &str = "no PostgreSQL server binaries found (looked for init
 
 /// Why a throw-away server could not be started: what failed, and the I/O error behind it
 /// when there is one (as [`source`](std::error::Error::source), not repeated in the message).
+// No PartialEq: an error is inspected, not compared; its io::Error source has none.
 #[derive(Debug)]
 pub struct TempPostgresError {
     message: String,
@@ -95,6 +96,8 @@ pub fn database_url() -> Result<String, TempPostgresError> {
 }
 
 /// Options for a [`TempPostgres`].
+// No PartialEq: its settings are a set kept in the order they were given, so a derived
+// equality would tell two builders with the same settings apart.
 #[derive(Debug, Clone)]
 pub struct TempPostgresBuilder {
     settings: Vec<(String, String)>,
@@ -135,6 +138,7 @@ impl TempPostgresBuilder {
 /// Cleanup is done by a small watchdog shell process that waits for its standard input to
 /// close: that happens on drop, and also when this process dies in any way, so no server or
 /// directory is left behind.
+// No PartialEq: a running server (a process and a directory), not a value.
 pub struct TempPostgres {
     dir: PathBuf,
     port: u16,

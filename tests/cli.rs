@@ -163,6 +163,11 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
     let status = json(&["status"]);
     assert_eq!(status["pending"], 1);
     assert_eq!(status["dead"], 2);
+    // Backlog's own `sent`, and the name `status` gave it first.
+    assert_eq!(
+        (&status["sent"], &status["sent_retained"]),
+        (&0.into(), &0.into())
+    );
     let age_after = sql_age(&mut conn, created_at);
     // Between two readings of the server's clock (1 s allowed between the processes' clocks).
     let age = status["oldest_pending_age_seconds"].as_f64().unwrap();
@@ -196,6 +201,20 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
     let newest = listed[0]["id"].as_i64().unwrap();
     let oldest = listed[1]["id"].as_i64().unwrap();
     assert!(newest > oldest);
+    assert_eq!(listed[0]["value_bytes"], 1);
+    assert!(
+        listed[0]["dedup_key"]
+            .as_str()
+            .is_some_and(|k| k.ends_with(&format!(":{newest}"))),
+        "{listed:?}"
+    );
+    // A UTF-8 value shows as text, with no hex.
+    let shown = json(&["dead", "show", &newest.to_string()]);
+    assert_eq!(
+        (&shown["value_utf8"], &shown["value_hex"], &shown["key"]),
+        (&"v".into(), &serde_json::Value::Null, &listed[0]["key"]),
+        "{shown}"
+    );
     let table = ok(&["dead", "list", "--limit", "1"]);
     assert!(
         table.starts_with("ID") && table.contains("exchange not found"),

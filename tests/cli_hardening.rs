@@ -148,6 +148,8 @@ fn status_thresholds_dead_show_and_json_errors() {
     let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert_eq!(shown["value_hex"], "ff0041");
     assert_eq!(shown["value_utf8"], serde_json::Value::Null);
+    assert_eq!(shown["value_bytes"], 3);
+    assert_eq!(shown["id"], dead_id);
     assert_eq!(shown["last_error"], "boom: the whole story");
     assert_eq!(shown["headers"], serde_json::json!([["trace", "t\u{1b}1"]]));
     let text = String::from_utf8(run(&["dead", "show", &dead_id.to_string()]).stdout).unwrap();

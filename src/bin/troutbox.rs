@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Parser, Subcommand};
 use r2d2_postgres::PostgresConnectionManager;
+use serde::Serialize;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use troutbox::{BlockedKey, DeadSummary, Outbox, PgStore, Retention};
+use troutbox::{Backlog, BlockedKey, DeadSummary, Outbox, PgStore, Retention};
 
 #[derive(Parser)]
 #[command(
@@ -204,9 +205,9 @@ fn run(cli: &Cli) -> Result<bool> {
             }
             print(
                 cli,
-                json!({"migrated": table}),
+                &json!({"migrated": table}),
                 format!("{table} is up to date"),
-            );
+            )?;
         }
         Command::Status {
             max_pending,
@@ -229,16 +230,14 @@ fn run(cli: &Cli) -> Result<bool> {
             }
             print(
                 cli,
-                json!({
-                    "table": table,
-                    "pending": b.pending,
-                    "dead": b.dead,
-                    "sent_retained": b.sent,
-                    "oldest_pending": b.oldest_pending.map(rfc3339),
-                    "oldest_pending_age_seconds": age,
-                    "healthy": exceeded.is_empty(),
-                    "exceeded": exceeded,
-                }),
+                &StatusReport {
+                    table: &table,
+                    backlog: &b,
+                    sent_retained: b.sent,
+                    oldest_pending_age_seconds: age,
+                    healthy: exceeded.is_empty(),
+                    exceeded: &exceeded,
+                },
                 table_text(&[
                     ("table", table.clone()),
                     ("pending", b.pending.to_string()),
@@ -260,7 +259,7 @@ fn run(cli: &Cli) -> Result<bool> {
                         },
                     ),
                 ]),
-            );
+            )?;
             return Ok(exceeded.is_empty());
         }
         Command::Dead(Dead::Show { id }) => {
@@ -269,20 +268,15 @@ fn run(cli: &Cli) -> Result<bool> {
             };
             let value = d.message.value();
             let text = std::str::from_utf8(value).ok();
-            let hex: String = value.iter().map(|b| format!("{b:02x}")).collect();
             let headers: Vec<String> = d
                 .message
                 .headers()
                 .iter()
                 .map(|(n, v)| format!("{}: {}", escape_controls(n), escape_controls(v)))
                 .collect();
-            let mut json = dead_json(&d.summary());
-            json["headers"] = json!(d.message.headers());
-            json["value_utf8"] = json!(text);
-            json["value_hex"] = json!(hex);
             print(
                 cli,
-                json,
+                &d,
                 table_text(&[
                     ("id", d.message.id().to_string()),
                     ("key", escape_controls(d.message.key())),
@@ -294,7 +288,10 @@ fn run(cli: &Cli) -> Result<bool> {
                         "value",
                         match text {
                             Some(t) => escape_controls(t),
-                            None => format!("(not UTF-8, hex) {hex}"),
+                            None => format!(
+                                "(not UTF-8, hex) {}",
+                                value.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                            ),
                         },
                     ),
                     (
@@ -302,7 +299,7 @@ fn run(cli: &Cli) -> Result<bool> {
                         escape_controls(d.last_error.as_deref().unwrap_or("-")),
                     ),
                 ]),
-            );
+            )?;
         }
         Command::Maintain => {
             // Without --keep-sent, the retention recorded with the table; with it, the
@@ -322,14 +319,9 @@ fn run(cli: &Cli) -> Result<bool> {
                 store.clone()
             };
             let r = store.run_maintenance_once()?;
-            let kept: Vec<_> = r
-                .kept
-                .iter()
-                .map(|(name, unsent)| json!({"partition": name, "unsent": unsent}))
-                .collect();
             print(
                 cli,
-                json!({"locked_out": r.locked_out, "created": r.created, "dropped": r.dropped, "kept": kept, "deferred": r.deferred}),
+                &r,
                 if r.locked_out {
                     "another instance is maintaining this table right now; nothing done".into()
                 } else {
@@ -348,16 +340,12 @@ fn run(cli: &Cli) -> Result<bool> {
                         ("deferred (table busy; next run)", list(&r.deferred)),
                     ])
                 },
-            );
+            )?;
         }
         Command::Dead(Dead::List { limit, before }) => {
             // Summaries: the values are never fetched, only their length.
             let dead = store.dead_summaries(*limit, *before)?;
-            print(
-                cli,
-                serde_json::Value::Array(dead.iter().map(dead_json).collect()),
-                dead_table(&dead),
-            );
+            print(cli, &dead, dead_table(&dead))?;
         }
         Command::Dead(Dead::Requeue { ids, all }) => {
             let n = if *all {
@@ -367,9 +355,9 @@ fn run(cli: &Cli) -> Result<bool> {
             };
             print(
                 cli,
-                json!({"requeued": n}),
+                &json!({"requeued": n}),
                 format!("re-queued {n} dead message(s)"),
-            );
+            )?;
         }
         Command::Dead(Dead::Purge { ids, older_than }) => {
             let n = match older_than {
@@ -385,17 +373,13 @@ fn run(cli: &Cli) -> Result<bool> {
             };
             print(
                 cli,
-                json!({"purged": n}),
+                &json!({"purged": n}),
                 format!("purged {n} dead message(s)"),
-            );
+            )?;
         }
         Command::Blocked { limit } => {
             let blocked = store.blocked_keys(*limit as usize)?;
-            print(
-                cli,
-                serde_json::Value::Array(blocked.iter().map(blocked_json).collect()),
-                blocked_table(&blocked),
-            );
+            print(cli, &blocked, blocked_table(&blocked))?;
         }
         Command::Skip { id } => {
             if !store.skip_message(*id)? {
@@ -406,20 +390,38 @@ fn run(cli: &Cli) -> Result<bool> {
             }
             print(
                 cli,
-                json!({"skipped": id}),
+                &json!({"skipped": id}),
                 format!("message {id} skipped: it is dead with the reason \"skipped\""),
-            );
+            )?;
         }
     }
     Ok(true)
 }
 
-fn print(cli: &Cli, json: serde_json::Value, text: String) {
+/// Prints `json` (one line) with `--json`, else `text`. The library's types print as their
+/// `Serialize` impls (feature `serde`) have them: times in RFC 3339, durations in seconds.
+fn print(cli: &Cli, json: &impl Serialize, text: String) -> Result<()> {
     if cli.json {
-        println!("{json}");
+        println!("{}", serde_json::to_string(json)?);
     } else {
         println!("{text}");
     }
+    Ok(())
+}
+
+/// `status --json`: the backlog (`pending`, `dead`, `sent`, `oldest_pending`) with the
+/// table, the oldest pending message's age and the thresholds' verdict.
+#[derive(Serialize)]
+struct StatusReport<'a> {
+    table: &'a str,
+    #[serde(flatten)]
+    backlog: &'a Backlog,
+    /// The backlog's `sent` under the name this output gave it before `Backlog` had its
+    /// own serialization; kept for the scripts that read it.
+    sent_retained: i64,
+    oldest_pending_age_seconds: Option<f64>,
+    healthy: bool,
+    exceeded: &'a [&'a str],
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
@@ -445,30 +447,6 @@ fn table_text(rows: &[(&str, String)]) -> String {
         .map(|(label, value)| format!("{label:<width$}  {value}"))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-fn dead_json(d: &DeadSummary) -> serde_json::Value {
-    json!({
-        "id": d.id,
-        "key": d.key,
-        "attempts": d.attempts,
-        "created_at": rfc3339(d.created_at),
-        "died_at": rfc3339(d.died_at),
-        "last_error": d.last_error,
-        "value_bytes": d.value_bytes,
-    })
-}
-
-fn blocked_json(b: &BlockedKey) -> serde_json::Value {
-    json!({
-        "key": b.key,
-        "head_id": b.head_id,
-        "attempts": b.attempts,
-        "last_error": b.last_error,
-        "next_attempt_at": rfc3339(b.next_attempt_at),
-        "blocked_for_seconds": b.blocked_for.as_secs_f64(),
-        "waiting": b.waiting,
-    })
 }
 
 /// One line per blocked key.

@@ -47,11 +47,15 @@ impl<T: MakeTls> PgStore<T> {
     ) -> Result<Vec<DeadSummary>, Error> {
         let sql = self.sql()?;
         let context = "listing dead messages";
-        let rows = self
-            .connection(context)?
+        let mut conn = self.connection(context)?;
+        let rows = conn
             .query(&sql.dead_summaries, &[&i64::from(limit), &before_id])
             .map_err(self.db_error(context))?;
-        Ok(rows.iter().map(decode::dead_summary).collect())
+        let outbox = self.dead_outbox_id(&mut conn)?;
+        Ok(rows
+            .iter()
+            .map(|row| decode::dead_summary(row, &outbox))
+            .collect())
     }
 
     /// The dead message with this id, whole (value, headers, last error), or `None` when no

@@ -14,7 +14,11 @@ use crate::store::sql;
 use crate::Error;
 
 /// What one maintenance run did, from [`PgStore::run_maintenance_once`].
+///
+/// With the `serde` feature it implements `Serialize`, as an object of its fields, each
+/// `kept` entry as `{"partition": name, "unsent": count}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct MaintenanceReport {
     /// Another instance was maintaining this table at the same moment, so this run did
@@ -27,6 +31,7 @@ pub struct MaintenanceReport {
     pub dropped: Vec<String>,
     /// Expired partitions kept because they still hold pending or dead messages, with how
     /// many. They are dropped by a later run once those are sent, or purged.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::ser::kept"))]
     pub kept: Vec<(String, i64)>,
     /// Partitions whose creation or drop was put off because the table stayed busy (a lock
     /// not granted within 100 ms): the next run tries again. Rows meanwhile land in the
@@ -243,6 +248,7 @@ impl<T: MakeTls> PgStore<T> {
 
 /// Stops the maintenance thread started by [`PgStore::start_maintenance`]. Dropping it stops
 /// the thread too; stopping twice is harmless.
+// No PartialEq: a handle owns a running thread; it has an identity, not a value.
 #[derive(Debug)]
 #[must_use = "dropping the MaintenanceHandle stops maintenance at once: keep it for as long as maintenance should run"]
 pub struct MaintenanceHandle {

@@ -6,7 +6,11 @@ use crate::store::pg::{MakeTls, PgStore};
 use crate::Error;
 
 /// A snapshot of the outbox table, from [`PgStore::backlog`].
+///
+/// With the `serde` feature it implements `Serialize`: `{"pending": 5, "dead": 0, "sent": 0,
+/// "oldest_pending": "2025-01-31T12:00:00.123456Z"}` (RFC 3339, or `null`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Backlog {
     /// Messages waiting to be sent, including those waiting out a retry backoff and those
@@ -18,6 +22,10 @@ pub struct Backlog {
     /// always 0 otherwise).
     pub sent: i64,
     /// Creation time of the oldest pending message: the relay's lag.
+    #[cfg_attr(
+        feature = "serde",
+        serde(serialize_with = "time::serde::rfc3339::option::serialize")
+    )]
     pub oldest_pending: Option<OffsetDateTime>,
 }
 

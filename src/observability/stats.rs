@@ -12,7 +12,11 @@ use crate::store::SettleReport;
 ///
 /// `failed = retried + dead`: every failed attempt either schedules a retry or, once the
 /// message has used its retries, declares it dead.
+///
+/// With the `serde` feature it implements `Serialize`, as an object of its fields, the
+/// timings as [`Timing`] objects.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Stats {
     /// Messages delivered and removed (`outbox_messages_sent`).
@@ -34,14 +38,26 @@ pub struct Stats {
 }
 
 /// Count, total and maximum of a series of durations.
+///
+/// With the `serde` feature it implements `Serialize`, the durations in seconds (a float):
+/// `{"count": 4, "total_seconds": 1.5, "max_seconds": 0.75}`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Timing {
     /// Number of observations.
     pub count: u64,
     /// Their sum.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "total_seconds", serialize_with = "crate::ser::seconds")
+    )]
     pub total: Duration,
     /// The largest.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "max_seconds", serialize_with = "crate::ser::seconds")
+    )]
     pub max: Duration,
 }
 

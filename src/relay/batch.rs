@@ -8,6 +8,8 @@ use crate::message::Message;
 /// its fate; the Sender's return value settles the ones left unmarked (`Ok` = sent,
 /// `Err` = failed). The rows stay locked by the relay while the Sender runs, so no other
 /// relay can hand the same messages to another Sender (unless the send timeout expires).
+// No PartialEq: a batch is one claim in progress (its rows locked for this Sender), not a
+// value; two claims with equal contents are still two. Compare its messages instead.
 #[derive(Debug)]
 pub struct Batch {
     pub(crate) messages: Vec<Message>,

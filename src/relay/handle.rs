@@ -31,6 +31,7 @@ use crate::Error;
 ///     Ok(())
 /// }
 /// ```
+// No PartialEq: a handle owns running threads; it has an identity, not a value.
 #[must_use = "dropping the Handle stops the relay at once: keep it for as long as messages should be relayed"]
 pub struct Handle {
     stop: Option<ChannelSender<()>>,

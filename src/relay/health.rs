@@ -83,7 +83,11 @@ impl Drop for EndGuard {
 /// A worker never dies of an error or a panic: it reports it through the error handler and
 /// tries again, with a pause that grows while the failures go on. `failing` says how many
 /// are in such a streak right now (the database is down, a role lacks a right, ...).
+///
+/// With the `serde` feature it implements `Serialize`, as an object of its fields (for a
+/// health endpoint).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Health {
     /// Worker threads the relay started.

@@ -106,13 +106,15 @@ pub(crate) fn message_lenient(row: &Row) -> Message {
     }
 }
 
-/// A row of `Sql::dead_summaries`, leniently like [`message_lenient`]: a dead row may be one
-/// set aside because it could not be decoded.
-pub(crate) fn dead_summary(row: &Row) -> crate::DeadSummary {
+/// A row of `Sql::dead_summaries` of the table `outbox`, leniently like
+/// [`message_lenient`]: a dead row may be one set aside because it could not be decoded.
+pub(crate) fn dead_summary(row: &Row, outbox: &Arc<str>) -> crate::DeadSummary {
     let attempts: i32 = column(row, 2, "attempts").unwrap_or(0);
     let bytes: i64 = column(row, 6, "value").unwrap_or(0);
+    let id = column(row, 0, "id").unwrap_or(0);
     crate::DeadSummary {
-        id: column(row, 0, "id").unwrap_or(0),
+        id,
+        dedup_key: crate::message::dedup_key(outbox, id),
         key: column(row, 1, "key").unwrap_or_default(),
         attempts: u32::try_from(attempts).unwrap_or(0),
         created_at: column(row, 3, "created_at").unwrap_or(OffsetDateTime::UNIX_EPOCH),

@@ -63,6 +63,7 @@ pub const DEFAULT_TABLE: &str = "outbox_messages";
 /// letter or `_`; schema at most 63 bytes, table at most 51) and always quoted, so they are
 /// case-sensitive. An invalid name is reported by the first call that needs it
 /// ([`migrate`](Self::migrate), [`OutboxBuilder::build`](crate::OutboxBuilder::build), ...).
+// No PartialEq: a store is a pool of connections plus a table name; pools have no equality.
 pub struct PgStore<T: MakeTls = NoTls> {
     pool: PgPool<T>,
     schema: String,
