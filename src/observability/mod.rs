@@ -5,6 +5,8 @@ pub(crate) mod backlog;
 #[cfg(feature = "opentelemetry")]
 pub(crate) mod otel;
 pub(crate) mod stats;
+#[cfg(feature = "tracing")]
+pub(crate) mod tracing;
 
 use std::sync::Arc;
 use std::time::Duration;

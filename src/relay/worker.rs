@@ -265,8 +265,23 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
         let mut batch = Batch::new(messages);
         batch.ordered = self.ordered;
         let batch_size = batch.len();
+        #[cfg(feature = "tracing")]
+        let span = crate::observability::tracing::batch_span(&batch);
         let sender = &mut self.sender;
-        let result = panic::catch_unwind(AssertUnwindSafe(|| sender.send(&mut batch)));
+        let result = {
+            #[cfg(feature = "tracing")]
+            let _entered = span.enter();
+            panic::catch_unwind(AssertUnwindSafe(|| sender.send(&mut batch)))
+        };
+        #[cfg(feature = "tracing")]
+        span.record(
+            "outcome",
+            match &result {
+                Ok(Ok(())) => "ok",
+                Ok(Err(_)) => "error",
+                Err(_) => "panic",
+            },
+        );
         let (failure, error) = match result {
             Ok(Ok(())) => (None, None),
             Ok(Err(e)) => {
