@@ -69,9 +69,9 @@ fn producer_with_insert_only_and_relay_with_minimal_grants() {
         admin
             .batch_execute(&format!(
                 "DO $$ BEGIN
-                   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN
-                     CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}';
-                   END IF;
+                   -- Both tests create it, in parallel: the loser of a race is fine.
+                   CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}';
+                 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
                  END $$"
             ))
             .unwrap();
@@ -179,9 +179,9 @@ fn keep_sent_relay_grants_and_maintenance_by_the_owner() {
     admin
         .batch_execute(&format!(
             "DO $$ BEGIN
-               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{RELAY}') THEN
-                 CREATE ROLE {RELAY} LOGIN PASSWORD '{PASSWORD}';
-               END IF;
+               -- Both tests create it, in parallel: the loser of a race is fine.
+               CREATE ROLE {RELAY} LOGIN PASSWORD '{PASSWORD}';
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
              END $$;
              GRANT USAGE ON SCHEMA {KEEP} TO {RELAY};
              -- relay, keep_sent: exactly what docs/permissions.md documents
