@@ -116,8 +116,9 @@ pub enum KafkaSenderError {
     },
 
     /// Delivery reports were still due when the delivery timeout passed. Those messages were
-    /// marked failed; the ones still in the producer's queue were taken out of it, but the
-    /// ones already sent may reach the broker anyway, and then arrive twice.
+    /// marked failed: the ones still in the producer's queue were taken out of it (the broker
+    /// never had them), but the ones already sent may reach the broker anyway, and then
+    /// arrive twice. Returning an error makes the worker pause for its backoff.
     #[error("{unreported} Kafka delivery reports did not arrive within {timeout:?}{}", last_error.as_ref().map(|e| format!(" (last client error: {e})")).unwrap_or_default())]
     DeliveryTimeout {
         /// Messages of the batch whose fate is unknown.
@@ -129,9 +130,10 @@ pub enum KafkaSenderError {
         last_error: Option<String>,
     },
 
-    /// The producer hit a fatal error (for example the broker lost the idempotent producer's
-    /// state). The batch's undelivered messages were marked failed; the producer is replaced
-    /// by a new one for the next batch.
+    /// The producer hit a fatal error, or the broker refused its idempotent identity
+    /// (producer fenced, unknown producer id, sequence out of order: for example a broker
+    /// that lost or reset the producer's state). The batch's undelivered messages were marked
+    /// failed; the producer is replaced by a new one for the next batch.
     #[error("the Kafka producer hit a fatal error and is replaced: {reason}")]
     Fatal {
         /// librdkafka's reason, credentials redacted.
@@ -509,6 +511,7 @@ impl KafkaSender {
             awaiting: vec![false; batch.len()],
             pending: 0,
             timeout,
+            broken: None,
         };
         let ordered = batch.is_ordered();
         let messages = batch.messages_mut();
@@ -554,9 +557,7 @@ impl KafkaSender {
                                 settling.apply(report, messages, &config.secrets);
                             }
                         }
-                        Err((e, _)) => {
-                            break Err(format!("Kafka refused the message: {}", describe(&e)))
-                        }
+                        Err((e, _)) => break Err(refused_locally(&e, msg)),
                     }
                 },
             };
@@ -581,8 +582,8 @@ impl KafkaSender {
                 Err(_) => break,
             }
         }
-        let mut unreported = 0;
-        if settling.pending > 0 {
+        let unreported = settling.pending;
+        if unreported > 0 {
             // Take what has not left for the broker out of the producer's queue: those
             // messages fail now (reported as purged) instead of reaching Kafka after they were
             // marked failed, which would deliver them twice. The ones in flight stay.
@@ -594,7 +595,6 @@ impl KafkaSender {
                     Err(_) => break,
                 }
             }
-            unreported = settling.pending;
             let last_error = link.last_error(&config.secrets);
             let reason = format!(
                 "no delivery report from Kafka within {timeout:?}{}: the message may still reach the broker, and would then arrive twice",
@@ -611,6 +611,12 @@ impl KafkaSender {
             return Err(KafkaSenderError::Fatal {
                 reason: redact(&reason, &config.secrets),
             });
+        }
+        if let Some(reason) = settling.broken {
+            // librdkafka does not give up such a producer itself: every retry through it
+            // would fail the same way (seen with a broker that fenced it after an outage).
+            self.retire_link();
+            return Err(KafkaSenderError::Fatal { reason });
         }
         if unreported > 0 {
             let last_error = link.last_error(&config.secrets);
@@ -696,6 +702,9 @@ struct Settling {
     awaiting: Vec<bool>,
     pending: usize,
     timeout: Duration,
+    /// The first error that says the producer's idempotence state is broken (fenced,
+    /// unknown producer id, sequence out of order): the producer must be replaced.
+    broken: Option<String>,
 }
 
 impl Settling {
@@ -716,18 +725,56 @@ impl Settling {
                     self.timeout
                 ))
             }
-            Err(e) => messages[index].mark_failed(redact(
-                &format!("Kafka did not take the message: {}", describe(&e)),
-                secrets,
-            )),
+            Err(e) => {
+                let reason = redact(
+                    &format!("Kafka did not take the message: {}", describe(&e)),
+                    secrets,
+                );
+                if self.broken.is_none() && breaks_the_producer(&e) {
+                    self.broken = Some(reason.clone());
+                }
+                messages[index].mark_failed(reason)
+            }
         }
     }
+}
+
+/// Whether a delivery error means the broker no longer accepts this producer's idempotent
+/// identity (producer id, epoch, sequence), so that only a new producer can deliver.
+fn breaks_the_producer(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::UnknownProducerId
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                | RDKafkaErrorCode::InvalidProducerIdMapping
+        )
+    )
+}
+
+/// Why librdkafka refused to enqueue `msg`.
+fn refused_locally(e: &KafkaError, msg: &Message) -> String {
+    let mut reason = format!(
+        "not sent: the Kafka client refused it before it reached the broker: {}",
+        describe(e)
+    );
+    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) {
+        reason.push_str(&format!(
+            "; its value is {} bytes and its key {} bytes, over the producer's message.max.bytes",
+            msg.value().len(),
+            msg.key().len()
+        ));
+    }
+    reason
 }
 
 /// A client error as a person reads it: librdkafka's text for its code.
 fn describe(e: &KafkaError) -> String {
     match e.rdkafka_error_code() {
-        Some(code) => format!("{code} ({code:?})"),
+        // "MessageSizeTooLarge (Broker: Message size too large)"
+        Some(code) => code.to_string(),
         None => e.to_string(),
     }
 }
