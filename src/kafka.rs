@@ -871,3 +871,147 @@ impl ProducerContext for Context {
         let _ = self.reports.send(Report { ticket, result });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: i64, key: &str) -> Message {
+        Message {
+            outbox: "".into(),
+            id,
+            key: key.into(),
+            value: b"v".to_vec(),
+            headers: vec![],
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+            attempts: 0,
+            status: Status::Unmarked,
+        }
+    }
+
+    #[test]
+    fn topics_kafka_would_refuse_are_refused() {
+        for ok in ["orders", "a.b_c-D9", &"x".repeat(MAX_TOPIC_LEN)] {
+            assert!(check_topic(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "with space",
+            "slash/topic",
+            "ünï",
+            &"x".repeat(250),
+        ] {
+            assert!(check_topic(bad).is_err(), "{bad}");
+        }
+        let no_destination = KafkaSender::builder("h:9092").build().unwrap_err();
+        assert!(no_destination.to_string().contains(".topic(name)"));
+        for bad in [
+            KafkaSender::builder("").topic("t"),
+            KafkaSender::builder("h:9092").topic("bad topic"),
+            KafkaSender::builder("h:9092").topic("t").id_header(""),
+            KafkaSender::builder("h:9092")
+                .topic("t")
+                .delivery_timeout(Duration::ZERO),
+        ] {
+            assert!(matches!(
+                bad.build(),
+                Err(KafkaSenderError::InvalidConfig { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_nor_in_errors() {
+        let builder = KafkaSender::builder("h:9092")
+            .topic("t")
+            .set("security.protocol", "SASL_PLAINTEXT")
+            .set("sasl.mechanism", "PLAIN")
+            .set("sasl.username", "alice-ops")
+            .set("sasl.password", "s3cr@t-Pa55");
+        let debug = format!("{builder:?}");
+        assert!(
+            !debug.contains("s3cr@t") && !debug.contains("alice-ops"),
+            "{debug}"
+        );
+        assert!(debug.contains("sasl.password") && debug.contains("***"));
+        let sender = builder.clone().build().unwrap();
+        let debug = format!("{sender:?}");
+        assert!(
+            !debug.contains("s3cr@t") && !debug.contains("alice-ops"),
+            "{debug}"
+        );
+        // librdkafka quotes a bad value in its error: a secret there is taken out too.
+        let err = builder.set("linger.ms", "s3cr@t-Pa55").build().unwrap_err();
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("s3cr@t"), "{text}");
+        assert!(
+            matches!(err, KafkaSenderError::InvalidConfig { option, .. } if option == "linger.ms")
+        );
+        assert_eq!(
+            redact("a secret b", &["secret".into(), String::new()]),
+            "a *** b"
+        );
+    }
+
+    #[test]
+    fn a_late_report_is_never_taken_for_this_batchs_message() {
+        let mut messages = vec![message(1, "k"), message(2, "k")];
+        let mut settling = Settling {
+            tag: 7,
+            awaiting: vec![true, true],
+            pending: 2,
+            timeout: Duration::from_secs(1),
+            broken: None,
+        };
+        let report = |tag, index, result| Report {
+            ticket: Box::new(Ticket { tag, index }),
+            result,
+        };
+        // Batch 6's report for index 0 arrives during batch 7: ignored.
+        settling.apply(report(6, 0, Ok(())), &mut messages, &[]);
+        assert_eq!(messages[0].status(), &Status::Unmarked);
+        assert_eq!(settling.pending, 2);
+        settling.apply(report(7, 0, Ok(())), &mut messages, &[]);
+        let fenced = KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced);
+        settling.apply(report(7, 1, Err(fenced)), &mut messages, &[]);
+        // A second report for one message (cannot happen) changes nothing.
+        settling.apply(report(7, 1, Ok(())), &mut messages, &[]);
+        assert_eq!(messages[0].status(), &Status::Sent);
+        assert!(matches!(messages[1].status(), Status::Failed(r) if r.contains("ProducerFenced")));
+        assert_eq!(settling.pending, 0);
+        assert!(
+            settling.broken.is_some(),
+            "a fenced producer must be replaced"
+        );
+    }
+
+    #[test]
+    fn the_record_carries_the_mapping() {
+        let mut msg = message(42, "order-42");
+        msg.outbox = "6f1c0f2e-4b7a-4c39-9e56-0d4f3a1b2c3d".into();
+        msg.headers = vec![
+            ("traceparent".into(), "00-1-2-01".into()),
+            ("message-id".into(), "forged".into()),
+            ("tag".into(), "a".into()),
+        ];
+        msg.created_at =
+            time::OffsetDateTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let id = msg.dedup_key();
+        let record = record(DEFAULT_ID_HEADER, 1, 0, &msg, "t", &id);
+        assert_eq!(record.key, Some("order-42"));
+        assert_eq!(record.timestamp, Some(1_700_000_000_123));
+        use rdkafka::message::Headers;
+        let headers = record.headers.as_ref().unwrap();
+        let all: Vec<(&str, Option<&[u8]>)> = headers.iter().map(|h| (h.key, h.value)).collect();
+        assert_eq!(
+            all,
+            [
+                ("message-id", Some(id.as_bytes())),
+                ("traceparent", Some(&b"00-1-2-01"[..])),
+                ("tag", Some(&b"a"[..])),
+            ]
+        );
+    }
+}

@@ -392,6 +392,85 @@ fn ten_thousand_messages_survive_broker_outages_in_key_order() {
     );
 }
 
+/// A real restart of the broker process (SIGKILL, then started again). The installed tansu
+/// keeps its data in memory, so the restarted broker has lost every message and every
+/// producer id: what can be checked is that the sender notices (its idempotent producer is
+/// unknown now, or its connection dead), replaces what it must, and delivers everything
+/// committed after the restart, with nothing left in the outbox.
+#[test]
+fn after_a_real_broker_restart_the_sender_recovers() {
+    const N: usize = 100;
+    let mut tansu = broker();
+    tansu.create_topic("restarted", 2).unwrap();
+    let pool = pool(4);
+    let store: PgStore = store("kafka_restart", &pool);
+    let table = "kafka_restart.outbox_messages";
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let outbox = Outbox::builder(store)
+        .max_retries(1_000)
+        .backoff(Backoff::exponential(
+            Duration::from_millis(50),
+            Duration::from_millis(300),
+        ))
+        .error_handler({
+            let errors = errors.clone();
+            move |e| errors.lock().unwrap().push(e.to_string())
+        })
+        .build()
+        .unwrap();
+    let sender = KafkaSender::builder(tansu.bootstrap())
+        .topic("restarted")
+        .delivery_timeout(Duration::from_secs(2))
+        .set("reconnect.backoff.max.ms", "200")
+        .build()
+        .unwrap();
+    let mut relay = outbox.start(sender).unwrap();
+    let mut conn = pool.get().unwrap();
+    let add = |conn: &mut postgres::Client, from: usize| {
+        for i in from..from + N {
+            outbox
+                .add_message(conn, &format!("k{}", i % 7), format!("{i}").as_bytes())
+                .unwrap();
+        }
+    };
+    add(&mut conn, 0);
+    let (before, stop, consumer) = consume(&tansu.bootstrap(), "restarted", 2);
+    assert!(before.wait_for(N, PATIENCE));
+    stop.store(true, Ordering::SeqCst);
+    consumer.join().unwrap();
+
+    tansu.kill().unwrap();
+    tansu.start_again().unwrap();
+    tansu.create_topic("restarted", 2).unwrap();
+    let restarted = Instant::now();
+    add(&mut conn, N);
+    assert!(
+        eventually(Duration::from_secs(60), || count(
+            &pool,
+            &format!("SELECT count(*) FROM {table}")
+        ) == 0),
+        "the outbox did not drain after the restart: {:?}",
+        errors.lock().unwrap()
+    );
+    let drained = restarted.elapsed();
+    relay.shutdown().unwrap();
+    let records = read_all(&tansu.bootstrap(), "restarted", 2, N);
+    let values: std::collections::HashSet<Vec<u8>> =
+        records.iter().map(|r| r.value.clone()).collect();
+    for i in N..2 * N {
+        assert!(
+            values.contains(format!("{i}").as_bytes()),
+            "message {i} missing"
+        );
+    }
+    let errors = errors.lock().unwrap();
+    eprintln!(
+        "FIGURES kafka real restart: {N} messages after the restart all delivered, outbox drained {drained:.1?} after the broker was back; {} relay errors: {:?}",
+        errors.len(),
+        errors.iter().take(3).collect::<Vec<_>>()
+    );
+}
+
 /// The broker unreachable for longer than the send timeout: every attempt fails within the
 /// delivery timeout (the relay keeps its claim), the messages are retried, then delivered
 /// once the broker is back.
