@@ -86,11 +86,16 @@ pub const MAX_TOPIC_LEN: usize = 249;
 
 /// Properties the sender sets before yours (yours may change them only within the
 /// guarantees: see [`KafkaSenderBuilder::set`]).
-const DEFAULTS: [(&str, &str); 4] = [
+const DEFAULTS: [(&str, &str); 5] = [
     ("enable.idempotence", "true"),
     ("acks", "all"),
     ("max.in.flight.requests.per.connection", "5"),
     ("client.id", "troutbox"),
+    // The sender enqueues a whole batch at once and then waits for it: lingering after the
+    // last message only delays the batch (librdkafka's default is 5 ms, which halved the
+    // throughput of batches of 100). Messages still share requests: those enqueued while
+    // requests are in flight go together.
+    ("linger.ms", "0"),
 ];
 
 /// Why a [`KafkaSender`] could not be built, or could not deliver a batch. No variant's
