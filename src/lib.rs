@@ -74,6 +74,9 @@
 mod backoff;
 mod config;
 mod error;
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub mod kafka;
 mod maintenance;
 mod message;
 mod observability;

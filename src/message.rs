@@ -97,7 +97,8 @@ impl Message {
     /// with the same name in two databases. (A database restored from a backup into a second
     /// environment keeps its tables' ids: that copy's messages collide with the original's.)
     ///
-    /// `RabbitSender` puts it in the AMQP `message-id` property.
+    /// `RabbitSender` puts it in the AMQP `message-id` property, `KafkaSender` in the Kafka
+    /// header `message-id`.
     pub fn dedup_key(&self) -> String {
         dedup_key(&self.outbox, self.id)
     }

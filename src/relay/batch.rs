@@ -108,6 +108,14 @@ impl Batch {
         batch
     }
 
+    /// True when the batch comes from an outbox with
+    /// [`per_key_ordering`](crate::OutboxBuilder::per_key_ordering): a Sender that publishes
+    /// the messages itself (not through [`send_each`](Self::send_each)) must then not
+    /// publish a message after a failed message of the same key in the batch.
+    pub fn is_ordered(&self) -> bool {
+        self.ordered
+    }
+
     /// Number of messages in the batch (at least 1, at most the configured batch size).
     pub fn len(&self) -> usize {
         self.messages.len()
