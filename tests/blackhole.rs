@@ -7,88 +7,17 @@
 //! timeout + 5 s), with nothing lost.
 
 mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{eventually, pool, store};
+use proxy::Proxy;
 use r2d2_postgres::PostgresConnectionManager;
 use troutbox::{Batch, Error, Outbox, PgPool, PgStore};
-
-/// A TCP proxy to `upstream` whose `freeze` stops every flow open at that moment, for good,
-/// without closing anything.
-struct Proxy {
-    port: u16,
-    epoch: Arc<AtomicU64>,
-}
-
-impl Proxy {
-    fn start(upstream: (String, u16)) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let epoch = Arc::new(AtomicU64::new(0));
-        let e = epoch.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect((upstream.0.as_str(), upstream.1)) else {
-                    continue;
-                };
-                let born = e.load(Ordering::SeqCst);
-                for (from, to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    let e = e.clone();
-                    std::thread::spawn(move || pump(from, to, born, &e));
-                }
-            }
-        });
-        Proxy { port, epoch }
-    }
-
-    fn freeze(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-/// Copies `from` to `to` until the flow ends, or until a freeze after `born`: then holds
-/// both sockets open and forwards nothing more, like a middlebox that forgot the flow.
-fn pump(mut from: TcpStream, mut to: TcpStream, born: u64, epoch: &AtomicU64) {
-    from.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        if epoch.load(Ordering::SeqCst) != born {
-            // Frozen: keep the sockets, say nothing, for the rest of the process.
-            let _keep = (from, to);
-            loop {
-                std::thread::park();
-            }
-        }
-        match from.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if epoch.load(Ordering::SeqCst) != born {
-                    continue; // frozen between read and write: drop it, as the network would
-                }
-                if to.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return,
-        }
-    }
-}
 
 #[test]
 fn a_silently_dropped_connection_does_not_stall_the_relay() {

@@ -1169,6 +1169,25 @@ mod tests {
 mod bounded_plan {
     use super::*;
 
+    /// The executed plan of a bounded claim of 100 on `store`'s table, in a claim
+    /// transaction rolled back afterwards.
+    fn explain_bounded_claim(client: &mut Client, store: &PgStore) -> String {
+        let sql = store.sql().unwrap();
+        client.batch_execute(&sql::begin_claim(10_000, 1)).unwrap();
+        let claim = sql.claim(100, ClaimKind::Head, false, Some(64 << 20));
+        let plan: Vec<String> = client
+            .simple_query(&format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {claim}"))
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect();
+        client.batch_execute("ROLLBACK").unwrap();
+        plan.join("\n")
+    }
+
     /// The claim bounded in bytes must not walk the table: its first versions did, once to
     /// join the rows' sizes (a full scan of the primary key, to avoid the window's sort,
     /// which the claim's settings penalise) and once to find the picked rows again (a walk
@@ -1183,20 +1202,7 @@ mod bounded_plan {
                  SELECT 'k', convert_to(repeat('x', 200), 'UTF8') FROM generate_series(1, 5000);",
             )
             .unwrap();
-        let sql = store.sql().unwrap();
-        client.batch_execute(&sql::begin_claim(10_000, 1)).unwrap();
-        let claim = sql.claim(100, ClaimKind::Head, false, Some(64 << 20));
-        let plan: Vec<String> = client
-            .simple_query(&format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {claim}"))
-            .unwrap()
-            .into_iter()
-            .filter_map(|m| match m {
-                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .collect();
-        client.batch_execute("ROLLBACK").unwrap();
-        let plan = plan.join("\n");
+        let plan = explain_bounded_claim(&mut client, &store);
         assert!(
             plan.contains("Delete on outbox_messages m (actual rows=100 loops=1)"),
             "{plan}"
@@ -1229,20 +1235,7 @@ mod bounded_plan {
                  SELECT 'k', convert_to(repeat('x', 200), 'UTF8') FROM generate_series(1, 5000);",
             )
             .unwrap();
-        let sql = store.sql().unwrap();
-        client.batch_execute(&sql::begin_claim(10_000, 1)).unwrap();
-        let claim = sql.claim(100, ClaimKind::Head, false, Some(64 << 20));
-        let plan: Vec<String> = client
-            .simple_query(&format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {claim}"))
-            .unwrap()
-            .into_iter()
-            .filter_map(|m| match m {
-                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .collect();
-        client.batch_execute("ROLLBACK").unwrap();
-        let plan = plan.join("\n");
+        let plan = explain_bounded_claim(&mut client, &store);
         assert!(plan.contains("(actual rows=100 loops=1)"), "{plan}");
         assert!(!plan.contains("rows=5000"), "{plan}");
         assert!(!plan.contains("Rows Removed by Join Filter"), "{plan}");
