@@ -367,6 +367,7 @@ fn random_failing_sender(
     schema: &str,
     child: i32,
     seed: u64,
+    leave_followers_unmarked: bool,
 ) -> impl FnMut(&mut Batch) -> Result<(), String> + Clone + Send + 'static {
     let insert = format!(
         "INSERT INTO \"{schema}\".deliveries (msg_id, key, value, child) VALUES ($1, $2, $3, $4)"
@@ -385,7 +386,13 @@ fn random_failing_sender(
         let mut failed: HashSet<String> = HashSet::new();
         for m in batch.iter_mut() {
             if failed.contains(m.key()) {
-                m.mark_failed("not published: an earlier message of its key failed in this batch");
+                // Both patterns docs/ordering.md allows: mark the followers failed, or leave
+                // them unmarked (and return Ok).
+                if !leave_followers_unmarked {
+                    m.mark_failed(
+                        "not published: an earlier message of its key failed in this batch",
+                    );
+                }
                 continue;
             }
             if rng.percent(10) {
@@ -455,7 +462,7 @@ fn ordering_child_relay() {
         .send_timeout(Duration::from_secs(60))
         .error_handler(|_| {});
     let (_outbox, _handle) = match mode.as_str() {
-        "random" => {
+        "random" | "random-unmarked" => {
             // Enough retries that no message dies of random failures and kills. Batches
             // larger than the 16 keys, so that they always have room for followers.
             let outbox = builder
@@ -465,7 +472,13 @@ fn ordering_child_relay() {
                 .build()
                 .unwrap();
             let handle = outbox
-                .start(random_failing_sender(pool, &schema, number, seed))
+                .start(random_failing_sender(
+                    pool,
+                    &schema,
+                    number,
+                    seed,
+                    mode == "random-unmarked",
+                ))
                 .unwrap();
             (outbox, handle)
         }
@@ -1132,6 +1145,63 @@ fn followers_of_a_failed_message_are_neither_published_nor_charged() {
     assert_eq!(published(&entries, "L"), ["L-0", "L-1"]);
 }
 
+/// Why: docs/ordering.md allows a Sender that, after a failure of a key, leaves the key's
+/// later messages unmarked and returns `Ok`. Those messages were not published; before the
+/// fix they were recorded as sent (the `Ok` settled every unmarked message) and lost. Here
+/// the first batch refuses K-1 and leaves K-2..K-4 unmarked; every K must still be
+/// published, in order, and the followers must not be charged.
+#[test]
+fn unmarked_followers_of_a_failure_under_ok_are_not_lost() {
+    const SCHEMA: &str = "ordering_unmarked_followers";
+    let pool = pool(8);
+    let store = store(SCHEMA, &pool);
+    let outbox = ordered(&store, |b| b.batch_size(10));
+    let mut conn = pool.get().unwrap();
+    let order = ["K-0", "K-1", "L-0", "K-2", "K-3", "L-1", "K-4"];
+    outbox
+        .add_messages(
+            &mut *conn,
+            order.iter().map(|v| NewMessage::new(&v[..1], v.as_bytes())),
+        )
+        .unwrap();
+    let log = Log::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (l, c) = (log.clone(), calls.clone());
+    let mut handle = outbox
+        .start(move |batch: &mut Batch| -> Result<(), String> {
+            let call = c.fetch_add(1, Ordering::SeqCst);
+            let mut failed: HashSet<String> = HashSet::new();
+            for m in batch.iter_mut() {
+                if failed.contains(m.key()) {
+                    continue; // left unmarked, as docs/ordering.md allows
+                }
+                if call == 0 && m.value() == b"K-1" {
+                    failed.insert(m.key().to_owned());
+                    l.push_failure(m);
+                    m.mark_failed("K-1 refused once");
+                    continue;
+                }
+                l.push(m);
+                m.mark_sent();
+            }
+            Ok(())
+        })
+        .unwrap();
+    let all = log.wait_distinct(order.len(), PATIENCE);
+    handle.shutdown().unwrap();
+    let entries = log.entries();
+    assert!(
+        all,
+        "unmarked followers were lost: published {:?}\n{}",
+        published(&entries, "K"),
+        table_state(&pool, SCHEMA)
+    );
+    let k: Vec<String> = (0..5).map(|i| format!("K-{i}")).collect();
+    assert_eq!(published(&entries, "K"), k);
+    assert_eq!(published(&entries, "L"), ["L-0", "L-1"]);
+    assert!(order_violations(&entries).is_empty());
+}
+
 /// Why: the same rule on the other settlement path. When a batch's transaction is lost (the
 /// Sender outlived the send timeout and the server ended the session), its outcome is recorded
 /// afterwards on another connection. The followers of the failed head were not published
@@ -1428,7 +1498,20 @@ fn a_sender_slower_than_the_send_timeout_keeps_the_order() {
 /// leaving a charge on every message of it). Kills run every 50-250 ms while producers run.
 #[test]
 fn random_kills_failures_and_rollbacks_keep_every_key_in_order() {
-    const SCHEMA: &str = "ordering_random";
+    random_kills("ordering_random", "random");
+}
+
+/// The same run with a Sender that leaves the followers of a failed message unmarked and
+/// returns `Ok` (the other pattern docs/ordering.md allows). Before the fix, about 450 of
+/// 7,200 committed messages were never delivered.
+#[test]
+fn random_kills_with_unmarked_followers_keep_every_key_in_order() {
+    random_kills("ordering_random_unmarked", "random-unmarked");
+}
+
+fn random_kills(schema: &'static str, mode: &'static str) {
+    #[allow(non_snake_case)]
+    let SCHEMA: &str = schema;
     const RELAYS: usize = 3;
     const PRODUCERS: usize = 4;
     const TRANSACTIONS: usize = 150;
@@ -1450,7 +1533,7 @@ fn random_kills_failures_and_rollbacks_keep_every_key_in_order() {
         .unwrap();
     let mut rng = Rng::seeded();
     let seed = rng.0;
-    let mut relays = Relays::new(SCHEMA, "random", &url);
+    let mut relays = Relays::new(SCHEMA, mode, &url);
     for _ in 0..RELAYS {
         relays.spawn(rng.next());
     }
@@ -1581,7 +1664,7 @@ fn random_kills_failures_and_rollbacks_keep_every_key_in_order() {
         }
     }
     println!(
-        "FIGURES ordering_random: kills={kills} produced={produced} delivered_first={delivered_first} duplicates={} lost={lost} order_violations={} elapsed={:.1}s (kills_mid_send={mid_send} rolled_back={rolled_back} dead={dead} phantoms={phantoms} relays_started={} seed={seed:#x})",
+        "FIGURES {SCHEMA}: kills={kills} produced={produced} delivered_first={delivered_first} duplicates={} lost={lost} order_violations={} elapsed={:.1}s (kills_mid_send={mid_send} rolled_back={rolled_back} dead={dead} phantoms={phantoms} relays_started={} seed={seed:#x})",
         deliveries - delivered_first,
         violations.len(),
         started.elapsed().as_secs_f64(),

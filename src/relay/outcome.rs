@@ -13,8 +13,9 @@ use crate::store::{Returned, Settlement};
 ///
 /// In an ordered batch (per-key ordering), a message that comes after a failed message of
 /// its key was not to be published (the Sender contract): unless the Sender marked it sent
-/// anyway, it goes back as it was, without an attempt charged, due at once; its key waits
-/// for the failed one, which is the head now.
+/// anyway, it goes back as it was, without an attempt charged, due at once, whether it was
+/// left unmarked (under `Ok` or `Err`) or marked failed; its key waits for the failed one,
+/// which is the head now.
 pub(crate) fn decide(
     batch: Batch,
     failure: Option<&str>,
@@ -25,13 +26,19 @@ pub(crate) fn decide(
     let ordered = batch.ordered;
     let mut failed_keys: std::collections::HashMap<String, i64> = Default::default();
     for mut message in batch.messages {
-        let reason = match std::mem::replace(&mut message.status, Status::Unmarked) {
+        let status = std::mem::replace(&mut message.status, Status::Unmarked);
+        let marked_sent = matches!(status, Status::Sent);
+        let reason = match status {
             Status::Sent => None,
             Status::Failed(reason) => Some(reason),
             Status::Unmarked => failure.map(str::to_owned),
         };
+        // A follower of a failed message of its key goes back uncharged whatever the
+        // Sender returned, unless it was marked sent (it was published): under `Ok` an
+        // unmarked follower was not published either (docs/ordering.md), and recording it
+        // as sent would lose it.
         let blocker = failed_keys.get(&message.key).copied();
-        if let (Some(blocker), Some(_)) = (blocker, &reason) {
+        if let (Some(blocker), false) = (blocker, marked_sent) {
             settlement.returned.push(Returned {
                 attempts: message.attempts,
                 delay: Duration::ZERO,
@@ -184,6 +191,55 @@ mod tests {
         batch.messages[0].mark_failed("no");
         let s = decide(batch, Some("down"), 5, &backoff());
         assert!(s.returned.iter().all(|r| r.attempts == 3));
+    }
+
+    /// The pattern docs/ordering.md allows: after a failure of its key, leave the key's later
+    /// messages unmarked and return `Ok`. They were not published: they must go back
+    /// (uncharged), never be recorded as sent.
+    #[test]
+    fn ordered_unmarked_followers_under_ok_go_back_uncharged() {
+        let keyed = |id, key: &str| Message {
+            key: key.into(),
+            ..message(id, 1)
+        };
+        let mut batch = Batch::new(vec![
+            keyed(1, "a"),
+            keyed(2, "a"),
+            keyed(3, "b"),
+            keyed(4, "a"),
+        ]);
+        batch.ordered = true;
+        batch.messages[0].mark_failed("broker said no");
+        batch.messages[2].mark_sent();
+        // 2 and 4 (key a) left unmarked, and the Sender returns Ok.
+        let s = decide(batch, None, 5, &backoff());
+        assert_eq!(s.sent, [3]);
+        let back: Vec<(i64, u32, Duration)> = s
+            .returned
+            .iter()
+            .map(|r| (r.message.id, r.attempts, r.delay))
+            .collect();
+        assert_eq!(
+            back,
+            [
+                (1, 2, Duration::from_secs(2)),
+                (2, 1, Duration::ZERO),
+                (4, 1, Duration::ZERO)
+            ]
+        );
+        // A follower marked failed goes back uncharged too: only the head is charged.
+        let mut batch = Batch::new(vec![keyed(1, "a"), keyed(2, "a")]);
+        batch.ordered = true;
+        batch.messages[0].mark_failed("no");
+        batch.messages[1].mark_failed("no");
+        let s = decide(batch, None, 5, &backoff());
+        assert!(s.sent.is_empty());
+        assert_eq!(s.returned[1].attempts, 1);
+        // Unordered: unmarked messages under Ok are sent, whatever failed before them.
+        let mut batch = Batch::new(vec![keyed(1, "a"), keyed(2, "a")]);
+        batch.messages[0].mark_failed("no");
+        let s = decide(batch, None, 5, &backoff());
+        assert_eq!(s.sent, [2]);
     }
 
     #[test]
