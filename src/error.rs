@@ -261,6 +261,26 @@ pub enum Error {
         reason: String,
     },
 
+    /// A claimed batch was given back untouched, before its Sender saw it, because its claim
+    /// could no longer be proven held: the steps between the claim and the Sender (recording
+    /// the claim in the journal, waiting for a connection) took `waited`, more than half the
+    /// send timeout, or the server had already ended the claim's transaction. Sending it
+    /// could have let another relay send the same messages at the same time. Nothing is
+    /// charged; the messages are claimed again. Frequent: the pool is too small or the
+    /// database too slow for the send timeout (raise `OutboxBuilder::send_timeout` or the
+    /// pool's size).
+    #[error("a claimed batch of {messages} message(s) was given back before its Sender ran: {why} (after {waited:?}, with a send timeout of {send_timeout:?}); it will be claimed again, uncharged (is the pool large enough and the database responsive?)")]
+    ClaimExpired {
+        /// Number of messages given back.
+        messages: usize,
+        /// How long the claim had been held when it was given back.
+        waited: std::time::Duration,
+        /// The send timeout, whose half is the longest a claim may wait for its Sender.
+        send_timeout: std::time::Duration,
+        /// What was found.
+        why: &'static str,
+    },
+
     /// A batch's transaction was lost (its Sender outlived the send timeout, or the
     /// connection dropped) and, by the time its outcome came back, another relay had claimed
     /// some of its messages again. Their outcome could not be recorded: they will be

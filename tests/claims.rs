@@ -501,3 +501,168 @@ fn rows_from_before_the_check_do_not_stop_a_keep_sent_relay() {
         "{errors:?}"
     );
 }
+
+/// A Sender that, for each batch, probes its rows from another connection with
+/// `FOR UPDATE SKIP LOCKED`: while the batch's claim is held, none is visible and unlocked.
+/// Records how many were (`exposed`), the attempts it was handed, and the deliveries.
+fn probing_sender(
+    pool: PgPool,
+    schema: &str,
+    exposed: Arc<AtomicUsize>,
+    attempts: Arc<Mutex<Vec<u32>>>,
+    deliveries: Arc<Deliveries>,
+) -> impl FnMut(&mut Batch) -> Result<(), String> + Clone + Send + 'static {
+    let probe = format!(
+        "SELECT count(*) FROM (SELECT id FROM \"{schema}\".outbox_messages
+         WHERE id = ANY($1) AND state = 'pending' FOR UPDATE SKIP LOCKED) p"
+    );
+    move |batch: &mut Batch| {
+        let ids: Vec<i64> = batch.iter().map(|m| m.id()).collect();
+        let mut conn = pool.get().map_err(|e| e.to_string())?;
+        let free: i64 = conn
+            .query_one(&probe, &[&ids])
+            .map_err(|e| e.to_string())?
+            .get(0);
+        exposed.fetch_add(free as usize, Ordering::SeqCst);
+        attempts
+            .lock()
+            .unwrap()
+            .extend(batch.iter().map(|m| m.attempts()));
+        deliveries.record(batch);
+        Ok(())
+    }
+}
+
+/// Why (issue 21, item 2): the server ends a claim's transaction once it has been idle for
+/// the send timeout, and its rows are then free for any relay. Before the fix, the reports
+/// of rows set aside ran between the claim and its Sender; an error handler slower than the
+/// send timeout (an alerting call) let the Sender run on an ended claim, while another relay
+/// could claim and send the same rows. Here: an undecodable row ahead of 10 good ones, a
+/// 300 ms send timeout, a handler that takes 1 s on `SetAside`. Inside the Sender, no row of
+/// its batch may be free.
+#[test]
+fn a_slow_error_handler_never_lets_a_sender_run_on_an_ended_claim() {
+    const SCHEMA: &str = "claims_slow_handler";
+    let pool = pool(6);
+    let store = store(SCHEMA, &pool);
+    let mut conn = pool.get().unwrap();
+    conn.batch_execute(&format!(
+        "INSERT INTO {SCHEMA}.outbox_messages (key, value, headers) VALUES ('bad', '', '{{a}}')"
+    ))
+    .unwrap();
+    let outbox = Outbox::builder(store.clone())
+        .poll_interval(Duration::from_millis(5))
+        .send_timeout(Duration::from_millis(300))
+        .error_handler(|e| {
+            if matches!(e, troutbox::Error::SetAside { .. }) {
+                // A slow handler (workload shape: an alerting call), not synchronisation.
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+        .build()
+        .unwrap();
+    for i in 0..10 {
+        outbox
+            .add_message(&mut *conn, "good", format!("v{i}").as_bytes())
+            .unwrap();
+    }
+    let exposed = Arc::new(AtomicUsize::new(0));
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let deliveries = Deliveries::new();
+    let mut handle = outbox
+        .start(probing_sender(
+            pool.clone(),
+            SCHEMA,
+            exposed.clone(),
+            attempts.clone(),
+            deliveries.clone(),
+        ))
+        .unwrap();
+    assert!(deliveries.wait_for(10, PATIENCE));
+    handle.shutdown().unwrap();
+    assert_eq!(
+        exposed.load(Ordering::SeqCst),
+        0,
+        "a Sender ran while rows of its batch were free for another relay"
+    );
+    assert_eq!(deliveries.duplicates(), 0);
+}
+
+/// Why (issue 21, item 2): recording a claim in the journal can wait (for the relay's
+/// shared second connection, for a pool checkout, for a lock). Before the fix, a claim whose
+/// recording outlasted the send timeout still went to its Sender, on rows the server had
+/// already released. Here a statement trigger on the journal makes each recording wait
+/// (the fault injected): first past the send timeout (the claim has ended: the journal
+/// refuses it), then past half of it (the claim is given back as expired). No Sender may see
+/// those batches; once recordings are fast again every message is delivered, uncharged.
+#[test]
+fn a_claim_whose_recording_waits_too_long_is_given_back_uncharged() {
+    const SCHEMA: &str = "claims_slow_journal";
+    let pool = pool(6);
+    let store = store(SCHEMA, &pool);
+    let mut conn = pool.get().unwrap();
+    conn.batch_execute(&format!(
+        "CREATE TABLE {SCHEMA}.fault (ms int NOT NULL);
+         INSERT INTO {SCHEMA}.fault VALUES (600);
+         CREATE FUNCTION {SCHEMA}.slow_journal() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep((SELECT ms FROM {SCHEMA}.fault) / 1000.0); RETURN NULL; END $$;
+         CREATE TRIGGER slow BEFORE INSERT ON {SCHEMA}.outbox_messages_claims
+         FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.slow_journal();"
+    ))
+    .unwrap();
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let e = errors.clone();
+    let outbox = Outbox::builder(store.clone())
+        .poll_interval(Duration::from_millis(5))
+        .send_timeout(Duration::from_millis(400))
+        .error_handler(move |err| e.lock().unwrap().push(err.to_string()))
+        .build()
+        .unwrap();
+    let mut tx = conn.transaction().unwrap();
+    let values: Vec<Vec<u8>> = (0..10).map(|i| format!("v{i}").into_bytes()).collect();
+    outbox
+        .add_messages(&mut tx, values.iter().map(|v| NewMessage::new("k", v)))
+        .unwrap();
+    tx.commit().unwrap();
+    let exposed = Arc::new(AtomicUsize::new(0));
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let deliveries = Deliveries::new();
+    let mut handle = outbox
+        .start(probing_sender(
+            pool.clone(),
+            SCHEMA,
+            exposed.clone(),
+            attempts.clone(),
+            deliveries.clone(),
+        ))
+        .unwrap();
+    let seen = |what: &str| errors.lock().unwrap().iter().any(|e| e.contains(what));
+    assert!(
+        eventually(PATIENCE, || seen("already ended its transaction")),
+        "{:?}",
+        errors.lock().unwrap()
+    );
+    conn.execute(&format!("UPDATE {SCHEMA}.fault SET ms = 250"), &[])
+        .unwrap();
+    assert!(
+        eventually(PATIENCE, || seen("more than half the send timeout")),
+        "{:?}",
+        errors.lock().unwrap()
+    );
+    assert_eq!(deliveries.distinct(), 0, "a Sender saw a claim given back");
+    conn.execute(&format!("UPDATE {SCHEMA}.fault SET ms = 0"), &[])
+        .unwrap();
+    assert!(deliveries.wait_for(10, PATIENCE));
+    handle.shutdown().unwrap();
+    assert_eq!(
+        exposed.load(Ordering::SeqCst),
+        0,
+        "a Sender ran while rows of its batch were free for another relay"
+    );
+    assert!(
+        attempts.lock().unwrap().iter().all(|&a| a == 0),
+        "a batch no Sender saw was charged: {:?}",
+        attempts.lock().unwrap()
+    );
+    assert_eq!(deliveries.duplicates(), 0);
+}

@@ -48,6 +48,7 @@ pub(crate) struct Worker<S: RelayStore, F: Sender + Clone> {
     max_retries: u32,
     backoff: Backoff,
     poll_interval: Duration,
+    send_timeout: Duration,
     error_handler: ErrorHandler,
     telemetry: SharedTelemetry,
     stop: Receiver<()>,
@@ -84,6 +85,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             max_retries: config.max_retries,
             backoff: config.backoff,
             poll_interval: config.poll_interval,
+            send_timeout: config.send_timeout,
             error_handler: config.error_handler.clone(),
             telemetry,
             stop,
@@ -132,7 +134,12 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
         let claimed = self.claim();
         if self.status.is_abandoned() {
             // The watchdog replaced this worker while the claim hung: whatever came back
-            // (late), leave it; the claim's transaction is gone or goes with this session.
+            // (late) is given back, uncharged; no Sender saw it.
+            if claimed.is_ok_and(|c| !c.messages.is_empty()) {
+                if let Some(session) = self.session.as_mut() {
+                    session.release();
+                }
+            }
             return true;
         }
         let claimed = match claimed {
@@ -149,11 +156,15 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
         if claimed.report != SettleReport::default() {
             self.telemetry.record_settled(claimed.report, None);
         }
-        for e in &claimed.set_aside {
-            self.report(e);
-        }
+        // What the claim settled by itself is reported after the batch is settled: an error
+        // handler is user code, and may take any time (or panic), which must not run down
+        // the claim's time before its Sender.
+        let reports = claimed.set_aside;
         let messages = claimed.messages;
         if messages.is_empty() {
+            for e in &reports {
+                self.report(e);
+            }
             // Drained: sleep, doubling the sleep while nothing comes, up to the poll interval.
             match self.wait(pace.idle_sleep) {
                 Wake::Stop => return true,
@@ -171,6 +182,28 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             crate::observability::otel::links(&messages),
         );
         self.record_latencies(&messages);
+        // The last check before the Sender: the claim is provably held until `send_by`.
+        if let Some(late) = claimed
+            .send_by
+            .and_then(|by| Instant::now().checked_duration_since(by))
+        {
+            // `send_by` is half the send timeout after the claim.
+            let waited = late + self.send_timeout / 2;
+            let count = messages.len();
+            if let Some(session) = self.session.as_mut() {
+                session.release();
+            }
+            for e in &reports {
+                self.report(e);
+            }
+            self.report(&Error::ClaimExpired {
+                messages: count,
+                waited,
+                send_timeout: self.send_timeout,
+                why: "it waited too long for its Sender",
+            });
+            return false;
+        }
         let (settlement, sender_error) = self.deliver(messages);
         let whole_batch_failed = sender_error.is_some() && settlement.sent.is_empty();
         #[cfg(feature = "opentelemetry")]
@@ -184,6 +217,9 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
         // Counted only now, after the commit: the counters follow the rows.
         self.telemetry
             .record_settled(report, Some(started.elapsed()));
+        for e in &reports {
+            self.report(e);
+        }
         // Reported after the settlement, so a slow error handler (an alerting call) never
         // holds the batch's transaction open.
         if let Some(e) = &sender_error {

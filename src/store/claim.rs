@@ -171,10 +171,21 @@ impl<T: MakeTls> SideConnection<T> {
     }
 
     /// Records claim `claim_id` of `ids` in the journal: the prepared INSERT, one round trip.
-    fn record(&self, claim_id: i32, ids: &[i64]) -> Result<(), Error> {
+    /// False when the claim's transaction has already ended (its advisory lock is free):
+    /// nothing was recorded, and the batch must not reach a Sender.
+    fn record(&self, claim_id: i32, ids: &[i64]) -> Result<bool, Error> {
         let ranges = sql::int8_multirange(ids);
         self.run_with("recording a claim in the claim journal", |c, record| {
-            c.execute(record, &[&claim_id, &ranges]).map(|_| ())
+            c.execute(record, &[&claim_id, &ranges]).map(|n| n == 1)
+        })
+    }
+
+    /// Deletes claim `claim_id`'s journal row: the claim is given back before any Sender saw
+    /// it, and must not be charged.
+    fn forget(&self, claim_id: i32) -> Result<(), Error> {
+        let statement = self.sql.journal_forget.clone();
+        self.run("forgetting a claim given back before its Sender", |c| {
+            c.execute(&statement, &[&claim_id]).map(|_| ())
         })
     }
 
@@ -293,6 +304,7 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
             last_recovery: None,
             last_cleanup: Instant::now(),
             partial: false,
+            claim_started: Instant::now(),
             outbox_id: Arc::from(""),
         };
         let conn = session.connect()?;
@@ -358,6 +370,10 @@ pub(crate) struct PgSession<T: MakeTls> {
     last_cleanup: Instant,
     /// The last claim handed fewer messages than the batch size to the Sender (but some).
     partial: bool,
+    /// When the open claim's statement was sent: the server's idle timer of the claim
+    /// transaction starts after this, so the claim is held at least until this plus the
+    /// send timeout, whatever the network's latency.
+    claim_started: Instant,
 }
 
 /// A claimed row, decoded, with the number of its claims that were abandoned.
@@ -489,6 +505,7 @@ impl<T: MakeTls> PgSession<T> {
             }
         }
         let conn = self.conn.as_mut().expect("connected above");
+        self.claim_started = Instant::now();
         let rows = match kind {
             ClaimKind::One => {
                 let id = *self.suspects.front().expect("a suspect to claim");
@@ -581,9 +598,56 @@ impl<T: MakeTls> PgSession<T> {
         }
     }
 
-    /// Records the claim's messages in the journal before the Sender sees them.
-    fn record_claim(&mut self, ids: &[i64]) -> Result<(), Error> {
-        self.side.record(self.claim_id, ids)
+    /// Records the claim's messages in the journal before the Sender sees them, and proves
+    /// the claim still held: `Ok(Some(send_by))` with the instant the Sender must start by,
+    /// `Ok(None)` when the claim was given back (an expired claim, reported in `claimed`).
+    fn record_claim(
+        &mut self,
+        ids: &[i64],
+        claimed: &mut Claimed,
+    ) -> Result<Option<Instant>, Error> {
+        let why = match self.side.record(self.claim_id, ids) {
+            Err(e) => {
+                // The INSERT may have committed with its answer lost: forget it, so that a
+                // batch no Sender saw is not charged.
+                self.give_back();
+                return Err(e);
+            }
+            // The server ended the claim (send timeout, terminated session): the rows may
+            // be claimed by another relay already.
+            Ok(false) => {
+                self.rollback();
+                "the server had already ended its transaction"
+            }
+            Ok(true) => {
+                let budget = self.send_timeout / 2;
+                if self.claim_started.elapsed() < budget {
+                    return Ok(Some(self.claim_started + budget));
+                }
+                self.give_back();
+                "the steps before its Sender took more than half the send timeout"
+            }
+        };
+        claimed.set_aside.push(Error::ClaimExpired {
+            messages: ids.len(),
+            waited: self.claim_started.elapsed(),
+            send_timeout: self.send_timeout,
+            why,
+        });
+        Ok(None)
+    }
+
+    /// Gives the open claim back untouched and uncharged: its journal row first, while the
+    /// claim still holds its lock (no recovery can charge it meanwhile), then the rollback.
+    /// If the journal row cannot be deleted, the claim counts as an attempt after all.
+    fn give_back(&mut self) {
+        if !self.open {
+            return;
+        }
+        if let Err(e) = self.side.forget(self.claim_id) {
+            log::warn!("troutbox relay: {e}; the batch given back counts as an attempt");
+        }
+        self.rollback();
     }
 
     /// The messages of a batch to claim alone, in id order: those with charges (claims
@@ -631,7 +695,11 @@ impl<T: MakeTls> PgSession<T> {
     /// the claim's journal row is still there, to the messages no other relay holds now; the
     /// others are charged for the lost claim. Returns what was committed and the number of
     /// messages whose outcome could not be recorded.
-    fn settle_late(&self, settlement: &Settlement) -> Result<(SettleReport, usize), Error> {
+    fn settle_late(
+        &self,
+        settlement: &Settlement,
+        charged: &[(i64, Vec<i32>)],
+    ) -> Result<(SettleReport, usize), Error> {
         let sql = &self.sql;
         let claim_id = self.claim_id;
         let max_retries = i32::try_from(self.max_retries).unwrap_or(i32::MAX);
@@ -645,6 +713,19 @@ impl<T: MakeTls> PgSession<T> {
         let increments: Vec<i32> = r
             .iter()
             .map(|x| i32::from(x.dead || x.attempts > x.message.attempts))
+            .collect();
+        // The attempts each row had when the lost claim read it: the message's, less the
+        // charges the claim added to them.
+        let read: Vec<i32> = r
+            .iter()
+            .map(|x| {
+                let charges = charged
+                    .iter()
+                    .find(|(id, _)| *id == x.message.id)
+                    .map_or(0, |(_, c)| c.len());
+                let charges = u32::try_from(charges).unwrap_or(u32::MAX);
+                attempts_i32(x.message.attempts.saturating_sub(charges))
+            })
             .collect();
         let claimed = sent.len() + failed.len();
         let context = "recording a batch outcome after its transaction was lost";
@@ -664,10 +745,14 @@ impl<T: MakeTls> PgSession<T> {
                     done.push(row.try_get(0)?);
                     report.sent += 1;
                 }
+                if !done.is_empty() {
+                    c.execute(&sql.charges_forget, &[&done])?;
+                }
             }
             if !failed.is_empty() {
-                let params: [&(dyn ToSql + Sync); 5] =
-                    [&failed, &delays, &errors, &max_retries, &increments];
+                // Deletes the charges it counts itself.
+                let params: [&(dyn ToSql + Sync); 6] =
+                    [&failed, &delays, &errors, &max_retries, &increments, &read];
                 for row in c.query(&sql.late_record_failed, &params)? {
                     done.push(row.try_get(0)?);
                     if row.try_get::<_, &str>(1)? == "dead" {
@@ -676,9 +761,6 @@ impl<T: MakeTls> PgSession<T> {
                         report.retried += 1;
                     }
                 }
-            }
-            if !done.is_empty() {
-                c.execute(&sql.charges_forget, &[&done])?;
             }
             let held: Vec<i64> = ours.into_iter().filter(|id| !done.contains(id)).collect();
             if !held.is_empty() {
@@ -909,12 +991,14 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
             }
             self.partial = messages.len() < limit;
             let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
-            if let Err(e) = self.record_claim(&ids) {
-                // Nothing was sent: give the batch back untouched.
-                self.rollback();
-                return Err(e);
+            // Nothing was sent if this fails or the claim expired: the batch goes back
+            // untouched and uncharged.
+            if let Some(send_by) = self.record_claim(&ids, &mut claimed)? {
+                claimed.messages = messages;
+                claimed.send_by = Some(send_by);
+            } else {
+                self.mark = None;
             }
-            claimed.messages = messages;
             return Ok(claimed);
         }
         Ok(claimed)
@@ -961,6 +1045,10 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
         }
     }
 
+    fn release(&mut self) {
+        self.give_back();
+    }
+
     fn is_broken(&self) -> bool {
         self.conn.as_ref().is_none_or(|c| c.client.is_closed())
     }
@@ -974,8 +1062,8 @@ impl<T: MakeTls> PgSession<T> {
         settlement: Settlement,
         error: Option<Error>,
     ) -> (SettleReport, Option<Error>) {
-        self.charged.clear();
-        match self.settle_late(&settlement) {
+        let charged = std::mem::take(&mut self.charged);
+        match self.settle_late(&settlement, &charged) {
             Ok((report, 0)) => {
                 if let Some(e) = &error {
                     log::warn!(

@@ -138,10 +138,20 @@ impl RelaySession for MemorySession {
             }
         }
         self.claimed = batch.iter().map(|m| m.id).collect();
+        let send_by = (!batch.is_empty()).then(|| now + Duration::from_secs(3600));
         Ok(Claimed {
             messages: batch,
+            send_by,
             ..Claimed::default()
         })
+    }
+
+    fn release(&mut self) {
+        let store = self.store.clone();
+        let mut state = store.state();
+        self.unlock_claimed(&mut state);
+        drop(state);
+        store.changed.notify_all();
     }
 
     fn settle(&mut self, settlement: Settlement) -> (SettleReport, Option<Error>) {

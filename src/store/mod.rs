@@ -82,6 +82,9 @@ pub(crate) struct Claimed {
     pub(crate) set_aside: Vec<Error>,
     /// The row transitions committed while claiming.
     pub(crate) report: SettleReport,
+    /// The latest instant the Sender may start on `messages`: until then the claim is
+    /// provably held (see [`RelaySession::claim`]). `None` with no messages.
+    pub(crate) send_by: Option<std::time::Instant>,
 }
 
 impl SettleReport {
@@ -112,7 +115,16 @@ pub(crate) trait RelaySession: Send {
     /// Claims up to `limit` due messages, locking them against other relays until
     /// [`settle`](Self::settle) (or until the session is dropped, which gives them back, and
     /// counts the claim as an attempt). No message to send leaves nothing open.
+    ///
+    /// Messages are returned only while their claim is provably held, with the instant
+    /// ([`Claimed::send_by`]) before which the Sender must start: a claim found ended, or
+    /// one whose steps took too long, is given back (uncharged) and reported as
+    /// [`Error::ClaimExpired`].
     fn claim(&mut self, limit: usize) -> Result<Claimed, Error>;
+
+    /// Gives the open claim back untouched and uncharged: its messages never reached the
+    /// Sender (the worker was replaced, or the claim is past [`Claimed::send_by`]).
+    fn release(&mut self);
 
     /// Records the outcome of the open claim and ends it. Applied atomically: either the
     /// whole settlement is recorded, or (after a lost connection) it is applied afterwards

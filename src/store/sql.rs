@@ -139,6 +139,7 @@ pub(crate) struct Sql {
     pub(crate) return_failed: String,
     pub(crate) journal_insert: String,
     pub(crate) journal_take: String,
+    pub(crate) journal_forget: String,
     pub(crate) late_mark_sent: String,
     pub(crate) late_record_failed: String,
     pub(crate) charges_add: String,
@@ -192,11 +193,16 @@ pub(crate) const MAINTENANCE_ELECTION_TIMEOUTS: &str = "SET LOCAL statement_time
 /// - `lock_timeout` 100 ms: DDL waiting for its lock makes every later claim and INSERT of
 ///   the table queue behind it, so this is also the longest maintenance can stall them; a
 ///   step that times out is put off to the next run.
-/// - no statement timeout, which would cut a move out of the DEFAULT partition short.
+/// - no statement timeout, which would cut a move out of the DEFAULT partition short; but
+///   10 s `idle_in_transaction_session_timeout`: a step holds ACCESS EXCLUSIVE across a few
+///   round trips, and a maintainer that goes silent between them (a frozen network path, a
+///   paused process) would otherwise block every producer INSERT until TCP gives up, hours
+///   later. The server ends such a step within 10 s; the step is done again next run.
 /// - the planner settings of the claim (see [`begin_claim`]): counts of unsent rows go
 ///   through the partial indexes even on partitions never analyzed.
 pub(crate) const MAINTENANCE_STEP_TIMEOUTS: &str = "SET LOCAL lock_timeout = '100ms'; \
-     SET LOCAL statement_timeout = 0; SET LOCAL enable_seqscan = off; \
+     SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = '10s'; \
+     SET LOCAL enable_seqscan = off; \
      SET LOCAL enable_bitmapscan = off; SET LOCAL jit = off";
 
 /// The timeouts a migration relies on: concurrent migrations wait for each other's advisory
@@ -401,10 +407,15 @@ pub(crate) fn listen(channel: &str) -> String {
 /// Unsubscribes a listening connection before it goes back to the pool.
 pub(crate) const UNLISTEN: &str = "UNLISTEN *";
 
-/// Opens the short transactions of the relay's second connection (journal records, late
-/// settlements, recovery, rows set aside), with the same explicit isolation as the claim.
+/// Opens the short transactions of the relay's second connection (late settlements,
+/// recovery, rows set aside), with the same explicit isolation as the claim, and bounded by
+/// the server whatever the client does: a late settlement holds row locks of the outbox
+/// across several round trips, and a client that goes silent in the middle (a frozen
+/// network path, a paused process) must not keep them until TCP gives up, hours later. Each
+/// round trip of these transactions is sub-millisecond; 10 s idle ends a silent one.
 pub(crate) const BEGIN_SIDE: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
-     SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '10s'";
+     SET LOCAL statement_timeout = '60s'; SET LOCAL lock_timeout = '10s'; \
+     SET LOCAL idle_in_transaction_session_timeout = '10s'";
 
 /// An `int8multirange` literal of the message ids of a claim, sent as the text parameter of
 /// [`Sql::journal_insert`]: the runs of consecutive ids as half-open ranges.
@@ -673,9 +684,22 @@ impl Sql {
             // the pending index is mostly runs of consecutive ids, so the row stays a few
             // bytes where an array of 1,000 ids (8 kB) is TOASTed, measured at 0.59 ms per
             // batch of 1,000 against 0.02 ms for 100.
+            //
+            // Only while the claim is provably held: the row goes in only if the claim's
+            // advisory lock is taken (by its transaction). A claim the server has already
+            // ended (send timeout, lost connection) records nothing, and its batch is given
+            // back instead of reaching a Sender while another relay may claim and send the
+            // same rows. Trying the lock costs one lock-table probe; when it succeeds (the
+            // claim is gone) it is released with this statement's own transaction.
             journal_insert: format!(
-                "INSERT INTO {journal} (claim_id, ids) VALUES ($1, $2::text::int8multirange)"
+                "INSERT INTO {journal} (claim_id, ids)
+                 SELECT $1, $2::text::int8multirange
+                 WHERE NOT pg_try_advisory_xact_lock({CLAIM_LOCK_CLASS}, $1)"
             ),
+            // A claim given back before its Sender ran: its journal row goes first (while
+            // the claim still holds its lock, so no recovery can charge it meanwhile), then
+            // the claim rolls back. Nothing is charged for a claim no Sender saw.
+            journal_forget: format!("DELETE FROM {journal} WHERE claim_id = $1"),
             journal_take: format!(
                 "DELETE FROM {journal} WHERE claim_id = $1
                  RETURNING ARRAY(SELECT generate_series(lower(r), upper(r) - 1) FROM unnest(ids) AS r)"
@@ -742,18 +766,35 @@ impl Sql {
             // 0 for a message returned uncharged, the followers of a failed message with
             // per-key ordering), plus the charges the message had; a charged failure is dead
             // once its attempts pass max_retries ($4).
+            //
+            // Only to a row still as the lost claim read it: pending, not locked, and with
+            // the attempts it had then ($6). A row another relay claimed and settled since
+            // (a retry that re-inserted or updated it) has more attempts: its backoff and
+            // error are that relay's, and are not overwritten (the lost claim is charged to
+            // it instead, by the caller). The charges counted are exactly those this
+            // statement deletes (one snapshot), so a charge another late settlement adds
+            // meanwhile is neither counted nor lost.
             late_record_failed: format!(
-                "UPDATE {t} AS m
-                 SET attempts = m.attempts + u.i + ({charged})::int,
+                "WITH u AS (
+                    SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $5::int4[], $6::int4[])
+                        AS u(id, d, e, i, a)),
+                 locked AS MATERIALIZED (
+                    SELECT m.id FROM {t} m JOIN u ON u.id = m.id
+                    WHERE m.id = ANY($1) AND m.state = 'pending' AND m.attempts = u.a
+                    FOR UPDATE OF m SKIP LOCKED),
+                 gone AS (
+                    DELETE FROM {charges} c WHERE c.msg_id IN (SELECT id FROM locked)
+                    RETURNING c.msg_id),
+                 n AS (SELECT msg_id, count(*)::int AS k FROM gone GROUP BY msg_id)
+                 UPDATE {t} AS m
+                 SET attempts = m.attempts + u.i + coalesce(n.k, 0),
                      available_at = clock_timestamp() + u.d * interval '1 millisecond',
-                     state = CASE WHEN u.i > 0 AND m.attempts + u.i + ({charged})::int > $4
+                     state = CASE WHEN u.i > 0 AND m.attempts + u.i + coalesce(n.k, 0) > $4
                                   THEN 'dead' ELSE 'pending' END,
                      last_error = u.e
-                 FROM unnest($1::int8[], $2::int8[], $3::text[], $5::int4[]) AS u(id, d, e, i)
-                 WHERE m.id = u.id AND m.state = 'pending'
-                   AND m.id IN (SELECT id FROM {t} WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)
+                 FROM u LEFT JOIN n ON n.msg_id = u.id
+                 WHERE m.id = u.id AND m.id IN (SELECT id FROM locked)
                  RETURNING m.id, m.state",
-                charged = format_args!("SELECT count(*) FROM {charges} c WHERE c.msg_id = m.id"),
             ),
             // Admin: newest dead messages first, through the dead index.
             dead_list: format!(
