@@ -261,6 +261,22 @@ pub enum Error {
         reason: String,
     },
 
+    /// [`Outbox::start`](crate::Outbox::start) found the store's pool too small for the
+    /// relay: each worker keeps a connection, the claim journal shares one more, and
+    /// `notify(true)` listens on another. With fewer, claims would wait for a connection
+    /// they can never get, and deliver nothing.
+    #[error("the connection pool holds at most {size} connection(s), and the relay needs {needed}: one per worker ({workers}), one for the claim journal{listener}; build the pool with at least {needed}, plus what producers and maintenance use at the same time (troutbox::pool(config, n), or r2d2::Pool::builder().max_size(n)), or start fewer workers", listener = if *notify { ", one for the notify listener" } else { "" })]
+    PoolTooSmall {
+        /// The pool's `max_size`.
+        size: u32,
+        /// Connections the relay keeps while it runs.
+        needed: u32,
+        /// The relay's workers.
+        workers: usize,
+        /// Whether `notify(true)` adds a listening connection.
+        notify: bool,
+    },
+
     /// A claimed batch was given back untouched, before its Sender saw it, because its claim
     /// could no longer be proven held: the steps between the claim and the Sender (recording
     /// the claim in the journal, waiting for a connection) took `waited`, more than half the

@@ -135,13 +135,27 @@ impl<T: MakeTls> Outbox<T> {
     /// Before returning, one connection is taken from the pool and the claim statement is
     /// prepared on it, so an unreachable database or a table that was never migrated is an
     /// error here rather than in the background. Each worker keeps one pooled connection
-    /// while it runs.
+    /// while it runs, the claim journal one more, and `notify(true)` one more: a pool
+    /// smaller than that is [`Error::PoolTooSmall`], which names the size needed.
     ///
     /// Stop the relay with [`Handle::shutdown`]; dropping the handle stops it too.
     pub fn start<S>(&self, sender: S) -> Result<Handle, Error>
     where
         S: Sender + Clone,
     {
+        let config = &self.inner.config;
+        let size = self.inner.store.pool().max_size();
+        let needed = u32::try_from(config.workers)
+            .unwrap_or(u32::MAX)
+            .saturating_add(1 + u32::from(config.notify));
+        if size < needed {
+            return Err(Error::PoolTooSmall {
+                size,
+                needed,
+                workers: config.workers,
+                notify: config.notify,
+            });
+        }
         // A database call of the relay waits at most for a pool checkout (the pool's
         // connection timeout) and then for statements the server bounds by the send
         // timeout; one that has not returned well after both is on a dead connection.

@@ -43,3 +43,65 @@ fn the_recommended_pool_connects_and_fails_fast() {
     // Only a hang guard: the pool's own timeout is 10 s.
     assert!(started.elapsed() < Duration::from_secs(120));
 }
+
+/// Why (issue 21, item 4): a pool smaller than the relay needs used to deliver nothing, for
+/// ever, without a word: each claim took a batch, waited for a connection to record it in
+/// the claim journal, failed, and gave it back, in a loop. The issue's case (a pool of 1,
+/// 100 messages waiting) and r2d2's default pool of 10 under `workers(10)` are now refused
+/// at `start()`, naming the size needed; the size named works.
+#[test]
+fn a_pool_too_small_for_the_relay_is_refused_at_start() {
+    const SCHEMA: &str = "pool_too_small";
+    let admin = common::pool(2);
+    let url: postgres::Config = common::url().parse().unwrap();
+    let manager = || r2d2_postgres::PostgresConnectionManager::new(url.clone(), postgres::NoTls);
+    let tiny = r2d2::Pool::builder()
+        .max_size(1)
+        .connection_timeout(Duration::from_secs(3))
+        .build(manager())
+        .unwrap();
+    let store = common::store(SCHEMA, &admin);
+    let outbox = |pool: &troutbox::PgPool, workers: usize, notify: bool| {
+        troutbox::Outbox::builder(troutbox::PgStore::new(pool.clone()).schema(SCHEMA))
+            .send_timeout(Duration::from_secs(1))
+            .workers(workers)
+            .notify(notify)
+            .poll_interval(Duration::from_millis(5))
+            .build()
+            .unwrap()
+    };
+    let mut conn = admin.get().unwrap();
+    for i in 0..100 {
+        outbox(&admin, 1, false)
+            .add_message(&mut *conn, "k", format!("v{i}").as_bytes())
+            .unwrap();
+    }
+    let deliveries = common::Deliveries::new();
+    match outbox(&tiny, 1, false).start(deliveries.sender()) {
+        Err(Error::PoolTooSmall { size: 1, needed: 2, .. }) => {}
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a relay on a pool of 1 was started"),
+    }
+    let default = r2d2::Pool::new(manager()).unwrap();
+    let err = outbox(&default, 10, false)
+        .start(deliveries.sender())
+        .err()
+        .expect("10 workers on a pool of 10 were started");
+    assert!(matches!(err, Error::PoolTooSmall { size: 10, needed: 11, .. }), "{err}");
+    assert!(err.to_string().contains("needs 11"), "{err}");
+    let err = outbox(&default, 9, true)
+        .start(deliveries.sender())
+        .err()
+        .expect("9 notifying workers on a pool of 10 were started");
+    assert!(err.to_string().contains("needs 11"), "{err}");
+    // The size named is enough.
+    let enough = r2d2::Pool::builder()
+        .max_size(2)
+        .connection_timeout(Duration::from_secs(3))
+        .build(manager())
+        .unwrap();
+    let mut handle = outbox(&enough, 1, false).start(deliveries.sender()).unwrap();
+    assert!(deliveries.wait_for(100, common::PATIENCE));
+    handle.shutdown().unwrap();
+    assert_eq!(deliveries.duplicates(), 0);
+}
