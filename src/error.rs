@@ -198,6 +198,17 @@ pub enum Error {
         source: r2d2::Error,
     },
 
+    /// No pooled connection answered in time: each one the relay tried stayed silent (a
+    /// network path that froze: a stuck proxy or pooler, a paused server VM), or none came
+    /// free. The relay tries again; check the path to PostgreSQL.
+    #[error("no database connection answered within {waited:?} while {context} (is the network path to PostgreSQL frozen, or the pool exhausted?)")]
+    NoAnswer {
+        /// What troutbox was doing.
+        context: &'static str,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+
     /// The Sender returned an error for a batch. The messages it did not mark sent were
     /// recorded as failed and will be retried (or are dead after their retries).
     #[error("sender failed a batch of {batch_size} message(s)")]
@@ -332,7 +343,7 @@ impl Error {
     /// Not a conversion error, nor any other server error.
     pub fn is_connection_error(&self) -> bool {
         match self {
-            Error::Pool { .. } => true,
+            Error::Pool { .. } | Error::NoAnswer { .. } => true,
             Error::Database { error, .. } => match error.code() {
                 Some(code) => code.code().starts_with("08") || code.code().starts_with("57P"),
                 None => error.is_closed() || io_caused(error),

@@ -17,9 +17,11 @@ use crate::store::pg::{MakeTls, PgStore};
 use crate::store::sql::Sql;
 use crate::Error;
 
-/// What a relay's database call may take beyond the send timeout and the pool's
-/// connection timeout before the watchdog presumes its connection dead.
-const STUCK_MARGIN: Duration = Duration::from_secs(5);
+/// What a relay's database call may take beyond the send timeout (or the pool's connection
+/// timeout, if longer) before the watchdog presumes its connection dead. With the defaults
+/// (30 s send timeout) a call is given up on 38 s after it began, and a frozen network path
+/// costs at most `send_timeout + 15 s` of delivery (see RELIABILITY.md, "Frozen paths").
+pub(crate) const STUCK_MARGIN: Duration = Duration::from_secs(8);
 
 /// A transactional outbox on one PostgreSQL table.
 ///
@@ -156,11 +158,15 @@ impl<T: MakeTls> Outbox<T> {
                 notify: config.notify,
             });
         }
-        // A database call of the relay waits at most for a pool checkout (the pool's
-        // connection timeout) and then for statements the server bounds by the send
-        // timeout; one that has not returned well after both is on a dead connection.
-        let stuck_after = self.inner.config.send_timeout
-            + self.inner.store.pool().connection_timeout()
+        // A database call of the relay waits for a pool checkout (bounded by the pool's
+        // connection timeout, see `store::pool::checkout`) or for statements the server
+        // bounds by the send timeout; one that has not returned 8 s after the longer of
+        // the two is on a dead connection.
+        let stuck_after = self
+            .inner
+            .config
+            .send_timeout
+            .max(self.inner.store.pool().connection_timeout())
             + STUCK_MARGIN;
         let relay = PgRelay::new(
             self.inner.store.clone(),

@@ -102,13 +102,14 @@ impl Handle {
     /// `stuck_after` (a connection that a NAT, a load balancer or a proxy dropped without a
     /// word: the call would wait until the kernel gives up, two hours with default
     /// keepalives) is abandoned, reported, and replaced by a new worker from `start`, which
-    /// takes a new connection. The abandoned thread is left detached with its connection;
+    /// takes a new connection (`on_stuck` makes the shared ones suspect too). The abandoned thread is left detached with its connection;
     /// should its call ever return, it leaves without acting on the result. Its claim, if
     /// it held one, is released by the server at the send timeout and accounted for by the
     /// claim journal like any lost claim.
     pub(crate) fn watch<S>(
         &mut self,
         start: impl Fn(usize, Option<S>) -> std::io::Result<Slot> + Send + 'static,
+        on_stuck: impl Fn() + Send + 'static,
         stuck_after: Duration,
         error_handler: ErrorHandler,
     ) -> std::io::Result<()> {
@@ -137,6 +138,8 @@ impl Handle {
                             continue; // no thread to spare now: try again next round
                         };
                         slot.status.abandon();
+                        // Connections the workers share may be on the same frozen path.
+                        on_stuck();
                         // The old thread is dropped from the slot: detached.
                         drop(std::mem::replace(slot, fresh));
                         replaced.fetch_add(1, Ordering::Relaxed);

@@ -61,7 +61,7 @@ impl<T: MakeTls> Listener<T> {
     fn listen(&self) -> Result<(), Error> {
         let context = "listening for notifications";
         let map = |e| self.store.db_error(context)(e);
-        let mut conn = self.store.connection(context)?;
+        let mut conn = self.store.relay_connection(context)?;
         let channel: String = conn
             .query_one(&self.channel_query, &[])
             .and_then(|row| row.try_get(0))

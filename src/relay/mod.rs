@@ -42,6 +42,10 @@ where
     F: Sender + Clone,
 {
     let mut first_session = Some(store.open_session()?);
+    let on_stuck = {
+        let store = store.clone();
+        move || store.suspect_connections()
+    };
     // Nobody ever sends on this channel: dropping the sending side is the signal.
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let wake = wake_tx.clone();
@@ -85,7 +89,12 @@ where
     }
     let mut handle = Handle::new(Some(stop_tx), stop_rx, slots, config, wake, telemetry);
     if spawn_error.is_none() {
-        if let Err(e) = handle.watch(start, config.stuck_after, config.error_handler.clone()) {
+        if let Err(e) = handle.watch(
+            start,
+            on_stuck,
+            config.stuck_after,
+            config.error_handler.clone(),
+        ) {
             spawn_error = Some(e);
         }
     }

@@ -189,6 +189,27 @@ impl<T: MakeTls> SideConnection<T> {
         })
     }
 
+    /// Forgets the connection: a worker was found stuck on a call that never returned (a
+    /// network path that froze), and this connection, idle or in use, is on the same path.
+    /// Waiting users are let go at once and take a new one. The idle one, if any, is checked
+    /// on a thread of its own: back to the pool if it answers, kept by that thread for as
+    /// long as it does not.
+    fn reset(&self) {
+        let mut state = self.lock();
+        state.generation = state.generation.wrapping_add(1);
+        state.busy = false;
+        let idle = state.conn.take();
+        drop(state);
+        self.freed.notify_all();
+        if let Some(mut side) = idle {
+            let _ = std::thread::Builder::new()
+                .name("troutbox-check".into())
+                .spawn(move || {
+                    let _ = side.client.simple_query("");
+                });
+        }
+    }
+
     /// Runs `f` on the connection (taken from the pool when there is none); a connection
     /// that failed is dropped, and a transaction left open by `f` is rolled back.
     fn run<R>(
@@ -251,7 +272,7 @@ impl<T: MakeTls> SideConnection<T> {
         let mut side = match taken.filter(|s| !s.client.is_closed()) {
             Some(side) => side,
             None => {
-                let connected = self.store.connection(context).and_then(|mut client| {
+                let connected = self.store.relay_connection(context).and_then(|mut client| {
                     let record = client
                         .prepare_typed(&self.sql.journal_insert, &[Type::INT4, Type::TEXT])
                         .map_err(self.store.db_error(context))?;
@@ -276,6 +297,10 @@ impl<T: MakeTls> SideConnection<T> {
 
 impl<T: MakeTls> RelayStore for PgRelay<T> {
     type Session = PgSession<T>;
+
+    fn suspect_connections(&self) {
+        self.side.reset();
+    }
 
     fn open_session(&self) -> Result<PgSession<T>, Error> {
         let timeout_ms = self.send_timeout.as_millis().max(1);
@@ -387,7 +412,7 @@ struct Row {
 impl<T: MakeTls> PgSession<T> {
     fn connect(&mut self) -> Result<&mut SessionConn<T>, Error> {
         if self.conn.is_none() {
-            let mut client = self.store.connection("opening a relay session")?;
+            let mut client = self.store.relay_connection("opening a relay session")?;
             let context = "preparing the claim statements";
             let map = self.store.db_error(context);
             let ordered = self.ordered;

@@ -108,6 +108,11 @@ pub(crate) trait RelayStore: Send + Sync + 'static {
     /// Opens a session (for PostgreSQL: takes a connection from the pool and prepares the
     /// claim statement on it).
     fn open_session(&self) -> Result<Self::Session, Error>;
+
+    /// A worker was found stuck in a call that never returned (its connection's network path
+    /// froze): connections shared by the workers and opened before may be on the same path,
+    /// and must not be used again without a bounded check.
+    fn suspect_connections(&self) {}
 }
 
 /// One worker's connection. At most one claim is open at a time.

@@ -200,6 +200,15 @@ impl<T: MakeTls> PgStore<T> {
         self.pool.get().map_err(Error::pool(context))
     }
 
+    /// A connection for the relay's threads, checked to answer in bounded time (see
+    /// [`pool::checkout`](super::pool::checkout)).
+    pub(crate) fn relay_connection(
+        &self,
+        context: &'static str,
+    ) -> Result<PooledConnection<PostgresConnectionManager<T>>, Error> {
+        super::pool::checkout(&self.pool, context)
+    }
+
     /// The table's unqualified name, as the schema's table of modes records it.
     #[cfg(feature = "diesel")]
     pub(crate) fn table_name(&self) -> &str {
