@@ -146,7 +146,8 @@ fn with_the_defaults_a_frozen_path_costs_at_most_send_timeout_plus_15_s() {
     let producer = Outbox::builder(PgStore::new(direct.clone()).schema(SCHEMA))
         .build()
         .unwrap();
-    let delivered: Arc<Mutex<(HashSet<Vec<u8>>, Option<Instant>)>> = Arc::default();
+    type Seen = (HashSet<Vec<u8>>, Option<Instant>);
+    let delivered: Arc<Mutex<Seen>> = Arc::default();
     let d = delivered.clone();
     let mut handle = outbox
         .start(move |batch: &mut Batch| -> Result<(), String> {

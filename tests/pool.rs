@@ -60,7 +60,7 @@ fn a_pool_too_small_for_the_relay_is_refused_at_start() {
         .connection_timeout(Duration::from_secs(3))
         .build(manager())
         .unwrap();
-    let store = common::store(SCHEMA, &admin);
+    common::store(SCHEMA, &admin);
     let outbox = |pool: &troutbox::PgPool, workers: usize, notify: bool| {
         troutbox::Outbox::builder(troutbox::PgStore::new(pool.clone()).schema(SCHEMA))
             .send_timeout(Duration::from_secs(1))
@@ -85,14 +85,12 @@ fn a_pool_too_small_for_the_relay_is_refused_at_start() {
     let default = r2d2::Pool::new(manager()).unwrap();
     let err = outbox(&default, 10, false)
         .start(deliveries.sender())
-        .err()
-        .expect("10 workers on a pool of 10 were started");
+        .expect_err("10 workers on a pool of 10 were started");
     assert!(matches!(err, Error::PoolTooSmall { size: 10, needed: 11, .. }), "{err}");
     assert!(err.to_string().contains("needs 11"), "{err}");
     let err = outbox(&default, 9, true)
         .start(deliveries.sender())
-        .err()
-        .expect("9 notifying workers on a pool of 10 were started");
+        .expect_err("9 notifying workers on a pool of 10 were started");
     assert!(err.to_string().contains("needs 11"), "{err}");
     // The size named is enough.
     let enough = r2d2::Pool::builder()
