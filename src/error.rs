@@ -288,6 +288,15 @@ pub enum Error {
         notify: bool,
     },
 
+    /// A step of the claim protocol failed because a test told it to (feature
+    /// `failpoints`, see [`fault_points`](crate::fault_points)). Never in a normal build.
+    #[cfg(feature = "failpoints")]
+    #[error("fault injected at {point}")]
+    Injected {
+        /// The fault point.
+        point: &'static str,
+    },
+
     /// A claimed batch was given back untouched, before its Sender saw it, because its claim
     /// could no longer be proven held: the steps between the claim and the Sender (recording
     /// the claim in the journal, waiting for a connection) took `waited`, more than half the

@@ -71,6 +71,15 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
+#[macro_use]
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+mod fault;
+#[cfg(feature = "failpoints")]
+#[cfg_attr(docsrs, doc(cfg(feature = "failpoints")))]
+/// Named fault points of the claim protocol (feature `failpoints`).
+pub mod fault_points {
+    pub use crate::fault::*;
+}
 mod backoff;
 mod config;
 mod error;

@@ -153,6 +153,8 @@ impl<T: MakeTls> PgStore<T> {
             let name = parts.partition_name(*start);
             let step = begin_step(&mut conn).and_then(|mut tx| {
                 tx.batch_execute(&parts.create_partition(*start, start + interval))?;
+                // Holding the table's lock.
+                fault_point!(crate::fault::MAINTENANCE_STEP);
                 tx.commit()
             });
             match step {
@@ -185,6 +187,7 @@ impl<T: MakeTls> PgStore<T> {
             // (under the lock nothing can change it) and the drop.
             let step = (|| {
                 tx.batch_execute(&parts.lock_parent())?;
+                fault_point!(crate::fault::MAINTENANCE_STEP);
                 let unsent: bool = tx.query_one(&parts.any_unsent(*start), &[])?.try_get(0)?;
                 if !unsent {
                     tx.batch_execute(&parts.drop_partition(*start))?;

@@ -41,7 +41,11 @@ where
     S: RelayStore,
     F: Sender + Clone,
 {
-    let mut first_session = Some(store.open_session()?);
+    // A panic while opening it (a bug: the workers survive theirs) is an error here too,
+    // never a panic in the caller's thread.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.open_session()))
+        .map_err(|payload| Error::WorkerPanicked(crate::error::panic_message(&*payload)))?;
+    let mut first_session = Some(opened?);
     let on_stuck = {
         let store = store.clone();
         move || store.suspect_connections()

@@ -59,6 +59,8 @@ pub(crate) struct Worker<S: RelayStore, F: Sender + Clone> {
     _done: ChannelSender<()>,
     /// What the handle's health check reads.
     status: Arc<WorkerStatus>,
+    /// A claim is open that no Sender has seen yet (a panic gives it back uncharged).
+    unsent: bool,
 }
 
 impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
@@ -93,6 +95,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             _wake_tx: wake_tx,
             _done: done,
             status,
+            unsent: false,
         }
     }
 
@@ -114,6 +117,14 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
                 Ok(stop) => stop,
                 Err(payload) => {
                     let message = panic_message(&*payload);
+                    if std::mem::take(&mut self.unsent) {
+                        // The claim never reached its Sender: give it back uncharged.
+                        let _ = panic::catch_unwind(AssertUnwindSafe(|| {
+                            if let Some(session) = self.session.as_mut() {
+                                session.release();
+                            }
+                        }));
+                    }
                     let _ = panic::catch_unwind(AssertUnwindSafe(|| self.session = None));
                     self.session = None;
                     self.report(&Error::WorkerPanicked(message));
@@ -182,6 +193,9 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             crate::observability::otel::links(&messages),
         );
         self.record_latencies(&messages);
+        // From here until the Sender returns, a panic gives the claim back uncharged.
+        self.unsent = true;
+        fault_point!(crate::fault::BEFORE_SENDER);
         // The last check before the Sender: the claim is provably held until `send_by`.
         if let Some(late) = claimed
             .send_by
@@ -190,6 +204,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             // `send_by` is half the send timeout after the claim.
             let waited = late + self.send_timeout / 2;
             let count = messages.len();
+            self.unsent = false;
             if let Some(session) = self.session.as_mut() {
                 session.release();
             }
@@ -204,7 +219,9 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             });
             return false;
         }
+        self.unsent = false;
         let (settlement, sender_error) = self.deliver(messages);
+        fault_point!(crate::fault::AFTER_SENDER);
         let whole_batch_failed = sender_error.is_some() && settlement.sent.is_empty();
         #[cfg(feature = "opentelemetry")]
         let dead: Vec<(i64, u32, String)> = settlement

@@ -249,9 +249,24 @@ impl<T: MakeTls> SideConnection<T> {
         let generation = state.generation;
         let taken = state.conn.take();
         drop(state);
-        let result = self.use_connection(taken, context, f);
+        // A panic inside (a bug, an injected fault) must neither leave the slot busy nor
+        // put a connection with an open transaction back into the pool.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.use_connection(taken, context, f)
+        }));
+        let (side, result) = match result {
+            Ok(done) => done,
+            Err(payload) => {
+                let mut state = self.lock();
+                if state.generation == generation {
+                    state.busy = false;
+                    self.freed.notify_one();
+                }
+                drop(state);
+                std::panic::resume_unwind(payload)
+            }
+        };
         // Hand the slot back, unless this use was given up on meanwhile.
-        let (side, result) = result;
         let mut state = self.lock();
         if state.generation == generation {
             state.busy = false;
@@ -284,7 +299,21 @@ impl<T: MakeTls> SideConnection<T> {
                 }
             }
         };
-        match f(&mut side.client, &side.record) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            f(&mut side.client, &side.record)
+        }));
+        let result = match result {
+            Ok(result) => result,
+            Err(payload) => {
+                // Never let a connection go back to the pool with a transaction open.
+                if !side.client.is_closed() {
+                    let _ = side.client.batch_execute(sql::ROLLBACK);
+                }
+                drop(side);
+                std::panic::resume_unwind(payload)
+            }
+        };
+        match result {
             Ok(r) => (Some(side), Ok(r)),
             Err(e) => {
                 let usable =
@@ -488,6 +517,7 @@ impl<T: MakeTls> PgSession<T> {
         if cleanup {
             self.last_cleanup = Instant::now();
         }
+        fault_point!(crate::fault::RECOVERY);
         let sql = &self.sql;
         let result = self.side.run("charging abandoned claims", |c| {
             c.batch_execute(sql::BEGIN_SIDE)?;
@@ -517,6 +547,7 @@ impl<T: MakeTls> PgSession<T> {
 
     /// Runs one claim statement in a new (or begun) claim transaction, leaving it open.
     fn claim_rows(&mut self, kind: ClaimKind) -> Result<Vec<postgres::Row>, Error> {
+        fault_point!(crate::fault::CLAIM_BEGIN, return);
         let begun = std::mem::take(&mut self.begun);
         let begin = (!begun).then(|| self.begin_next());
         self.connect()?;
@@ -528,6 +559,14 @@ impl<T: MakeTls> PgSession<T> {
             if let Err(e) = conn.client.batch_execute(&begin) {
                 return Err(self.fail("opening a claim transaction", e));
             }
+        }
+        let fault = (|| {
+            fault_point!(crate::fault::CLAIM_STATEMENT, return);
+            Ok(())
+        })();
+        if let Err(e) = fault {
+            self.rollback();
+            return Err(e);
         }
         let conn = self.conn.as_mut().expect("connected above");
         self.claim_started = Instant::now();
@@ -569,6 +608,7 @@ impl<T: MakeTls> PgSession<T> {
     /// Sets undecodable rows aside as dead, after the claim that found them was rolled back.
     fn set_aside(&self, bad: Vec<(i64, Undecodable)>, claimed: &mut Claimed) {
         for (id, why) in bad {
+            fault_point!(crate::fault::SET_ASIDE);
             let reason = storable_text(&why.to_string());
             let statement = self.sql.set_aside.clone();
             let result = self.side.run("setting an undecodable message aside", |c| {
@@ -631,7 +671,11 @@ impl<T: MakeTls> PgSession<T> {
         ids: &[i64],
         claimed: &mut Claimed,
     ) -> Result<Option<Instant>, Error> {
-        let why = match self.side.record(self.claim_id, ids) {
+        let recorded = (|| {
+            fault_point!(crate::fault::JOURNAL_RECORD, return);
+            self.side.record(self.claim_id, ids)
+        })();
+        let why = match recorded {
             Err(e) => {
                 // The INSERT may have committed with its answer lost: forget it, so that a
                 // batch no Sender saw is not charged.
@@ -753,6 +797,7 @@ impl<T: MakeTls> PgSession<T> {
             })
             .collect();
         let claimed = sent.len() + failed.len();
+        fault_point!(crate::fault::LATE_SETTLE, return);
         let context = "recording a batch outcome after its transaction was lost";
         self.side.run(context, |c| {
             c.batch_execute(sql::BEGIN_SIDE)?;
@@ -763,6 +808,7 @@ impl<T: MakeTls> PgSession<T> {
                 return Ok((SettleReport::default(), claimed));
             };
             let ours: Vec<i64> = row.try_get(0)?;
+            fault_point!(crate::fault::LATE_SETTLE_MID);
             let mut report = SettleReport::default();
             let mut done: Vec<i64> = Vec::new();
             if !sent.is_empty() {
@@ -1048,12 +1094,23 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
         } else {
             format!("{forget}; {}", sql::COMMIT)
         };
+        let injected = (|| {
+            fault_point!(crate::fault::SETTLE, return);
+            Ok(())
+        })();
+        if let Err(e) = injected {
+            // As if the statement had failed: the claim transaction is gone.
+            self.rollback();
+            self.claim_id = settling;
+            return self.settle_lost(settlement, Some(e));
+        }
         let conn = self.conn.as_mut().expect("checked above");
         let mut result = Ok(());
         if !settlement.returned.is_empty() {
             let keep = self.store.retention_config().keep.is_some();
             result = return_failed(&mut conn.client, &self.sql, &settlement, keep);
         }
+        fault_point!(crate::fault::COMMIT);
         let result = result.and_then(|()| conn.client.batch_execute(&end));
         match result {
             Ok(()) => {
