@@ -66,6 +66,7 @@ macro_rules! fault_point {
     ($name:expr, return) => {
         #[cfg(feature = "failpoints")]
         if fail::eval($name, |_| ()).is_some() {
+            log::warn!("troutbox: fault injected at {}", $name);
             return Err($crate::Error::Injected { point: $name });
         }
     };

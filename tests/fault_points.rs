@@ -32,6 +32,41 @@ use troutbox::{Backoff, Batch, NewMessage, Outbox, PgPool, PgStore, Retention};
 /// The tests of this binary configure the process-wide fail points: one at a time.
 static TURN: Mutex<()> = Mutex::new(());
 
+/// Log lines saying a fault was injected (`fault injected at <point>`), as seen by the
+/// logger this binary installs.
+static INJECTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+struct InjectionLog;
+
+impl log::Log for InjectionLog {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        let text = record.args().to_string();
+        if text.contains("fault injected") {
+            INJECTED.lock().unwrap_or_else(|p| p.into_inner()).push(text);
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn install_logger() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::set_logger(&InjectionLog).unwrap();
+        log::set_max_level(log::LevelFilter::Warn);
+    });
+}
+
+fn injected_at(point: &str) -> bool {
+    INJECTED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .any(|line| line.ends_with(point))
+}
+
 const SEND_TIMEOUT: Duration = Duration::from_millis(500);
 const BATCH: usize = 10;
 const KEYS: usize = 3;
@@ -110,7 +145,7 @@ fn applies(point: &str, fault: Fault, mode: Mode) -> bool {
     if point == fp::MAINTENANCE_STEP {
         // Partition maintenance exists in keep-sent mode only; its process dying is its
         // connection closing, which Terminate covers.
-        return mode == Mode::Keep && fault != Fault::Abort;
+        return mode == Mode::Keep && fault != Fault::Abort && fault != Fault::Error;
     }
     match fault {
         Fault::Error => FALLIBLE.contains(&point),
@@ -163,17 +198,25 @@ fn case_store(pool: &PgPool, schema: &str, mode: Mode) -> PgStore {
         })
 }
 
-fn outbox(store: &PgStore, mode: Mode) -> Outbox {
+/// Errors the relays of a case reported, as text: how a panic or a returned error at a fault
+/// point is seen to have fired.
+type Reported = Arc<Mutex<Vec<String>>>;
+
+/// The case's outbox: 2 workers (so that another claimer competes), 1 where the case needs
+/// a lost claim's late settlement to find its journal row (a second worker would charge the
+/// lost claim first, and the late settlement would have nothing to record).
+fn outbox(store: &PgStore, mode: Mode, workers: usize, reported: &Reported) -> Outbox {
+    let reported = reported.clone();
     Outbox::builder(store.clone())
         .per_key_ordering(mode == Mode::Ordered)
         .send_timeout(SEND_TIMEOUT)
         .batch_size(BATCH)
-        .workers(2)
+        .workers(workers)
         .max_retries(5)
         .backoff(fast_backoff())
         .poll_interval(Duration::from_millis(5))
         .shutdown_timeout(Duration::from_secs(5))
-        .error_handler(|_| {})
+        .error_handler(move |e| reported.lock().unwrap().push(e.to_string()))
         .build()
         .unwrap()
 }
@@ -186,11 +229,15 @@ struct InFlight {
 }
 
 /// A Sender that records each delivery durably (`deliveries`: id, key, attempts) before it
-/// returns, so that deliveries by a child process that then aborts are counted too. With
+/// returns, so that deliveries by a child process that then aborts are counted too. It
+/// refuses the first message of `key-1` it meets once (`mark_failed`, recorded in `refused`)
+/// and, with per-key ordering, leaves the key's later messages of that batch unmarked and
+/// unpublished before returning `Ok`: the pattern docs/ordering.md allows. With
 /// `slow_first`, its first batch outlives the send timeout (forcing a late settlement).
 fn sender(
-    pool: PgPool,
+    record: PgPool,
     schema: &str,
+    ordered: bool,
     in_flight: Arc<InFlight>,
     slow_first: bool,
 ) -> impl FnMut(&mut Batch) -> Result<(), String> + Clone + Send + 'static {
@@ -198,7 +245,9 @@ fn sender(
         "INSERT INTO \"{schema}\".deliveries (msg_id, key, attempts)
          SELECT * FROM unnest($1::int8[], $2::text[], $3::int4[])"
     );
+    let refuse = format!("INSERT INTO \"{schema}\".refused (msg_id) VALUES ($1)");
     let first = Arc::new(AtomicBool::new(slow_first));
+    let refusal = Arc::new(AtomicBool::new(true));
     move |batch: &mut Batch| {
         let ids: Vec<i64> = batch.iter().map(|m| m.id()).collect();
         let slow = first.swap(false, Ordering::SeqCst);
@@ -216,15 +265,29 @@ fn sender(
                 }
             }
         }
-        let keys: Vec<String> = batch.iter().map(|m| m.key().to_owned()).collect();
-        let attempts: Vec<i32> = batch.iter().map(|m| m.attempts() as i32).collect();
-        let result = pool
-            .get()
-            .map_err(|e| e.to_string())
-            .and_then(|mut c| {
-                c.execute(&insert, &[&ids, &keys, &attempts])
-                    .map_err(|e| e.to_string())
-            });
+        let mut conn = record.get().map_err(|e| e.to_string());
+        let mut published = (Vec::new(), Vec::new(), Vec::new());
+        let mut refused_key = None;
+        for m in batch.iter_mut() {
+            if refused_key.as_deref() == Some(m.key()) && ordered {
+                continue; // not published, left unmarked
+            }
+            if m.key() == "key-1" && refusal.swap(false, Ordering::SeqCst) {
+                if let Ok(c) = conn.as_mut() {
+                    let _ = c.execute(&refuse, &[&m.id()]);
+                }
+                m.mark_failed("refused once");
+                refused_key = Some(m.key().to_owned());
+                continue;
+            }
+            published.0.push(m.id());
+            published.1.push(m.key().to_owned());
+            published.2.push(m.attempts() as i32);
+        }
+        let result = conn.and_then(|mut c| {
+            c.execute(&insert, &[&published.0, &published.1, &published.2])
+                .map_err(|e| e.to_string())
+        });
         if !slow {
             let mut held = in_flight.ids.lock().unwrap();
             for id in &ids {
@@ -232,6 +295,38 @@ fn sender(
             }
         }
         result.map(|_| ())
+    }
+}
+
+/// Starts `mode`'s relay on the smallest pool `start` accepts (it refuses pools too small
+/// for the relay): a relay that needs more connections than `start` checks for would starve
+/// here. Connections carry the schema as their application name. A fault while `start`
+/// opens its first session is an error there: it is started again, as a supervisor would.
+fn start_on_smallest_pool<F>(
+    schema: &str,
+    mode: Mode,
+    workers: usize,
+    reported: &Reported,
+    sender: F,
+) -> (troutbox::Handle, Outbox)
+where
+    F: FnMut(&mut Batch) -> Result<(), String> + Clone + Send + 'static,
+{
+    let mut retried = false;
+    let mut size = 1;
+    loop {
+        assert!(size <= 16, "start() accepted no pool up to 16 connections");
+        let pool = named_pool(schema, size);
+        let relay = outbox(&case_store(&pool, schema, mode), mode, workers, reported);
+        match relay.start(sender.clone()) {
+            Ok(handle) => return (handle, relay),
+            Err(troutbox::Error::PoolTooSmall { needed, .. }) => size = needed,
+            Err(e) if !retried => {
+                retried = true;
+                reported.lock().unwrap().push(e.to_string());
+            }
+            Err(e) => panic!("{e}"),
+        }
     }
 }
 
@@ -244,7 +339,7 @@ fn prepare(admin: &PgPool, store: &PgStore, schema: &str, mode: Mode) -> Vec<i64
         .unwrap()
         .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
         .unwrap();
-    let producer = outbox(store, mode);
+    let producer = outbox(store, mode, 1, &Reported::default());
     producer.migrate().unwrap();
     if mode == Mode::Keep {
         store.run_maintenance_once().unwrap();
@@ -254,6 +349,7 @@ fn prepare(admin: &PgPool, store: &PgStore, schema: &str, mode: Mode) -> Vec<i64
         "CREATE TABLE \"{schema}\".deliveries (
             seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             msg_id bigint NOT NULL, key text NOT NULL, attempts int NOT NULL);
+         CREATE TABLE \"{schema}\".refused (msg_id bigint NOT NULL);
          INSERT INTO \"{schema}\".outbox_messages (key, value, headers) VALUES ('bad', '', '{{a}}');"
     ))
     .unwrap();
@@ -292,10 +388,9 @@ fn prepare(admin: &PgPool, store: &PgStore, schema: &str, mode: Mode) -> Vec<i64
 }
 
 /// Terminates every backend of application `name` (the relay's connections), once.
-fn terminate_once(name: String) -> impl Fn() + Send + Sync + 'static {
-    let done = AtomicBool::new(false);
+fn terminate_once(name: String, fired: Arc<AtomicBool>) -> impl Fn() + Send + Sync + 'static {
     move || {
-        if done.swap(true, Ordering::SeqCst) {
+        if fired.swap(true, Ordering::SeqCst) {
             return;
         }
         let mut c = postgres::Client::connect(&common::url(), postgres::NoTls).unwrap();
@@ -317,6 +412,7 @@ struct Found {
     max_attempts: i32,
     order_violations: usize,
     left_open: i64,
+    fired: bool,
 }
 
 fn check(admin: &PgPool, schema: &str, committed: &[i64], overlaps: u64) -> Found {
@@ -328,6 +424,14 @@ fn check(admin: &PgPool, schema: &str, committed: &[i64], overlaps: u64) -> Foun
         )
         .unwrap();
     let committed_set: HashSet<i64> = committed.iter().copied().collect();
+    // Messages the Sender refused once: one attempt each that no fault charged.
+    let mut refused: HashMap<i64, i32> = HashMap::new();
+    for r in conn
+        .query(&format!("SELECT msg_id FROM \"{schema}\".refused"), &[])
+        .unwrap()
+    {
+        *refused.entry(r.get(0)).or_insert(0) += 1;
+    }
     let mut seen: HashMap<i64, usize> = HashMap::new();
     let mut last_of_key: HashMap<String, i64> = HashMap::new();
     let mut found = Found {
@@ -336,7 +440,8 @@ fn check(admin: &PgPool, schema: &str, committed: &[i64], overlaps: u64) -> Foun
     };
     for r in &rows {
         let (id, key, attempts): (i64, String, i32) = (r.get(0), r.get(1), r.get(2));
-        found.max_attempts = found.max_attempts.max(attempts);
+        let honest = refused.get(&id).copied().unwrap_or(0);
+        found.max_attempts = found.max_attempts.max(attempts - honest);
         if !committed_set.contains(&id) {
             found.phantoms += 1;
         }
@@ -378,21 +483,21 @@ fn fault_point_child() {
     let schema = std::env::var(CHILD_SCHEMA).expect("run by the matrix, not by itself");
     let mode = Mode::parse(&std::env::var(CHILD_MODE).unwrap());
     let point = std::env::var(CHILD_POINT).unwrap();
-    let pool = named_pool(&schema, 6);
-    let store = case_store(&pool, &schema, mode);
     fail::cfg_callback(point.clone(), || std::process::abort()).unwrap();
-    let relay = outbox(&store, mode);
-    let _handle = relay
-        .start(sender(
-            pool.clone(),
+    let record = named_pool("fp_record", 2);
+    let _relay = start_on_smallest_pool(
+        &schema,
+        mode,
+        if needs_lost_claim(&point) { 1 } else { 2 },
+        &Reported::default(),
+        sender(
+            record,
             &schema,
+            mode == Mode::Ordered,
             Arc::default(),
             needs_lost_claim(&point),
-        ))
-        .unwrap();
-    if point == fp::MAINTENANCE_STEP {
-        let _ = store.run_maintenance_once();
-    }
+        ),
+    );
     loop {
         std::thread::park();
     }
@@ -402,11 +507,14 @@ fn fault_point_child() {
 /// child).
 fn run_case(admin: &PgPool, mode: Mode, point: &'static str, fault: Fault, index: usize) -> Found {
     let schema = format!("fp_{}_{index}", mode.name());
-    let pool = named_pool(&schema, 6);
-    let store = case_store(&pool, &schema, mode);
+    // Setting up and maintenance: a store of their own, on the admin pool.
+    let store = case_store(admin, &schema, mode);
     let committed = prepare(admin, &store, &schema, mode);
     let slow_first = needs_lost_claim(point);
     let in_flight = Arc::new(InFlight::default());
+    let reported = Reported::default();
+    // Whether the fault was seen to fire: a case whose fault never fires proves nothing.
+    let fired = Arc::new(AtomicBool::new(false));
 
     if fault == Fault::Abort {
         let mut child = Command::new(std::env::current_exe().unwrap())
@@ -429,41 +537,57 @@ fn run_case(admin: &PgPool, mode: Mode, point: &'static str, fault: Fault, index
             }
             std::thread::sleep(Duration::from_millis(20)); // polling a child's exit
         };
-        if exited.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{mode:?} {point} abort: the child never reached the fault point");
+        match exited {
+            Some(status) if status.code().is_none() => fired.store(true, Ordering::SeqCst),
+            Some(status) => panic!("{mode:?} {point}: the child exited with {status}"),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     } else {
         match fault {
             Fault::Panic => fail::cfg(point, "1*panic(injected)").unwrap(),
-            Fault::Delay => fail::cfg(
-                point,
-                &format!("1*sleep({})", (SEND_TIMEOUT + Duration::from_millis(300)).as_millis()),
-            )
-            .unwrap(),
+            Fault::Delay => {
+                let fired = fired.clone();
+                fail::cfg_callback(point, move || {
+                    if !fired.swap(true, Ordering::SeqCst) {
+                        std::thread::sleep(SEND_TIMEOUT + Duration::from_millis(300));
+                    }
+                })
+                .unwrap()
+            }
             Fault::Error => fail::cfg(point, "1*return").unwrap(),
-            Fault::Terminate => fail::cfg_callback(point, terminate_once(schema.clone())).unwrap(),
+            Fault::Terminate => {
+                fail::cfg_callback(point, terminate_once(schema.clone(), fired.clone())).unwrap()
+            }
             Fault::Abort => unreachable!(),
         }
     }
     // The relay that runs through the fault (or, after an abort, the one that takes over).
-    let relay = outbox(&store, mode);
-    let start = || {
-        relay.start(sender(
-            pool.clone(),
+    let record = named_pool("fp_record", 3);
+    let workers = if slow_first { 1 } else { 2 };
+    let (mut handle, relay) = start_on_smallest_pool(
+        &schema,
+        mode,
+        workers,
+        &reported,
+        sender(
+            record,
             &schema,
+            mode == Mode::Ordered,
             in_flight.clone(),
             slow_first && fault != Fault::Abort,
-        ))
-    };
-    // A fault while `start` opens the first session is an error there: start again, as a
-    // supervisor would (the fault fires once).
-    let mut handle = start().or_else(|_| start()).unwrap();
+        ),
+    );
     if point == fp::MAINTENANCE_STEP {
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             store.run_maintenance_once()
-        }));
+        })) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => reported.lock().unwrap().push(e.to_string()),
+            Err(_) => reported.lock().unwrap().push("maintenance panicked: injected".into()),
+        }
     }
     let delivered = format!("SELECT count(DISTINCT msg_id) FROM \"{schema}\".deliveries");
     let all = eventually(PATIENCE, || {
@@ -473,8 +597,10 @@ fn run_case(admin: &PgPool, mode: Mode, point: &'static str, fault: Fault, index
     let _ = handle.shutdown();
     drop(relay);
     drop(store);
-    drop(pool);
     let mut found = check(admin, &schema, &committed, in_flight.overlaps.load(Ordering::SeqCst));
+    found.fired = fired.load(Ordering::SeqCst)
+        || injected_at(point)
+        || reported.lock().unwrap().iter().any(|e| e.contains("injected"));
     // Threads left sleeping in a delay end within a second; their transactions with them.
     eventually(Duration::from_secs(15), || left_open(admin, &schema) == 0);
     found.left_open = left_open(admin, &schema);
@@ -489,6 +615,8 @@ fn run_case(admin: &PgPool, mode: Mode, point: &'static str, fault: Fault, index
 
 fn run_matrix(mode: Mode) {
     let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    install_logger();
+    INJECTED.lock().unwrap_or_else(|p| p.into_inner()).clear();
     let admin = common::pool(4);
     let started = Instant::now();
     let mut failures = Vec::new();
@@ -503,6 +631,9 @@ fn run_matrix(mode: Mode) {
             let found = run_case(&admin, mode, point, fault, p * 10 + f);
             duplicates += found.duplicates;
             let mut wrong = Vec::new();
+            if !found.fired {
+                wrong.push("the fault never fired");
+            }
             if found.lost > 0 {
                 wrong.push("committed messages lost");
             }
@@ -516,12 +647,19 @@ fn run_matrix(mode: Mode) {
             if found.duplicates > 2 * BATCH {
                 wrong.push("duplicates past the bound");
             }
-            let charge_bound =
-                if BEFORE_ANY_SENDER.contains(&point) && !(fault == Fault::Abort && point == fp::BEFORE_SENDER) {
-                    0
-                } else {
-                    1
-                };
+            // Nothing is charged for a claim no Sender saw, except: an abort between the
+            // journal record and the Sender; a worker stalled there past the send timeout,
+            // whose claim the server ended and another worker's recovery charged (taken back
+            // unless already counted); and a termination, which also ends the claims of the
+            // other worker, whose Sender may have run. See RELIABILITY.md.
+            let charge_bound = if BEFORE_ANY_SENDER.contains(&point)
+                && fault != Fault::Terminate
+                && !(point == fp::BEFORE_SENDER && matches!(fault, Fault::Abort | Fault::Delay))
+            {
+                0
+            } else {
+                1
+            };
             if found.max_attempts > charge_bound {
                 wrong.push("an attempt charged past the bound");
             }

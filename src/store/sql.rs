@@ -698,8 +698,14 @@ impl Sql {
             ),
             // A claim given back before its Sender ran: its journal row goes first (while
             // the claim still holds its lock, so no recovery can charge it meanwhile), then
-            // the claim rolls back. Nothing is charged for a claim no Sender saw.
-            journal_forget: format!("DELETE FROM {journal} WHERE claim_id = $1"),
+            // the claim rolls back. Nothing is charged for a claim no Sender saw. If the
+            // server had already ended the claim (its worker stalled past the send timeout
+            // before the Sender) and a recovery charged it, the charges not yet counted
+            // into a message's attempts are taken back too.
+            journal_forget: format!(
+                "WITH j AS (DELETE FROM {journal} WHERE claim_id = $1 RETURNING 1)
+                 DELETE FROM {charges} WHERE claim_id = $1 AND NOT EXISTS (SELECT 1 FROM j)"
+            ),
             journal_take: format!(
                 "DELETE FROM {journal} WHERE claim_id = $1
                  RETURNING ARRAY(SELECT generate_series(lower(r), upper(r) - 1) FROM unnest(ids) AS r)"
