@@ -30,7 +30,8 @@ pub const COMMIT: &str = "troutbox::claim::commit";
 /// connection (before that transaction begins).
 pub const LATE_SETTLE: &str = "troutbox::claim::late_settle";
 /// Inside the late settlement's transaction, after it took the claim's journal row and
-/// before it updates the messages (row locks of the outbox held).
+/// recorded the outcome of the messages nobody holds (their row locks held), before it
+/// charges the others and commits.
 pub const LATE_SETTLE_MID: &str = "troutbox::claim::late_settle_mid";
 /// Abandoned claims are about to be turned into charges.
 pub const RECOVERY: &str = "troutbox::claim::recovery";

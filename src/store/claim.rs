@@ -808,7 +808,6 @@ impl<T: MakeTls> PgSession<T> {
                 return Ok((SettleReport::default(), claimed));
             };
             let ours: Vec<i64> = row.try_get(0)?;
-            fault_point!(crate::fault::LATE_SETTLE_MID);
             let mut report = SettleReport::default();
             let mut done: Vec<i64> = Vec::new();
             if !sent.is_empty() {
@@ -833,6 +832,7 @@ impl<T: MakeTls> PgSession<T> {
                     }
                 }
             }
+            fault_point!(crate::fault::LATE_SETTLE_MID);
             let held: Vec<i64> = ours.into_iter().filter(|id| !done.contains(id)).collect();
             if !held.is_empty() {
                 c.execute(&sql.charges_add, &[&held, &claim_id])?;
