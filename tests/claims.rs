@@ -666,3 +666,96 @@ fn a_claim_whose_recording_waits_too_long_is_given_back_uncharged() {
     );
     assert_eq!(deliveries.duplicates(), 0);
 }
+
+/// Why (issue 21, item 6): when a claim is lost (its Sender outlived the send timeout) and
+/// another relay claims and fails the same message meanwhile, the lost claim's late outcome
+/// used to overwrite that retry: its error, its backoff (reset to the lost claim's) and one
+/// more attempt on top. Here relay A's claim is lost while its Sender waits; relay B, whose
+/// backoff is an hour, claims the message and fails it; then A's Sender fails it too. B's
+/// retry must stand (its error, its hour), and A's lost claim be charged once, as a charge.
+#[test]
+fn a_late_failure_never_overwrites_a_retry_committed_since() {
+    const SCHEMA: &str = "claims_late_overwrite";
+    const CLAIM_CLASS: i32 = 0x7472_6f75;
+    let pool = pool(8);
+    let store = store(SCHEMA, &pool);
+    let relay = |send_timeout: Duration, backoff: Duration| {
+        Outbox::builder(store.clone())
+            .send_timeout(send_timeout)
+            .max_retries(5)
+            .backoff(Backoff::exponential(backoff, backoff).without_jitter())
+            .poll_interval(Duration::from_millis(5))
+            .error_handler(|_| {})
+            .build()
+            .unwrap()
+    };
+    let a = relay(Duration::from_millis(300), Duration::from_millis(10));
+    a.add_message(&mut *pool.get().unwrap(), "k", b"contested")
+        .unwrap();
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+    let mut a_handle = a
+        .start(move |_: &mut Batch| -> Result<(), String> {
+            let _ = entered_tx.try_send(());
+            let _ = go_rx.recv_timeout(PATIENCE);
+            Err("A failed".into())
+        })
+        .unwrap();
+    entered_rx.recv_timeout(PATIENCE).unwrap();
+    // A's claim id, from the journal; then hold its lock as soon as A's claim has ended, so
+    // that no recovery charges the lost claim (which would make B's claim see a charge): the
+    // late settlement must meet B's retry itself.
+    let claim_id: i32 = pool
+        .get()
+        .unwrap()
+        .query_one(
+            &format!("SELECT claim_id FROM {SCHEMA}.outbox_messages_claims"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut holder = pool.get().unwrap();
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1, $2)",
+            &[&CLAIM_CLASS, &claim_id],
+        )
+        .unwrap();
+    let b = relay(Duration::from_secs(30), Duration::from_secs(3600));
+    let mut b_handle = b
+        .start(|_: &mut Batch| -> Result<(), String> { Err("B failed".into()) })
+        .unwrap();
+    let row = format!(
+        "SELECT attempts, coalesce(last_error, ''), extract(epoch FROM available_at - now())::float8
+         FROM {SCHEMA}.outbox_messages"
+    );
+    let read = || -> (i32, String, f64) {
+        let r = pool.get().unwrap().query_one(&row, &[]).unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert!(eventually(PATIENCE, || {
+        let (attempts, error, _) = read();
+        attempts == 1 && error == "B failed"
+    }));
+    b_handle.shutdown().unwrap();
+    go_tx.send(()).unwrap();
+    a_handle.shutdown().unwrap();
+    let (attempts, error, due_in) = read();
+    let charges = count(
+        &pool,
+        &format!("SELECT count(*) FROM {SCHEMA}.outbox_messages_charges WHERE claim_id = {claim_id}"),
+    );
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock($1, $2)",
+            &[&CLAIM_CLASS, &claim_id],
+        )
+        .unwrap();
+    assert_eq!(
+        (attempts, error.as_str()),
+        (1, "B failed"),
+        "the late outcome overwrote B's retry"
+    );
+    assert!(due_in > 1800.0, "B's backoff was reset: due in {due_in} s");
+    assert_eq!(charges, 1, "the lost claim is charged once");
+}
