@@ -123,6 +123,18 @@ pub enum Error {
         recorded: bool,
     },
 
+    /// Per-key ordering was asked of a table whose id sequence hands out ids in blocks
+    /// (`ALTER SEQUENCE ... CACHE n` with n above 1): each session draws from its own block,
+    /// so the ids of one key no longer follow the commit order, which the ordered relay
+    /// relies on.
+    #[error("outbox table {table}'s id sequence has CACHE {cache}, so ids do not follow commit order, which per-key ordering needs; set it back with ALTER TABLE {table} ALTER COLUMN id SET CACHE 1")]
+    IdCached {
+        /// The qualified table name.
+        table: String,
+        /// The sequence's cache.
+        cache: i64,
+    },
+
     /// The table was created by a newer version of troutbox.
     #[error("outbox table {table} has schema version {found}, this troutbox understands up to {supported}; upgrade troutbox")]
     SchemaTooNew {

@@ -329,6 +329,9 @@ impl<T: MakeTls> PgStore<T> {
         }
         if let Some(declared) = ordering {
             let recorded = self.recorded_ordering(&mut tx)?;
+            if declared {
+                self.check_id_cache(&mut tx)?;
+            }
             if declared && !recorded {
                 // Converting: the messages already pending keep their id order, which is
                 // all an unordered producer promised about them.
@@ -479,7 +482,30 @@ impl<T: MakeTls> PgStore<T> {
         declared: bool,
     ) -> Result<(), Error> {
         let recorded = self.recorded_ordering(client)?;
-        self.compare_ordering(declared, recorded)
+        self.compare_ordering(declared, recorded)?;
+        if declared {
+            self.check_id_cache(client)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses per-key ordering on a table whose id sequence hands out ids in blocks
+    /// (`CACHE` above 1, set by hand or by a tool): each session then draws from its own
+    /// block, and the ids of one key no longer follow the commit order of their
+    /// transactions, which the ordered relay relies on.
+    pub(crate) fn check_id_cache(&self, client: &mut impl GenericClient) -> Result<(), Error> {
+        let context = "checking the outbox id sequence";
+        let cache: Option<i64> = client
+            .query_one(sql::ID_CACHE, &[&self.qualified_table()])
+            .and_then(|row| row.try_get(0))
+            .map_err(self.db_error(context))?;
+        match cache {
+            Some(cache) if cache > 1 => Err(Error::IdCached {
+                table: self.qualified_table(),
+                cache,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Refuses an outbox `declared` ordered or not when the table is `recorded` otherwise.

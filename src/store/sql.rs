@@ -211,6 +211,10 @@ pub(crate) const MAINTENANCE_STEP_TIMEOUTS: &str = "SET LOCAL lock_timeout = '10
 pub(crate) const MIGRATION_TIMEOUTS: &str = "SET LOCAL lock_timeout = '60s'; \
      SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = '60s'";
 
+/// The `CACHE` of the sequence behind the outbox table's id column (NULL if it has none).
+pub(crate) const ID_CACHE: &str = "SELECT s.seqcache FROM pg_sequence s
+     WHERE s.seqrelid = pg_get_serial_sequence($1, 'id')::regclass";
+
 /// The database's clock, in Unix seconds, for partition maintenance.
 pub(crate) const DB_NOW: &str = "SELECT floor(extract(epoch FROM now()))::int8";
 
