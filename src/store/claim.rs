@@ -771,10 +771,11 @@ impl<T: MakeTls> PgSession<T> {
     ) -> Result<(SettleReport, usize), Error> {
         let sql = &self.sql;
         let claim_id = self.claim_id;
+        let ordered = self.ordered;
         let max_retries = i32::try_from(self.max_retries).unwrap_or(i32::MAX);
-        let sent = &settlement.sent;
+        let all_sent = &settlement.sent;
         let r = &settlement.returned;
-        let failed: Vec<i64> = r.iter().map(|x| x.message.id).collect();
+        let all_failed: Vec<i64> = r.iter().map(|x| x.message.id).collect();
         let delays: Vec<i64> = r.iter().map(|x| millis(x.delay)).collect();
         let errors: Vec<&str> = r.iter().map(|x| x.error.as_str()).collect();
         // The attempt each failure counts: 1, or 0 for a message returned uncharged (one set
@@ -796,7 +797,7 @@ impl<T: MakeTls> PgSession<T> {
                 attempts_i32(x.message.attempts.saturating_sub(charges))
             })
             .collect();
-        let claimed = sent.len() + failed.len();
+        let claimed = all_sent.len() + all_failed.len();
         fault_point!(crate::fault::LATE_SETTLE, return);
         let context = "recording a batch outcome after its transaction was lost";
         self.side.run(context, |c| {
@@ -808,10 +809,31 @@ impl<T: MakeTls> PgSession<T> {
                 return Ok((SettleReport::default(), claimed));
             };
             let ours: Vec<i64> = row.try_get(0)?;
+            // With per-key ordering, only the messages of keys no other claim holds.
+            let free: Option<Vec<i64>> = if ordered {
+                let ids: Vec<i64> = all_sent.iter().chain(&all_failed).copied().collect();
+                let rows = c.query(&sql.late_free_keys, &[&ids])?;
+                Some(rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?)
+            } else {
+                None
+            };
+            let keep = |ids: &[i64]| -> Vec<i64> {
+                match &free {
+                    Some(free) => ids.iter().filter(|id| free.contains(id)).copied().collect(),
+                    None => ids.to_vec(),
+                }
+            };
+            let sent = keep(all_sent);
+            // The failed ones stay aligned with their delays, errors and increments: a
+            // message of a held key is given a NULL id, which matches no row.
+            let failed: Vec<Option<i64>> = all_failed
+                .iter()
+                .map(|id| free.as_ref().is_none_or(|f| f.contains(id)).then_some(*id))
+                .collect();
             let mut report = SettleReport::default();
             let mut done: Vec<i64> = Vec::new();
             if !sent.is_empty() {
-                for row in c.query(&sql.late_mark_sent, &[sent])? {
+                for row in c.query(&sql.late_mark_sent, &[&sent])? {
                     done.push(row.try_get(0)?);
                     report.sent += 1;
                 }
@@ -819,7 +841,7 @@ impl<T: MakeTls> PgSession<T> {
                     c.execute(&sql.charges_forget, &[&done])?;
                 }
             }
-            if !failed.is_empty() {
+            if failed.iter().any(Option::is_some) {
                 // Deletes the charges it counts itself.
                 let params: [&(dyn ToSql + Sync); 6] =
                     [&failed, &delays, &errors, &max_retries, &increments, &read];

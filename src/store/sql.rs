@@ -141,6 +141,7 @@ pub(crate) struct Sql {
     pub(crate) journal_take: String,
     pub(crate) journal_forget: String,
     pub(crate) late_mark_sent: String,
+    pub(crate) late_free_keys: String,
     pub(crate) late_record_failed: String,
     pub(crate) charges_add: String,
     pub(crate) charges_forget: String,
@@ -715,6 +716,22 @@ impl Sql {
                  RETURNING ARRAY(SELECT generate_series(lower(r), upper(r) - 1) FROM unnest(ids) AS r)"
             ),
             late_mark_sent,
+            // Late settlement with per-key ordering: of the lost claim's messages, those whose
+            // key's head it can lock (SKIP LOCKED) now, in this transaction. A key whose head
+            // another claim holds is that claim's: a late update of one of its followers
+            // would change the row under that claim's final DELETE (by tuple id), which then
+            // skips it and sends the followers after it out of order. Those messages are
+            // charged instead; the locked heads keep new claims off the keys meanwhile.
+            late_free_keys: format!(
+                "WITH heads AS (
+                    SELECT h.key FROM {t} AS h
+                    WHERE h.key COLLATE \"C\" IN (SELECT key COLLATE \"C\" FROM {t} WHERE id = ANY($1))
+                      AND h.state = 'pending' AND {head}
+                    FOR UPDATE OF h SKIP LOCKED)
+                 SELECT m.id FROM {t} AS m
+                 WHERE m.id = ANY($1) AND m.key COLLATE \"C\" IN (SELECT key COLLATE \"C\" FROM heads)",
+                head = is_head("h", &t),
+            ),
             // Late settlement: the messages it could not settle (another relay holds them
             // now) are charged for the lost claim, like a recovery would.
             charges_add: format!(
