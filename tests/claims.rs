@@ -743,7 +743,9 @@ fn a_late_failure_never_overwrites_a_retry_committed_since() {
     let (attempts, error, due_in) = read();
     let charges = count(
         &pool,
-        &format!("SELECT count(*) FROM {SCHEMA}.outbox_messages_charges WHERE claim_id = {claim_id}"),
+        &format!(
+            "SELECT count(*) FROM {SCHEMA}.outbox_messages_charges WHERE claim_id = {claim_id}"
+        ),
     );
     holder
         .execute(

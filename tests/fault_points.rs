@@ -45,7 +45,10 @@ impl log::Log for InjectionLog {
     fn log(&self, record: &log::Record) {
         let text = record.args().to_string();
         if text.contains("fault injected") {
-            INJECTED.lock().unwrap_or_else(|p| p.into_inner()).push(text);
+            INJECTED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(text);
         }
     }
     fn flush(&self) {}
@@ -371,14 +374,14 @@ fn prepare(admin: &PgPool, store: &PgStore, schema: &str, mode: Mode) -> Vec<i64
     producer
         .add_messages(
             &mut tx,
-            rolled_back.iter().map(|v| NewMessage::new("key-0", v.as_bytes())),
+            rolled_back
+                .iter()
+                .map(|v| NewMessage::new("key-0", v.as_bytes())),
         )
         .unwrap();
     tx.rollback().unwrap();
     conn.query(
-        &format!(
-            "SELECT id FROM \"{schema}\".outbox_messages WHERE key <> 'bad' ORDER BY id"
-        ),
+        &format!("SELECT id FROM \"{schema}\".outbox_messages WHERE key <> 'bad' ORDER BY id"),
         &[],
     )
     .unwrap()
@@ -518,7 +521,12 @@ fn run_case(admin: &PgPool, mode: Mode, point: &'static str, fault: Fault, index
 
     if fault == Fault::Abort {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["fault_point_child", "--exact", "--ignored", "--test-threads=1"])
+            .args([
+                "fault_point_child",
+                "--exact",
+                "--ignored",
+                "--test-threads=1",
+            ])
             .env(CHILD_SCHEMA, &schema)
             .env(CHILD_MODE, mode.name())
             .env(CHILD_POINT, point)
@@ -586,7 +594,10 @@ fn run_case(admin: &PgPool, mode: Mode, point: &'static str, fault: Fault, index
         })) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => reported.lock().unwrap().push(e.to_string()),
-            Err(_) => reported.lock().unwrap().push("maintenance panicked: injected".into()),
+            Err(_) => reported
+                .lock()
+                .unwrap()
+                .push("maintenance panicked: injected".into()),
         }
     }
     let delivered = format!("SELECT count(DISTINCT msg_id) FROM \"{schema}\".deliveries");
@@ -597,14 +608,26 @@ fn run_case(admin: &PgPool, mode: Mode, point: &'static str, fault: Fault, index
     let _ = handle.shutdown();
     drop(relay);
     drop(store);
-    let mut found = check(admin, &schema, &committed, in_flight.overlaps.load(Ordering::SeqCst));
+    let mut found = check(
+        admin,
+        &schema,
+        &committed,
+        in_flight.overlaps.load(Ordering::SeqCst),
+    );
     found.fired = fired.load(Ordering::SeqCst)
         || injected_at(point)
-        || reported.lock().unwrap().iter().any(|e| e.contains("injected"));
+        || reported
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.contains("injected"));
     // Threads left sleeping in a delay end within a second; their transactions with them.
     eventually(Duration::from_secs(15), || left_open(admin, &schema) == 0);
     found.left_open = left_open(admin, &schema);
-    assert!(all || found.lost > 0, "{mode:?} {point} {fault:?}: {found:?}");
+    assert!(
+        all || found.lost > 0,
+        "{mode:?} {point} {fault:?}: {found:?}"
+    );
     admin
         .get()
         .unwrap()
@@ -818,5 +841,8 @@ fn a_silent_maintenance_step_blocks_producers_at_most_10_s() {
         waited.as_secs_f64()
     );
     assert!(waited < Duration::from_secs(13), "waited {waited:?}");
-    assert!(maintainer.join().unwrap().is_err(), "the silent step was ended");
+    assert!(
+        maintainer.join().unwrap().is_err(),
+        "the silent step was ended"
+    );
 }

@@ -78,7 +78,9 @@ fn a_pool_too_small_for_the_relay_is_refused_at_start() {
     }
     let deliveries = common::Deliveries::new();
     match outbox(&tiny, 1, false).start(deliveries.sender()) {
-        Err(Error::PoolTooSmall { size: 1, needed: 2, .. }) => {}
+        Err(Error::PoolTooSmall {
+            size: 1, needed: 2, ..
+        }) => {}
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("a relay on a pool of 1 was started"),
     }
@@ -86,7 +88,17 @@ fn a_pool_too_small_for_the_relay_is_refused_at_start() {
     let err = outbox(&default, 10, false)
         .start(deliveries.sender())
         .expect_err("10 workers on a pool of 10 were started");
-    assert!(matches!(err, Error::PoolTooSmall { size: 10, needed: 11, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::PoolTooSmall {
+                size: 10,
+                needed: 11,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("needs 11"), "{err}");
     let err = outbox(&default, 9, true)
         .start(deliveries.sender())
@@ -98,7 +110,9 @@ fn a_pool_too_small_for_the_relay_is_refused_at_start() {
         .connection_timeout(Duration::from_secs(3))
         .build(manager())
         .unwrap();
-    let mut handle = outbox(&enough, 1, false).start(deliveries.sender()).unwrap();
+    let mut handle = outbox(&enough, 1, false)
+        .start(deliveries.sender())
+        .unwrap();
     assert!(deliveries.wait_for(100, common::PATIENCE));
     handle.shutdown().unwrap();
     assert_eq!(deliveries.duplicates(), 0);

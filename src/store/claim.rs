@@ -813,7 +813,11 @@ impl<T: MakeTls> PgSession<T> {
             let free: Option<Vec<i64>> = if ordered {
                 let ids: Vec<i64> = all_sent.iter().chain(&all_failed).copied().collect();
                 let rows = c.query(&sql.late_free_keys, &[&ids])?;
-                Some(rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?)
+                Some(
+                    rows.iter()
+                        .map(|r| r.try_get(0))
+                        .collect::<Result<_, _>>()?,
+                )
             } else {
                 None
             };

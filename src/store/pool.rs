@@ -53,10 +53,16 @@ pub(crate) fn checkout<T: MakeTls>(
                     // Nobody waiting any more: it answered, so dropping it here puts it back.
                     Ok(()) => drop(tx.send(Ok(conn))),
                     Err(_) if conn.is_closed() => {
-                        drop(tx.send(Err(Error::NoAnswer { context, waited: ANSWER_WITHIN })));
+                        drop(tx.send(Err(Error::NoAnswer {
+                            context,
+                            waited: ANSWER_WITHIN,
+                        })));
                     }
                     Err(_) => {
-                        let _ = tx.send(Err(Error::NoAnswer { context, waited: ANSWER_WITHIN }));
+                        let _ = tx.send(Err(Error::NoAnswer {
+                            context,
+                            waited: ANSWER_WITHIN,
+                        }));
                         // Silent: hold it until it answers (then it goes back to the pool).
                         let _ = conn.simple_query("");
                     }
