@@ -20,7 +20,7 @@ fn the_recommended_pool_connects_and_fails_fast() {
         .get(0);
     assert_eq!(one, 1);
 
-    // A port nobody listens on: refused, reported as a pool error.
+    // A port nobody listens on: refused, reported at once as a connection error.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -34,14 +34,35 @@ fn the_recommended_pool_connects_and_fails_fast() {
         1,
     )
     .unwrap_err();
-    assert!(matches!(err, Error::Pool { .. }), "{err}");
+    assert!(matches!(err, Error::Database { .. }), "{err}");
     assert!(err.is_connection_error());
+    assert!(err.to_string().contains("refused"), "{err}");
     println!(
         "FIGURES pool: an unreachable server reported after {:.1} s",
         started.elapsed().as_secs_f64()
     );
     // Only a hang guard: the pool's own timeout is 10 s.
     assert!(started.elapsed() < Duration::from_secs(120));
+}
+
+/// Why (issue 22, first hour): with a wrong database name `troutbox::pool` waited its whole
+/// 10 s connection timeout, then said `Pool { ..., source: Error(Some("db error")) }`: not
+/// why. The server's own words must come back from the first attempt, well before the
+/// pool's timeout would have run out (r2d2 retries a refused connection until then).
+#[test]
+fn a_refused_connection_says_why_at_once() {
+    let mut config: postgres::Config = common::url().parse().unwrap();
+    config.dbname("no_such_database_here");
+    let started = Instant::now();
+    let err = troutbox::pool(config, 2).unwrap_err();
+    let took = started.elapsed();
+    println!("FIGURES pool: a wrong database name reported after {took:?}: {err}");
+    assert!(matches!(err, Error::Database { .. }), "{err}");
+    assert!(
+        err.to_string().contains("\"no_such_database_here\" does not exist"),
+        "{err}"
+    );
+    assert!(took < POOL_CONNECTION_TIMEOUT, "took {took:?}");
 }
 
 /// Why (issue 21, item 4): a pool smaller than the relay needs used to deliver nothing, for

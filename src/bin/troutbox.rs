@@ -13,7 +13,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgGroup, Parser, Subcommand};
-use r2d2_postgres::PostgresConnectionManager;
 use serde::Serialize;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
@@ -176,11 +175,9 @@ fn run(cli: &Cli) -> Result<bool> {
     let config: postgres::Config = url
         .parse()
         .map_err(|e| format!("invalid --database-url: {e}"))?;
-    let pool = r2d2::Pool::builder()
-        .max_size(2)
-        .connection_timeout(Duration::from_secs(5))
-        .build(PostgresConnectionManager::new(config, postgres::NoTls))
-        .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+    // troutbox::pool connects once first: a refusal is reported at once, in the server's
+    // words (authentication failed, database does not exist, connection refused).
+    let pool = troutbox::pool(config, 2).map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
     let retention = match cli.keep_sent {
         Some(window) => Retention::keep_sent(window)
             .partition_interval(cli.partition_interval)

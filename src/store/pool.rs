@@ -136,8 +136,9 @@ pub fn pool(config: postgres::Config, max_size: u32) -> Result<PgPool, Error> {
 ///   network to drop, and r2d2's check of a connection before handing it out rarely meets
 ///   one.
 ///
-/// Connects once before returning: an unreachable server is an error here
-/// ([`Error::Pool`]). Size it for the relay (its workers, plus one, plus one with
+/// Connects once before returning: a server that refuses (wrong database, user or
+/// password, connection refused) is an error here at once, in the server's words
+/// ([`Error::Database`]), and one that does not answer within the connect timeout too. Size it for the relay (its workers, plus one, plus one with
 /// `notify`) and your producers.
 pub fn pool_with_tls<T: MakeTls>(
     mut config: postgres::Config,
@@ -151,6 +152,15 @@ pub fn pool_with_tls<T: MakeTls>(
         .keepalives_interval(Duration::from_secs(10))
         .keepalives_retries(3)
         .tcp_user_timeout(Duration::from_secs(30));
+    // One direct connection first: a wrong database, user or password, or a server that
+    // refuses, is reported at once with the server's own words (r2d2 would retry for the
+    // whole connection timeout, then say only "db error").
+    config
+        .connect(tls.clone())
+        .map_err(|error| Error::Database {
+            context: "connecting to PostgreSQL",
+            error,
+        })?;
     r2d2::Pool::builder()
         .max_size(max_size)
         .min_idle(Some(1))
