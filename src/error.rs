@@ -19,7 +19,7 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 /// thread's) returns it from `source`, and its own message omits it.
 // No PartialEq: the causes it carries (postgres, r2d2, I/O errors) have none, and an error
 // is matched on its variant, not compared.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A configuration value is out of range. Returned by
@@ -338,6 +338,23 @@ pub enum Error {
         /// Number of messages whose outcome was dropped.
         messages: usize,
     },
+}
+
+/// What `{:?}` prints, and so what a program sees when it returns this error from
+/// `fn main() -> Result<(), Box<dyn std::error::Error>>` (the README's shape): the message,
+/// with its hint, then each cause on a line of its own. Not the variant's fields: the
+/// message says what they hold, and it is the text that tells a person what to do (and
+/// never carries a secret a field might).
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")?;
+        let mut cause = std::error::Error::source(self);
+        while let Some(e) = cause {
+            write!(f, "\n  caused by: {e}")?;
+            cause = e.source();
+        }
+        Ok(())
+    }
 }
 
 impl Error {

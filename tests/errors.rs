@@ -137,3 +137,27 @@ fn no_error_repeats_its_cause() {
         .unwrap_err();
     assert_no_repeated_cause(&err);
 }
+
+/// Why (issue 22, first hour, point 2): the README's programs return errors from
+/// `fn main() -> Result<(), Box<dyn Error>>`, which prints `{:?}`. The derived Debug showed
+/// a `DbError { severity: ..., routine: Some("parserOpenTable") }` dump where the Display
+/// says what to do ("call PgStore::migrate() once"). What `main` prints must lead with it.
+#[test]
+fn what_main_prints_is_the_message_with_its_hint() {
+    let pool = common::pool(2);
+    pool.get()
+        .unwrap()
+        .batch_execute("DROP SCHEMA IF EXISTS errors_never_migrated CASCADE")
+        .unwrap();
+    let store = troutbox::PgStore::new(pool.clone()).schema("errors_never_migrated");
+    let outbox = troutbox::Outbox::builder(store).build().unwrap();
+    let err = outbox
+        .add_message(&mut *pool.get().unwrap(), "k", b"v")
+        .unwrap_err();
+    assert!(matches!(err, Error::NotMigrated { .. }), "{err}");
+    let boxed: Box<dyn std::error::Error> = Box::new(err);
+    let printed = format!("{boxed:?}");
+    assert!(printed.starts_with(&boxed.to_string()), "{printed}");
+    assert!(printed.contains("migrate()"), "{printed}");
+    assert!(!printed.contains("routine"), "{printed}");
+}

@@ -59,7 +59,8 @@ fn a_refused_connection_says_why_at_once() {
     println!("FIGURES pool: a wrong database name reported after {took:?}: {err}");
     assert!(matches!(err, Error::Database { .. }), "{err}");
     assert!(
-        err.to_string().contains("\"no_such_database_here\" does not exist"),
+        err.to_string()
+            .contains("\"no_such_database_here\" does not exist"),
         "{err}"
     );
     assert!(took < POOL_CONNECTION_TIMEOUT, "took {took:?}");

@@ -177,7 +177,8 @@ fn run(cli: &Cli) -> Result<bool> {
         .map_err(|e| format!("invalid --database-url: {e}"))?;
     // troutbox::pool connects once first: a refusal is reported at once, in the server's
     // words (authentication failed, database does not exist, connection refused).
-    let pool = troutbox::pool(config, 2).map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+    let pool =
+        troutbox::pool(config, 2).map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
     let retention = match cli.keep_sent {
         Some(window) => Retention::keep_sent(window)
             .partition_interval(cli.partition_interval)
