@@ -118,9 +118,15 @@ pub(crate) fn report_to(handler: &ErrorHandler, error: &crate::Error) {
 
 /// The default error handler: logs through the `log` crate, Sender failures as warnings
 /// (the messages will be retried), everything else as errors, each with its whole chain of
-/// causes (a Sender's error often says what went wrong only in its source).
+/// causes (a Sender's error often says what went wrong only in its source). With no logger
+/// installed (the `log` crate's maximum level is `Off` until one is), it writes to standard
+/// error instead: a relay that cannot deliver must not be silent by default.
 pub(crate) fn log_error(error: &Error) {
     let text = with_causes(error);
+    if log::max_level() == log::LevelFilter::Off {
+        eprintln!("troutbox relay: {text}");
+        return;
+    }
     match error {
         Error::Sender { .. } | Error::SenderPanicked { .. } => {
             log::warn!("troutbox relay: {text}")

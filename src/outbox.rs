@@ -378,7 +378,10 @@ impl<T: MakeTls> OutboxBuilder<T> {
 
     /// Called with every error the relay meets while running: database errors, Sender
     /// errors and panics. Runs on the worker thread, so keep it short. Defaults to logging
-    /// through the `log` crate (Sender failures as warnings, the rest as errors).
+    /// through the `log` crate (Sender failures as warnings, the rest as errors); while no
+    /// logger is installed (the `log` crate's level is `Off`), to standard error instead, so
+    /// that a program without logging still sees why nothing is delivered. Set a handler of
+    /// your own (`|_| {}` for none) to change that.
     #[must_use]
     pub fn error_handler(mut self, handler: impl Fn(&Error) + Send + Sync + 'static) -> Self {
         self.config.error_handler = Arc::new(handler);

@@ -161,3 +161,53 @@ fn what_main_prints_is_the_message_with_its_hint() {
     assert!(printed.contains("migrate()"), "{printed}");
     assert!(!printed.contains("routine"), "{printed}");
 }
+
+/// Environment variable that makes this binary the child of
+/// `without_a_logger_the_default_handler_writes_to_stderr`.
+const SILENT_CHILD_SCHEMA: &str = "TROUTBOX_ERRORS_SILENT_CHILD";
+
+#[test]
+#[ignore = "entry point of the child process of without_a_logger_the_default_handler_writes_to_stderr"]
+fn silent_child() {
+    let schema = std::env::var(SILENT_CHILD_SCHEMA).expect("run by its parent test only");
+    let pool = pool(3);
+    let outbox = Outbox::builder(troutbox::PgStore::new(pool.clone()).schema(&schema))
+        .poll_interval(std::time::Duration::from_millis(5))
+        .build()
+        .unwrap();
+    // No logger, no error handler: the defaults a new program has.
+    let mut handle = outbox
+        .start(|_: &mut troutbox::Batch| -> Result<(), String> { Err("broker down".into()) })
+        .unwrap();
+    while handle.stats().failed == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(10)); // polling a counter
+    }
+    handle.shutdown().unwrap();
+}
+
+/// Why (issue 22, first hour, point 4): with no logger installed, the default error handler
+/// logged into the void: a program written from the README saw nothing while its Sender
+/// failed every batch. Without a logger it now writes to standard error.
+#[test]
+fn without_a_logger_the_default_handler_writes_to_stderr() {
+    const SCHEMA: &str = "errors_silent";
+    let pool = pool(2);
+    let store = store(SCHEMA, &pool);
+    Outbox::builder(store)
+        .build()
+        .unwrap()
+        .add_message(&mut *pool.get().unwrap(), "k", b"v")
+        .unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["silent_child", "--exact", "--ignored", "--nocapture"])
+        .env(SILENT_CHILD_SCHEMA, SCHEMA)
+        .env("DATABASE_URL", common::url())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("troutbox relay: sender failed a batch of 1 message(s): broker down"),
+        "{stderr}"
+    );
+}
