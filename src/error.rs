@@ -95,8 +95,8 @@ pub enum Error {
     NotMigrated {
         /// The qualified table name.
         table: String,
-        /// The database error that revealed it, if one did: the [`diesel`](crate::diesel)
-        /// functions look the tables up first instead (diesel's errors do not carry the
+        /// The database error that revealed it, if one did: the `troutbox::diesel`
+        /// functions (feature `diesel`) look the tables up first instead (diesel's errors do not carry the
         /// SQLSTATE that tells a missing table from any other failure).
         #[source]
         source: Option<postgres::Error>,
