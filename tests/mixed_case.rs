@@ -219,11 +219,7 @@ fn mixed_case_names_through_keep_sent_maintenance_and_the_command_line() {
     let status = json(&["status"]);
     assert_eq!(status["table"], QUALIFIED);
     assert_eq!(
-        (
-            &status["pending"],
-            &status["dead"],
-            &status["sent_retained"]
-        ),
+        (&status["pending"], &status["dead"], &status["sent"]),
         (&0.into(), &1.into(), &2.into()),
         "{status}"
     );

@@ -154,6 +154,15 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(UNHEALTHY),
         Err(e) => {
+            // The library's hint names the Rust call; an operator at this prompt runs the
+            // command.
+            let e: Box<dyn std::error::Error> = match e.downcast_ref::<troutbox::Error>() {
+                Some(troutbox::Error::NotMigrated { table, .. }) => format!(
+                    "outbox table {table} is missing or not migrated: run `troutbox migrate` first (with the same --schema and --table)"
+                )
+                .into(),
+                _ => e,
+            };
             if cli.json {
                 eprintln!("{}", json!({ "error": e.to_string() }));
             } else {
@@ -193,6 +202,11 @@ fn run(cli: &Cli) -> Result<bool> {
     let table = store.qualified_table();
     match &cli.command {
         Command::Migrate { per_key_ordering } => {
+            let existed: bool = store
+                .pool()
+                .get()?
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])?
+                .get(0);
             if *per_key_ordering {
                 Outbox::builder(store.clone())
                     .per_key_ordering(true)
@@ -203,8 +217,12 @@ fn run(cli: &Cli) -> Result<bool> {
             }
             print(
                 cli,
-                &json!({"migrated": table}),
-                format!("{table} is up to date"),
+                &json!({"migrated": table, "created": !existed}),
+                if existed {
+                    format!("{table} is up to date")
+                } else {
+                    format!("created {table}")
+                },
             )?;
         }
         Command::Status {
@@ -231,7 +249,6 @@ fn run(cli: &Cli) -> Result<bool> {
                 &StatusReport {
                     table: &table,
                     backlog: &b,
-                    sent_retained: b.sent,
                     oldest_pending_age_seconds: age,
                     healthy: exceeded.is_empty(),
                     exceeded: &exceeded,
@@ -414,9 +431,6 @@ struct StatusReport<'a> {
     table: &'a str,
     #[serde(flatten)]
     backlog: &'a Backlog,
-    /// The backlog's `sent` under the name this output gave it before `Backlog` had its
-    /// own serialization; kept for the scripts that read it.
-    sent_retained: i64,
     oldest_pending_age_seconds: Option<f64>,
     healthy: bool,
     exceeded: &'a [&'a str],
