@@ -140,7 +140,10 @@ impl<T: MakeTls> Outbox<T> {
     /// while it runs, the claim journal one more, and `notify(true)` one more: a pool
     /// smaller than that is [`Error::PoolTooSmall`], which names the size needed.
     ///
-    /// Stop the relay with [`Handle::shutdown`]; dropping the handle stops it too.
+    /// Stop the relay with [`Handle::shutdown`]; dropping the handle stops it too. Each call
+    /// starts another relay, with workers and a journal connection of its own: two calls on
+    /// one `Outbox` run two relays side by side (safe, as any number of relays sharing a
+    /// table is, but rarely what a program means).
     pub fn start<S>(&self, sender: S) -> Result<Handle, Error>
     where
         S: Sender + Clone,

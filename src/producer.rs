@@ -138,7 +138,8 @@ impl<T: MakeTls> Outbox<T> {
     /// Rejected before anything reaches the database, leaving the transaction usable: a key
     /// with a NUL byte ([`Error::KeyContainsNul`]) or over [`MAX_KEY_LEN`] bytes
     /// ([`Error::KeyTooLong`]), a value over the configured `max_value_size`
-    /// ([`Error::ValueTooLarge`]).
+    /// ([`Error::ValueTooLarge`]). The empty key is accepted: it is a key like any other
+    /// (with per-key ordering, every message with an empty key is in one order).
     ///
     /// ```no_run
     /// # fn f(outbox: &troutbox::Outbox, client: &mut postgres::Client) -> Result<(), Box<dyn std::error::Error>> {

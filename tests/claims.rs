@@ -189,13 +189,15 @@ fn a_sender_always_slower_than_the_send_timeout_is_bounded_and_settled() {
     const SCHEMA: &str = "claims_always_slow";
     let pool = pool(6);
     let store = store(SCHEMA, &pool);
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let e = errors.clone();
     let outbox = Outbox::builder(store.clone())
         .workers(2)
         .send_timeout(Duration::from_millis(300))
         .max_retries(2)
         .backoff(fast_backoff())
         .poll_interval(Duration::from_millis(5))
-        .error_handler(|_| {})
+        .error_handler(move |err| e.lock().unwrap().push(err.to_string()))
         .build()
         .unwrap();
     let mut conn = pool.get().unwrap();
@@ -229,6 +231,17 @@ fn a_sender_always_slower_than_the_send_timeout_is_bounded_and_settled() {
         "delivered {n} times, bound is max_retries + workers = 4"
     );
     assert!(n >= 1);
+    // The send timeout is what settled it: the server ended the claims' sessions (a relay
+    // whose timeout never fired would pass the bounds above with one delivery).
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("idle-in-transaction timeout")
+                || e.contains("transaction was lost")
+                || e.contains("claim abandoned")),
+        "{errors:?}"
+    );
 }
 
 #[test]
