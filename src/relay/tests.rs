@@ -277,9 +277,29 @@ fn several_workers_share_the_work_without_duplicates() {
     }
     let mut cfg = config();
     cfg.workers = 4;
-    let mut handle = start(&store, &cfg, |_: &mut Batch| Ok(()));
+    // (in the Sender now, most ever at once): the first batches wait for a second worker
+    // to be inside the Sender too, so the test fails if one worker did all the work.
+    let inside = Arc::new((
+        std::sync::Mutex::new((0usize, 0usize)),
+        std::sync::Condvar::new(),
+    ));
+    let seen = inside.clone();
+    let mut handle = start(&store, &cfg, move |_: &mut Batch| {
+        let (lock, changed) = &*seen;
+        let mut s = lock.lock().unwrap();
+        s.0 += 1;
+        s.1 = s.1.max(s.0);
+        changed.notify_all();
+        let (mut s, _) = changed.wait_timeout_while(s, WAIT, |s| s.1 < 2).unwrap();
+        s.0 -= 1;
+        Ok(())
+    });
     assert!(store.wait_until(WAIT, |s| s.rows.is_empty()));
     handle.shutdown().unwrap();
+    assert!(
+        inside.0.lock().unwrap().1 >= 2,
+        "never two workers in the Sender at once"
+    );
     let mut sent = store.state().sent.clone();
     assert_eq!(sent.len(), 500);
     sent.sort();
