@@ -56,19 +56,31 @@ pub const ALL: &[&str] = &[
     MAINTENANCE_STEP,
 ];
 
+/// Runs fault point `point`'s configured action; `Some(Error::Injected { .. })` when that
+/// action is `return`, for the step to fail with. Always `None` without the feature.
+#[inline(always)]
+pub(crate) fn injected(point: &'static str) -> Option<crate::Error> {
+    #[cfg(feature = "failpoints")]
+    if fail::eval(point, |_| ()).is_some() {
+        log::warn!("troutbox: fault injected at {point}");
+        return Some(crate::Error::Injected { point });
+    }
+    let _ = point;
+    None
+}
+
 /// A fault point: `fault_point!(NAME)` runs the configured action (a `return` does nothing
 /// here); `fault_point!(NAME, return)` makes the enclosing function return
-/// `Err(Error::Injected { .. })` on `return`.
+/// `Err(Error::Injected { .. })` on `return`. Where a failing step must undo something
+/// first, call [`injected`] instead.
 macro_rules! fault_point {
     ($name:expr) => {
         #[cfg(feature = "failpoints")]
         fail::eval($name, |_| ());
     };
     ($name:expr, return) => {
-        #[cfg(feature = "failpoints")]
-        if fail::eval($name, |_| ()).is_some() {
-            log::warn!("troutbox: fault injected at {}", $name);
-            return Err($crate::Error::Injected { point: $name });
+        if let Some(e) = $crate::fault::injected($name) {
+            return Err(e);
         }
     };
 }

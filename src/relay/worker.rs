@@ -170,7 +170,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
         // What the claim settled by itself is reported after the batch is settled: an error
         // handler is user code, and may take any time (or panic), which must not run down
         // the claim's time before its Sender.
-        let reports = claimed.set_aside;
+        let reports = claimed.reports;
         let messages = claimed.messages;
         if messages.is_empty() {
             for e in &reports {
@@ -196,13 +196,13 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
         // From here until the Sender returns, a panic gives the claim back uncharged.
         self.unsent = true;
         fault_point!(crate::fault::BEFORE_SENDER);
-        // The last check before the Sender: the claim is provably held until `send_by`.
-        if let Some(late) = claimed
-            .send_by
-            .and_then(|by| Instant::now().checked_duration_since(by))
+        // The last check before the Sender: the claim is provably held until its deadline.
+        let waited = claimed.claimed_at.map(|at| at.elapsed());
+        if claimed
+            .claimed_at
+            .is_some_and(|at| Instant::now() >= crate::store::send_deadline(at, self.send_timeout))
         {
-            // `send_by` is half the send timeout after the claim.
-            let waited = late + self.send_timeout / 2;
+            let waited = waited.unwrap_or_default();
             let count = messages.len();
             self.unsent = false;
             if let Some(session) = self.session.as_mut() {

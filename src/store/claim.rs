@@ -560,11 +560,7 @@ impl<T: MakeTls> PgSession<T> {
                 return Err(self.fail("opening a claim transaction", e));
             }
         }
-        let fault = (|| {
-            fault_point!(crate::fault::CLAIM_STATEMENT, return);
-            Ok(())
-        })();
-        if let Err(e) = fault {
+        if let Some(e) = crate::fault::injected(crate::fault::CLAIM_STATEMENT) {
             self.rollback();
             return Err(e);
         }
@@ -622,9 +618,9 @@ impl<T: MakeTls> PgSession<T> {
                 Ok(0) => {}
                 Ok(n) => {
                     claimed.report.dead += u64::try_from(n).unwrap_or(0);
-                    claimed.set_aside.push(Error::SetAside { id, reason });
+                    claimed.reports.push(Error::SetAside { id, reason });
                 }
-                Err(e) => claimed.set_aside.push(e),
+                Err(e) => claimed.reports.push(e),
             }
         }
     }
@@ -647,7 +643,7 @@ impl<T: MakeTls> PgSession<T> {
             })?;
         for id in ids {
             claimed.report.dead += 1;
-            claimed.set_aside.push(Error::SetAside {
+            claimed.reports.push(Error::SetAside {
                 id,
                 reason: "row breaks the table's CHECK (a non-finite created_at or a NULL header): set aside".into(),
             });
@@ -664,17 +660,13 @@ impl<T: MakeTls> PgSession<T> {
     }
 
     /// Records the claim's messages in the journal before the Sender sees them, and proves
-    /// the claim still held: `Ok(Some(send_by))` with the instant the Sender must start by,
-    /// `Ok(None)` when the claim was given back (an expired claim, reported in `claimed`).
-    fn record_claim(
-        &mut self,
-        ids: &[i64],
-        claimed: &mut Claimed,
-    ) -> Result<Option<Instant>, Error> {
-        let recorded = (|| {
-            fault_point!(crate::fault::JOURNAL_RECORD, return);
-            self.side.record(self.claim_id, ids)
-        })();
+    /// the claim still held: true when it is, false when the claim was given back (an
+    /// expired claim, reported in `claimed`).
+    fn record_claim(&mut self, ids: &[i64], claimed: &mut Claimed) -> Result<bool, Error> {
+        let recorded = match crate::fault::injected(crate::fault::JOURNAL_RECORD) {
+            Some(e) => Err(e),
+            None => self.side.record(self.claim_id, ids),
+        };
         let why = match recorded {
             Err(e) => {
                 // The INSERT may have committed with its answer lost: forget it, so that a
@@ -689,21 +681,20 @@ impl<T: MakeTls> PgSession<T> {
                 "the server had already ended its transaction"
             }
             Ok(true) => {
-                let budget = self.send_timeout / 2;
-                if self.claim_started.elapsed() < budget {
-                    return Ok(Some(self.claim_started + budget));
+                if Instant::now() < super::send_deadline(self.claim_started, self.send_timeout) {
+                    return Ok(true);
                 }
                 self.give_back();
                 "the steps before its Sender took more than half the send timeout"
             }
         };
-        claimed.set_aside.push(Error::ClaimExpired {
+        claimed.reports.push(Error::ClaimExpired {
             messages: ids.len(),
             waited: self.claim_started.elapsed(),
             send_timeout: self.send_timeout,
             why,
         });
-        Ok(None)
+        Ok(false)
     }
 
     /// Gives the open claim back untouched and uncharged: its journal row first, while the
@@ -810,7 +801,7 @@ impl<T: MakeTls> PgSession<T> {
             };
             let ours: Vec<i64> = row.try_get(0)?;
             // With per-key ordering, only the messages of keys no other claim holds.
-            let free: Option<Vec<i64>> = if ordered {
+            let free: Option<std::collections::HashSet<i64>> = if ordered {
                 let ids: Vec<i64> = all_sent.iter().chain(&all_failed).copied().collect();
                 let rows = c.query(&sql.late_free_keys, &[&ids])?;
                 Some(
@@ -1060,7 +1051,7 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                         reason: r.error.clone(),
                     })
                     .collect();
-                claimed.set_aside.extend(errors);
+                claimed.reports.extend(errors);
                 if messages.is_empty() {
                     // A message claimed alone: set it aside in this very claim.
                     let settlement = Settlement {
@@ -1090,9 +1081,9 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
             let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
             // Nothing was sent if this fails or the claim expired: the batch goes back
             // untouched and uncharged.
-            if let Some(send_by) = self.record_claim(&ids, &mut claimed)? {
+            if self.record_claim(&ids, &mut claimed)? {
                 claimed.messages = messages;
-                claimed.send_by = Some(send_by);
+                claimed.claimed_at = Some(self.claim_started);
             } else {
                 self.mark = None;
             }
@@ -1120,11 +1111,7 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
         } else {
             format!("{forget}; {}", sql::COMMIT)
         };
-        let injected = (|| {
-            fault_point!(crate::fault::SETTLE, return);
-            Ok(())
-        })();
-        if let Err(e) = injected {
+        if let Some(e) = crate::fault::injected(crate::fault::SETTLE) {
             // As if the statement had failed: the claim transaction is gone.
             self.rollback();
             self.claim_id = settling;

@@ -138,10 +138,10 @@ impl RelaySession for MemorySession {
             }
         }
         self.claimed = batch.iter().map(|m| m.id).collect();
-        let send_by = (!batch.is_empty()).then(|| now + Duration::from_secs(3600));
+        let claimed_at = (!batch.is_empty()).then_some(now);
         Ok(Claimed {
             messages: batch,
-            send_by,
+            claimed_at,
             ..Claimed::default()
         })
     }

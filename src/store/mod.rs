@@ -77,14 +77,27 @@ pub(crate) struct Claimed {
     /// The messages to hand to the Sender, in id order. Their `attempts` includes the claims
     /// of them that ended without a settlement.
     pub(crate) messages: Vec<Message>,
-    /// Messages the claim set aside as dead (undecodable rows, messages whose claims were
-    /// abandoned `max_retries + 1` times), already committed: one error each, to report.
-    pub(crate) set_aside: Vec<Error>,
+    /// What the claim settled or gave back by itself, one error each, to report once the
+    /// batch is settled: messages set aside as dead (undecodable rows, messages whose claims
+    /// were abandoned `max_retries + 1` times), already committed, and claims given back
+    /// before their Sender ([`Error::ClaimExpired`]).
+    pub(crate) reports: Vec<Error>,
     /// The row transitions committed while claiming.
     pub(crate) report: SettleReport,
-    /// The latest instant the Sender may start on `messages`: until then the claim is
-    /// provably held (see [`RelaySession::claim`]). `None` with no messages.
-    pub(crate) send_by: Option<std::time::Instant>,
+    /// When the claim statement of `messages` was sent: the claim is provably held until
+    /// [`send_deadline`] of it. `None` with no messages.
+    pub(crate) claimed_at: Option<std::time::Instant>,
+}
+
+/// The latest instant a Sender may start on a batch claimed at `claimed_at`: half the send
+/// timeout later. The server ends a claim's transaction once it has been idle for the send
+/// timeout, counted from after its claim statement (so after `claimed_at`); a Sender started
+/// by then has at least the other half to run.
+pub(crate) fn send_deadline(
+    claimed_at: std::time::Instant,
+    send_timeout: Duration,
+) -> std::time::Instant {
+    claimed_at + send_timeout / 2
 }
 
 impl SettleReport {
@@ -121,14 +134,15 @@ pub(crate) trait RelaySession: Send {
     /// [`settle`](Self::settle) (or until the session is dropped, which gives them back, and
     /// counts the claim as an attempt). No message to send leaves nothing open.
     ///
-    /// Messages are returned only while their claim is provably held, with the instant
-    /// ([`Claimed::send_by`]) before which the Sender must start: a claim found ended, or
+    /// Messages are returned only while their claim is provably held, with the instant of
+    /// the claim ([`Claimed::claimed_at`]; the Sender must start before [`send_deadline`]
+    /// of it): a claim found ended, or
     /// one whose steps took too long, is given back (uncharged) and reported as
     /// [`Error::ClaimExpired`].
     fn claim(&mut self, limit: usize) -> Result<Claimed, Error>;
 
     /// Gives the open claim back untouched and uncharged: its messages never reached the
-    /// Sender (the worker was replaced, or the claim is past [`Claimed::send_by`]).
+    /// Sender (the worker was replaced, or the claim is past its [`send_deadline`]).
     fn release(&mut self);
 
     /// Records the outcome of the open claim and ends it. Applied atomically: either the
