@@ -27,6 +27,10 @@ use rabbit::{next, Amqp, TempRabbit};
 
 const EXCHANGE: &str = "troutbox.test";
 
+/// How long one AMQP call of the test's consumer may take before it gives up on the
+/// connection and connects again.
+const RPC_LIMIT: Duration = Duration::from_secs(5);
+
 fn broker() -> TempRabbit {
     TempRabbit::start().unwrap_or_else(|e| panic!("{e}"))
 }
@@ -97,6 +101,9 @@ struct Received {
     anonymous: AtomicUsize,
     /// Times the consumer had to connect again.
     reconnects: AtomicUsize,
+    /// AMQP calls of the consumer that did not end within [`RPC_LIMIT`] (it then connects
+    /// again).
+    stalled: AtomicUsize,
     /// Deliveries flagged `redelivered`: handed out before, and not acknowledged when the
     /// connection or the broker went down. Some are not duplicates: their first delivery was
     /// still in the consumer's prefetch buffer (up to 500) when the connection died. The
@@ -147,19 +154,34 @@ fn consume(url: String, queue: &'static str) -> (Arc<Received>, Arc<AtomicBool>,
                 continue;
             };
             let channel = &amqp.channel;
-            if amqp
-                .block_on(channel.basic_qos(500, BasicQosOptions::default()))
-                .is_err()
-            {
+            // Every call is bounded: one on a connection whose broker was just killed can
+            // wait forever (seen: the consumer hung after a SIGKILL while 5,872 messages
+            // waited in the queue).
+            let qos = amqp.block_on_within(
+                RPC_LIMIT,
+                channel.basic_qos(500, BasicQosOptions::default()),
+            );
+            if !matches!(qos, Some(Ok(()))) {
+                r.stalled
+                    .fetch_add(usize::from(qos.is_none()), Ordering::SeqCst);
                 continue;
             }
-            let Ok(mut consumer) = amqp.block_on(channel.basic_consume(
-                queue.into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )) else {
-                continue;
+            let consumed = amqp.block_on_within(
+                RPC_LIMIT,
+                channel.basic_consume(
+                    queue.into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            );
+            let mut consumer = match consumed {
+                Some(Ok(consumer)) => consumer,
+                other => {
+                    r.stalled
+                        .fetch_add(usize::from(other.is_none()), Ordering::SeqCst);
+                    continue;
+                }
             };
             while !s.load(Ordering::SeqCst) {
                 let waited = amqp.block_on(async {
@@ -168,7 +190,10 @@ fn consume(url: String, queue: &'static str) -> (Arc<Received>, Arc<AtomicBool>,
                 let delivery = match waited {
                     Ok(Some(Ok(delivery))) => delivery,
                     Ok(_) => break, // cancelled, closed or failed: connect again
-                    Err(_) => continue,
+                    // Nothing for now; a connection that ended without ending the stream
+                    // is left too.
+                    Err(_) if amqp.connection.status().connected() => continue,
+                    Err(_) => break,
                 };
                 if delivery.redelivered {
                     r.redelivered.fetch_add(1, Ordering::SeqCst);
@@ -191,11 +216,13 @@ fn consume(url: String, queue: &'static str) -> (Arc<Received>, Arc<AtomicBool>,
                         r.anonymous.fetch_add(1, Ordering::SeqCst);
                     }
                 }
-                if amqp
-                    .block_on(delivery.ack(BasicAckOptions::default()))
-                    .is_err()
-                {
-                    break;
+                match amqp.block_on_within(RPC_LIMIT, delivery.ack(BasicAckOptions::default())) {
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => break,
+                    None => {
+                        r.stalled.fetch_add(1, Ordering::SeqCst);
+                        break;
+                    }
                 }
             }
             // Closing a connection to a dead broker fails, which is expected here.
@@ -290,12 +317,36 @@ fn ten_thousand_messages_survive_broker_restarts() {
     }
     producer.join().unwrap();
 
-    assert!(
-        received.wait_for(TOTAL, Duration::from_secs(180)),
-        "only {} of {TOTAL} committed messages arrived",
-        received.distinct()
-    );
     let table = "rabbitmq_restarts.outbox_messages";
+    if !received.wait_for(TOTAL, Duration::from_secs(180)) {
+        // Where the rest are: still in the outbox (and in which state), queued but not
+        // consumed, or gone; and what the relay, the consumer and the broker went through.
+        let states: Vec<(String, i64)> = pool
+            .get()
+            .unwrap()
+            .query(
+                &format!("SELECT state::text, count(*) FROM {table} GROUP BY 1 ORDER BY 1"),
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        panic!(
+            "only {} of {TOTAL} committed messages arrived; outbox by state {states:?}; \
+             {} ready in the queue; {} failed batches; consumer reconnects {} (stalled calls {}); restarts \
+             {restarts:?}; relay {:?}; broker log: {}",
+            received.distinct(),
+            Amqp::connect(&url, PATIENCE)
+                .map(|_| ready(&url, QUEUE).to_string())
+                .unwrap_or_else(|e| format!("(cannot connect: {e})")),
+            failed_batches.load(Ordering::SeqCst),
+            received.reconnects.load(Ordering::SeqCst),
+            received.stalled.load(Ordering::SeqCst),
+            relay.health(),
+            rabbit.log_tail(),
+        );
+    }
     assert!(
         eventually(PATIENCE, || count(
             &pool,
@@ -344,7 +395,7 @@ fn ten_thousand_messages_survive_broker_restarts() {
         .map(|(how, seen, down)| format!("{how} after {seen} delivered, down {down:.1?}"))
         .collect();
     eprintln!(
-        "rabbitmq: {TOTAL} committed, {} delivered distinct, {} duplicates ({} deliveries flagged redelivered by the broker), {} broker restarts ({}), {} relay errors, {} consumer reconnects, {:.1?} in all",
+        "rabbitmq: {TOTAL} committed, {} delivered distinct, {} duplicates ({} deliveries flagged redelivered by the broker), {} broker restarts ({}), {} relay errors, {} consumer reconnects ({} after a stalled call), {:.1?} in all",
         received.distinct(),
         received.duplicates(),
         received.redelivered.load(Ordering::SeqCst),
@@ -352,6 +403,7 @@ fn ten_thousand_messages_survive_broker_restarts() {
         restarts.join("; "),
         failed_batches.load(Ordering::SeqCst),
         received.reconnects.load(Ordering::SeqCst),
+        received.stalled.load(Ordering::SeqCst),
         started.elapsed()
     );
 }

@@ -278,7 +278,7 @@ impl TempRabbit {
     }
 
     /// The last lines the broker printed, for error messages.
-    fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().rev().take(8).collect();
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
@@ -405,6 +405,17 @@ impl Amqp {
             .as_ref()
             .expect("the connection is open")
             .block_on(future)
+    }
+
+    /// Runs `future` for at most `limit`: `None` if it did not end by then. A call on a
+    /// connection whose broker was just killed can wait forever (an acknowledgement queued
+    /// after the connection's I/O loop ended is never written, so its future never ends).
+    pub fn block_on_within<F: std::future::Future>(
+        &self,
+        limit: Duration,
+        future: F,
+    ) -> Option<F::Output> {
+        self.block_on(async { tokio::time::timeout(limit, future).await.ok() })
     }
 
     /// Closes the connection (waiting up to a second for the broker) and the runtime.
