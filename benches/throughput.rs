@@ -15,12 +15,11 @@
 //! - `TROUTBOX_BENCH_SCALE`: multiplies every message count and duration (default 1). Use
 //!   0.1 while developing; only a full run gives figures worth quoting.
 //! - `TROUTBOX_BENCH_ONLY`: comma-separated groups to run (`rss`, `burn_down`, `pinned`,
-//!   `never_analyzed`, `producer`, `add_messages`, `latency`, `notify`, `ordered`,
-//!   `batch_bytes`); all by
-//!   default. `pinned` needs
-//!   `burn_down` for its reference.
-//! - `TROUTBOX_BENCH_BURN_DOWN`: burn-down configurations to run, as `batchxworkers`
-//!   (`100x1,1000x2`); all four by default.
+//!   `never_analyzed`, `keep_sent`, `producer`, `add_messages`, `latency`, `notify`,
+//!   `ordered`, `batch_bytes`); all by default. `pinned` needs `burn_down` for its
+//!   clean reference.
+//! - `TROUTBOX_BENCH_BURN_DOWN`: burn-down (and keep-sent) configurations to run, as
+//!   `batchxworkers` (`100x1,1000x2`); all four by default.
 //! - `TROUTBOX_BENCH_LADDER=0`: skips the ladders, the `ladder_*` lines that step raw SQL
 //!   towards what the library sends to show where a difference comes from.
 
@@ -34,7 +33,7 @@ use std::time::{Duration, Instant};
 use postgres::types::{ToSql, Type};
 use r2d2_postgres::PostgresConnectionManager;
 use troutbox::testing::TempPostgres;
-use troutbox::{Batch, NewMessage, Outbox, PgPool, PgStore};
+use troutbox::{Batch, NewMessage, Outbox, PgPool, PgStore, Retention};
 
 /// The library's table lives here ...
 const LIB_SCHEMA: &str = "bench_lib";
@@ -44,6 +43,10 @@ const REF_SCHEMA: &str = "bench_ref";
 const BIZ_SCHEMA: &str = "bench_biz";
 /// The ordered outbox's table (`per_key_ordering(true)`), next to the library's unordered one.
 const ORD_SCHEMA: &str = "bench_ordered";
+/// Keep-sent mode (`Retention::keep_sent`): the library's table ...
+const KEEP_LIB_SCHEMA: &str = "bench_keep_lib";
+/// ... and the raw reference's identical one.
+const KEEP_REF_SCHEMA: &str = "bench_keep_ref";
 /// Message values are 200 bytes, as in DESIGN.md section 5.
 const VALUE_LEN: usize = 200;
 /// Workers (at most 2) + producers (at most 8) + the bench's own connections, with room.
@@ -203,6 +206,9 @@ fn main() {
     if runs("never_analyzed") {
         bench.never_analyzed();
     }
+    if runs("keep_sent") {
+        bench.keep_sent();
+    }
     if runs("producer") {
         bench.producer_overhead();
     }
@@ -331,7 +337,9 @@ impl Bench {
             "DROP SCHEMA IF EXISTS {LIB_SCHEMA} CASCADE;
              DROP SCHEMA IF EXISTS {REF_SCHEMA} CASCADE;
              DROP SCHEMA IF EXISTS {BIZ_SCHEMA} CASCADE;
-             DROP SCHEMA IF EXISTS {ORD_SCHEMA} CASCADE;"
+             DROP SCHEMA IF EXISTS {ORD_SCHEMA} CASCADE;
+             DROP SCHEMA IF EXISTS {KEEP_LIB_SCHEMA} CASCADE;
+             DROP SCHEMA IF EXISTS {KEEP_REF_SCHEMA} CASCADE;"
         ));
     }
 
@@ -488,6 +496,18 @@ impl Bench {
             "DELETE FROM {t} WHERE id IN ({select})
              RETURNING id, key, value, headers, created_at, attempts"
         );
+        self.raw_loop(sql, shape, batch_size, conns)
+    }
+
+    /// Runs the raw claim statement `sql` (with `LIMIT $1` when `shape` says so) on `conns`
+    /// connections at once until it returns nothing; the rows and the time it took.
+    fn raw_loop(
+        &self,
+        sql: String,
+        shape: RawShape,
+        batch_size: usize,
+        conns: usize,
+    ) -> (u64, Duration) {
         let barrier = Arc::new(Barrier::new(conns + 1));
         let threads: Vec<JoinHandle<u64>> = (0..conns)
             .map(|_| {
@@ -698,18 +718,87 @@ impl Bench {
         emit("pinned_horizon", rate, "msg/s", clean_lib);
         // Leave nothing behind for the next scenario.
         self.exec(&format!("TRUNCATE {lib}"));
-        if ladder_enabled() {
-            let reference = self.reference.qualified_table();
-            self.fill(&reference, n, true);
-            let pin = self.pin_horizon();
-            let (drained, t) = self.raw_drain(RawShape::Reference, 100, 1);
-            drop(pin);
-            let rate = drained as f64 / t.as_secs_f64();
-            eprintln!(
-                "    reference {rate:>8.0} msg/s ({drained} in {:.2} s)",
-                t.as_secs_f64()
-            );
-            emit("ladder_pinned_horizon_reference", rate, "msg/s", clean_raw);
+        let reference = self.reference.qualified_table();
+        self.fill(&reference, n, true);
+        let pin = self.pin_horizon();
+        let (drained, t) = self.raw_drain(RawShape::Reference, 100, 1);
+        drop(pin);
+        let raw = drained as f64 / t.as_secs_f64();
+        eprintln!(
+            "    reference {raw:>8.0} msg/s ({drained} in {:.2} s)",
+            t.as_secs_f64()
+        );
+        // The library and the raw reference under the same pin.
+        emit("pinned_horizon_vs_reference", rate, "msg/s", raw);
+        emit("ladder_pinned_horizon_reference", raw, "msg/s", clean_raw);
+    }
+
+    /// Keep-sent mode (`Retention::keep_sent`, a table partitioned by day that keeps sent
+    /// messages): the claim marks rows sent instead of deleting them. Reference: the same by
+    /// hand on an identical table (same migration), one `UPDATE ... SET state = 'sent'` of
+    /// the first due pending rows (`FOR UPDATE SKIP LOCKED`, by the pending index, literal
+    /// `LIMIT`) per batch in autocommit. Batch 100 and 1,000, 1 and 2 workers, best of the
+    /// rounds, alternating, each on a freshly filled and vacuumed table.
+    fn keep_sent(&self) {
+        let keep = Retention::keep_sent(Duration::from_secs(7 * 86_400));
+        let lib = PgStore::new(self.pool.clone())
+            .schema(KEEP_LIB_SCHEMA)
+            .retention(keep);
+        let reference = PgStore::new(self.pool.clone())
+            .schema(KEEP_REF_SCHEMA)
+            .retention(keep);
+        lib.migrate().expect("migrating the keep-sent table");
+        reference
+            .migrate()
+            .expect("migrating the keep-sent reference");
+        let n = self.scaled(200_000);
+        let (lib_table, ref_table) = (lib.qualified_table(), reference.qualified_table());
+        for batch in [100usize, 1000] {
+            for workers in [1usize, 2] {
+                if !self.burn_down_selected(batch, workers) {
+                    continue;
+                }
+                let scenario = format!("keep_sent_b{batch}_w{workers}");
+                eprintln!("{scenario}: {n} messages");
+                let (mut lib_best, mut raw_best) = (0.0f64, 0.0f64);
+                for round in 0..BURN_DOWN_ROUNDS {
+                    let lib_first = round % 2 == 0;
+                    for library in [lib_first, !lib_first] {
+                        if library {
+                            self.fill(&lib_table, n, true);
+                            let outbox = Outbox::builder(lib.clone())
+                                .batch_size(batch)
+                                .workers(workers)
+                                .build()
+                                .expect("valid options");
+                            let (seen, t) = self.drain_with(outbox, n, Duration::from_secs(120));
+                            let rate = seen as f64 / t.as_secs_f64();
+                            eprintln!("    library   {rate:>8.0} msg/s ({:.2} s)", t.as_secs_f64());
+                            lib_best = lib_best.max(rate);
+                        } else {
+                            self.fill(&ref_table, n, true);
+                            let sql = format!(
+                                "UPDATE {ref_table} AS m SET state = 'sent', sent_at = now()
+                                 FROM (SELECT id, created_at FROM {ref_table}
+                                       WHERE state = 'pending' AND available_at <= now()
+                                       ORDER BY available_at, id LIMIT {batch}
+                                       FOR UPDATE SKIP LOCKED) AS c
+                                 WHERE m.id = c.id AND m.created_at = c.created_at
+                                 RETURNING m.id, m.key, m.value, m.headers, m.created_at, m.attempts"
+                            );
+                            let (drained, t) =
+                                self.raw_loop(sql, RawShape::Reference, batch, workers);
+                            assert_eq!(drained, n, "the raw statement drained everything");
+                            let rate = drained as f64 / t.as_secs_f64();
+                            eprintln!("    reference {rate:>8.0} msg/s ({:.2} s)", t.as_secs_f64());
+                            raw_best = raw_best.max(rate);
+                        }
+                    }
+                }
+                let pending = self.count(&format!("{lib_table} WHERE state = 'pending'"));
+                assert_eq!(pending, 0, "the relay drained everything");
+                emit(&scenario, lib_best, "msg/s", raw_best);
+            }
         }
     }
 

@@ -338,6 +338,18 @@ pub enum Error {
         /// Number of messages whose outcome was dropped.
         messages: usize,
     },
+
+    /// A batch's transaction was lost (its Sender outlived the send timeout, or the
+    /// connection dropped) while the relay was in steady state, when it does not journal its
+    /// claims (see RELIABILITY.md, "When claims are journaled"). Nothing is lost: the
+    /// messages go back as they were, uncharged, and will be delivered again. From now on
+    /// the relay journals every claim for 10 minutes, so that a message that does this
+    /// again is charged.
+    #[error("the outcome of {messages} message(s) was not recorded: their batch's transaction was lost (send timeout exceeded or connection lost); they will be delivered again, and the relay journals its claims for the next 10 minutes so that a repeat is charged (raise OutboxBuilder::send_timeout if the Sender is legitimately slow)")]
+    OutcomeLost {
+        /// Number of messages in the batch.
+        messages: usize,
+    },
 }
 
 /// What `{:?}` prints, and so what a program sees when it returns this error from

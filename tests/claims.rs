@@ -68,47 +68,55 @@ fn crash_looping_child_relay() {
     }
 }
 
-#[test]
-fn a_message_that_crashes_the_process_ends_dead_and_the_rest_flows() {
-    const SCHEMA: &str = "claims_crash_loop";
-    const GOOD: i64 = 200;
+/// What a crash loop came to: restarts, the poison's attempts, deliveries of good messages.
+struct CrashLoop {
+    crashes: usize,
+    attempts: i32,
+    deliveries: i64,
+}
+
+/// A supervisor restarting a relay child process each time it dies (as systemd or
+/// Kubernetes would) over `before` good messages, the poison one, and 100 more good ones,
+/// until every good message is delivered and the poison is dead. The child claims batches
+/// of 50 with `max_retries(3)`.
+fn crash_loop(schema: &str, before: usize) -> CrashLoop {
+    let good = before + 100;
     let url = common::url();
     let pool = pool(4);
-    let store = store(SCHEMA, &pool);
+    let store = store(schema, &pool);
     pool.get()
         .unwrap()
-        .batch_execute(&format!("CREATE TABLE {SCHEMA}.deliveries (msg_id bigint)"))
+        .batch_execute(&format!("CREATE TABLE {schema}.deliveries (msg_id bigint)"))
         .unwrap();
     let outbox = Outbox::builder(store.clone()).build().unwrap();
-    // 100 good messages, the poison one, 100 more: the poison sits in the third batch of 50.
     let mut conn = pool.get().unwrap();
     let mut tx = conn.transaction().unwrap();
-    let values: Vec<Vec<u8>> = (0..GOOD)
+    let values: Vec<Vec<u8>> = (0..good)
         .map(|i| format!("good-{i}").into_bytes())
         .collect();
     outbox
         .add_messages(
             &mut tx,
-            values[..100].iter().map(|v| NewMessage::new("k", v)),
+            values[..before].iter().map(|v| NewMessage::new("k", v)),
         )
         .unwrap();
     outbox.add_message(&mut tx, "k", POISON).unwrap();
     outbox
         .add_messages(
             &mut tx,
-            values[100..].iter().map(|v| NewMessage::new("k", v)),
+            values[before..].iter().map(|v| NewMessage::new("k", v)),
         )
         .unwrap();
     tx.commit().unwrap();
     drop(conn);
 
-    // The supervisor: restart the relay each time it dies, as systemd or Kubernetes would.
+    let good = i64::try_from(good).unwrap();
     let exe = std::env::current_exe().unwrap();
-    let delivered = format!("SELECT count(DISTINCT msg_id) FROM {SCHEMA}.deliveries");
-    let dead = format!("SELECT count(*) FROM {SCHEMA}.outbox_messages WHERE state = 'dead'");
+    let delivered = format!("SELECT count(DISTINCT msg_id) FROM {schema}.deliveries");
+    let dead = format!("SELECT count(*) FROM {schema}.outbox_messages WHERE state = 'dead'");
     let started = Instant::now();
     let mut crashes = 0;
-    while count(&pool, &delivered) < GOOD || count(&pool, &dead) < 1 {
+    while count(&pool, &delivered) < good || count(&pool, &dead) < 1 {
         assert!(
             crashes <= 20,
             "still crash-looping after {crashes} restarts"
@@ -124,7 +132,7 @@ fn a_message_that_crashes_the_process_ends_dead_and_the_rest_flows() {
                 "--ignored",
                 "--test-threads=1",
             ])
-            .env(CHILD_SCHEMA, SCHEMA)
+            .env(CHILD_SCHEMA, schema)
             .env("DATABASE_URL", &url)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -136,7 +144,7 @@ fn a_message_that_crashes_the_process_ends_dead_and_the_rest_flows() {
                 assert!(!status.success(), "the child relay exited on its own");
                 break true;
             }
-            let settled = count(&pool, &delivered) == GOOD && count(&pool, &dead) == 1;
+            let settled = count(&pool, &delivered) == good && count(&pool, &dead) == 1;
             if settled || started.elapsed() > PATIENCE * 4 {
                 child.kill().unwrap();
                 child.wait().unwrap();
@@ -153,35 +161,71 @@ fn a_message_that_crashes_the_process_ends_dead_and_the_rest_flows() {
             .get()
             .unwrap()
             .query_one(
-                &format!("SELECT attempts, last_error FROM {SCHEMA}.outbox_messages WHERE state = 'dead'"),
+                &format!("SELECT attempts, last_error FROM {schema}.outbox_messages WHERE state = 'dead'"),
                 &[],
             )
             .unwrap();
         (row.get(0), row.get(1))
     };
-    let deliveries = count(&pool, &format!("SELECT count(*) FROM {SCHEMA}.deliveries"));
+    let deliveries = count(&pool, &format!("SELECT count(*) FROM {schema}.deliveries"));
     let pending = count(
         &pool,
-        &format!("SELECT count(*) FROM {SCHEMA}.outbox_messages WHERE state = 'pending'"),
+        &format!("SELECT count(*) FROM {schema}.outbox_messages WHERE state = 'pending'"),
     );
     println!(
-        "FIGURES crash_loop: good={GOOD} delivered={} deliveries={deliveries} restarts={crashes} poison_attempts={attempts} pending_left={pending} seconds={:.1}",
+        "FIGURES crash_loop ({schema}): good={good} delivered={} deliveries={deliveries} restarts={crashes} poison_attempts={attempts} pending_left={pending} seconds={:.1}",
         count(&pool, &delivered),
         started.elapsed().as_secs_f64()
     );
     let last_error = last_error.unwrap_or_default();
     assert!(last_error.contains("claim abandoned"), "{last_error}");
+    assert_eq!(pending, 0);
+    CrashLoop {
+        crashes,
+        attempts,
+        deliveries,
+    }
+}
+
+/// The poison sits in the third batch of 50: a relay started (again) journals its first
+/// claims, so every crash is charged, the first one included.
+#[test]
+fn a_message_that_crashes_the_process_ends_dead_and_the_rest_flows() {
+    let run = crash_loop("claims_crash_loop", 100);
     // max_retries(3): dead after 4 abandoned claims, each one a crash.
-    assert_eq!(attempts, 4);
+    assert_eq!(run.attempts, 4);
     assert_eq!(
-        crashes, 4,
+        run.crashes, 4,
         "one crash per attempt of the poison message, no more"
     );
-    assert_eq!(pending, 0);
     // The innocent messages of the poison's batch were charged at most once, never resent
     // without limit: every good message was delivered, the 50 of the poison's batch at most
     // once per crash that caught them in flight before they were isolated.
-    assert!(deliveries <= GOOD + 4 * 50, "{deliveries} deliveries");
+    assert!(
+        run.deliveries <= 200 + 4 * 50,
+        "{} deliveries",
+        run.deliveries
+    );
+}
+
+/// The poison sits in the seventh batch of 50, past the claims a started relay journals
+/// whatever happens (`FIRST_CLAIMS_JOURNALED`, 4): the relay is in steady state when it
+/// first claims it, and does not journal that claim (issue 23, see RELIABILITY.md). That
+/// first crash is not charged; the relay started again journals its first claims, which take
+/// the poison's batch back, so every later crash is: one crash more than above, never more.
+#[test]
+fn a_message_that_crashes_a_relay_in_steady_state_costs_one_crash_more() {
+    let run = crash_loop("claims_crash_loop_steady", 300);
+    assert_eq!(run.attempts, 4);
+    assert_eq!(
+        run.crashes, 5,
+        "the crash of the unjournaled claim, then one crash per attempt"
+    );
+    assert!(
+        run.deliveries <= 400 + 5 * 50,
+        "{} deliveries",
+        run.deliveries
+    );
 }
 
 #[test]
@@ -722,7 +766,7 @@ fn a_late_failure_never_overwrites_a_retry_committed_since() {
         .get()
         .unwrap()
         .query_one(
-            &format!("SELECT claim_id FROM {SCHEMA}.outbox_messages_claims"),
+            &format!("SELECT claim_id FROM {SCHEMA}.outbox_messages_claims WHERE claim_id > 0"),
             &[],
         )
         .unwrap()
@@ -773,4 +817,163 @@ fn a_late_failure_never_overwrites_a_retry_committed_since() {
     );
     assert!(due_in > 1800.0, "B's backoff was reset: due in {due_in} s");
     assert_eq!(charges, 1, "the lost claim is charged once");
+}
+
+/// A Sender that records, for each batch, whether the claim journal held the batch while
+/// the Sender ran (read from a connection of its own), and takes `slow` on the first batch
+/// that has a message with key "slow".
+/// For each Sender call, whether its batch was in the journal.
+type Journaled = Arc<Mutex<Vec<bool>>>;
+
+fn journal_watching_sender(
+    pool: PgPool,
+    schema: &str,
+    slow: Duration,
+) -> (
+    Journaled,
+    impl FnMut(&mut Batch) -> Result<(), String> + Clone + Send + 'static,
+) {
+    let journaled = Arc::new(Mutex::new(Vec::new()));
+    let seen = journaled.clone();
+    let query = format!(
+        "SELECT count(*) FROM \"{schema}\".outbox_messages_claims
+         WHERE claim_id > 0 AND ids @> $1::int8"
+    );
+    let slowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = move |batch: &mut Batch| -> Result<(), String> {
+        let first = batch.iter().next().map(|m| m.id()).unwrap_or_default();
+        let mut conn = pool.get().map_err(|e| e.to_string())?;
+        let n: i64 = conn
+            .query_one(&query, &[&first])
+            .map_err(|e| e.to_string())?
+            .get(0);
+        seen.lock().unwrap().push(n == 1);
+        if batch.iter().any(|m| m.key() == "slow") && !slowed.swap(true, Ordering::SeqCst) {
+            std::thread::sleep(slow);
+        }
+        Ok(())
+    };
+    (journaled, sender)
+}
+
+fn add(outbox: &Outbox, pool: &PgPool, key: &str, n: usize) {
+    let mut conn = pool.get().unwrap();
+    let mut tx = conn.transaction().unwrap();
+    outbox
+        .add_messages(&mut tx, (0..n).map(|_| NewMessage::new(key, b"v")))
+        .unwrap();
+    tx.commit().unwrap();
+}
+
+/// Issue 23: a relay journals its first claims and every claim after something abnormal,
+/// and nothing in steady state. Batches of 10, one worker: 100 messages are 10 claims, the
+/// first 4 journaled. Then a Sender outlives the send timeout once: its claim is lost
+/// (reported as such), and every claim after it is journaled.
+#[test]
+fn a_relay_journals_its_first_claims_and_after_an_abnormal_end_only() {
+    const SCHEMA: &str = "claims_vigil";
+    let pool = pool(6);
+    let store = store(SCHEMA, &pool);
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let e = errors.clone();
+    let outbox = Outbox::builder(store.clone())
+        .batch_size(10)
+        .send_timeout(Duration::from_secs(1))
+        .poll_interval(Duration::from_millis(5))
+        .error_handler(move |err| e.lock().unwrap().push(err.to_string()))
+        .build()
+        .unwrap();
+    add(&outbox, &pool, "k", 100);
+    let (journaled, sender) =
+        journal_watching_sender(pool.clone(), SCHEMA, Duration::from_millis(1500));
+    let mut handle = outbox.start(sender).unwrap();
+    let pending = format!("SELECT count(*) FROM {SCHEMA}.outbox_messages");
+    assert!(eventually(PATIENCE, || count(&pool, &pending) == 0));
+    let steady = journaled.lock().unwrap().clone();
+    assert_eq!(
+        steady,
+        [true, true, true, true, false, false, false, false, false, false],
+        "the first 4 claims journaled, none after"
+    );
+
+    // One Sender call past the send timeout: the server ends its claim.
+    add(&outbox, &pool, "slow", 1);
+    assert!(eventually(PATIENCE, || count(&pool, &pending) == 0));
+    assert!(
+        eventually(PATIENCE, || errors
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.contains("was not recorded"))),
+        "{:?}",
+        errors.lock().unwrap()
+    );
+    let before = journaled.lock().unwrap().len();
+    add(&outbox, &pool, "k", 50);
+    assert!(eventually(PATIENCE, || count(&pool, &pending) == 0));
+    handle.shutdown().unwrap();
+    let after = journaled.lock().unwrap()[before..].to_vec();
+    assert!(after.len() >= 5, "{after:?}");
+    assert!(
+        after.iter().all(|&j| j),
+        "a claim after the lost one was not journaled: {after:?}"
+    );
+}
+
+/// Issue 23: a relay announces its start with a marker row in the journal, and a relay in
+/// steady state that reads another process's marker journals every claim from then on (its
+/// own markers, and those of relays in its own process, it ignores: see the test above,
+/// where a started relay stays in steady state).
+#[test]
+fn another_relays_announcement_makes_a_relay_journal() {
+    const SCHEMA: &str = "claims_vigil_announce";
+    let pool = pool(6);
+    let store = store(SCHEMA, &pool);
+    let outbox = Outbox::builder(store.clone())
+        .batch_size(10)
+        .poll_interval(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    add(&outbox, &pool, "k", 60);
+    let (journaled, sender) = journal_watching_sender(pool.clone(), SCHEMA, Duration::ZERO);
+    let mut handle = outbox.start(sender).unwrap();
+    let markers =
+        format!("SELECT count(*) FROM {SCHEMA}.outbox_messages_claims WHERE claim_id < 0");
+    assert!(
+        eventually(PATIENCE, || count(&pool, &markers) == 1),
+        "the relay did not announce its start"
+    );
+    let pending = format!("SELECT count(*) FROM {SCHEMA}.outbox_messages");
+    assert!(eventually(PATIENCE, || count(&pool, &pending) == 0));
+    assert_eq!(
+        journaled.lock().unwrap().last(),
+        Some(&false),
+        "steady state"
+    );
+
+    // Another process's relay started: its marker, as it would post it.
+    pool.get()
+        .unwrap()
+        .execute(
+            &format!("INSERT INTO {SCHEMA}.outbox_messages_claims (claim_id, ids) VALUES (-12345, '{{}}')"),
+            &[],
+        )
+        .unwrap();
+    let posted = Instant::now();
+    // One message at a time, until a claim is journaled: the relay reads the marker with
+    // its next recovery, about a second later.
+    let vigilant = eventually(PATIENCE, || {
+        let before = journaled.lock().unwrap().len();
+        add(&outbox, &pool, "k", 1);
+        let delivered = eventually(PATIENCE, || journaled.lock().unwrap().len() > before);
+        delivered && journaled.lock().unwrap()[before]
+    });
+    let took = posted.elapsed();
+    handle.shutdown().unwrap();
+    assert!(vigilant, "the relay never journaled after the announcement");
+    println!("FIGURES announcement: vigilant {took:.2?} after another relay's marker");
+    assert!(
+        took < Duration::from_secs(5),
+        "vigilant only {took:?} after the marker (recovery runs about once a second)"
+    );
 }

@@ -165,7 +165,7 @@ fn table_state(pool: &PgPool, schema: &str) -> String {
         ),
         (
             "claim journal (claim_id ids)",
-            format!("SELECT claim_id::text || ' ' || ids::text FROM \"{schema}\".outbox_messages_claims LIMIT 60"),
+            format!("SELECT claim_id::text || ' ' || ids::text FROM \"{schema}\".outbox_messages_claims WHERE claim_id > 0 LIMIT 60"),
         ),
     ] {
         out.push_str(&format!("{what}:\n"));

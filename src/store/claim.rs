@@ -11,7 +11,9 @@
 //!    they were.
 //! 2. **Journal.** Before the Sender runs, one row (claim id, message ids) is committed to
 //!    the claim journal, an UNLOGGED table, on a second connection shared by the relay's
-//!    workers.
+//!    workers: while the relay is vigilant only (see `vigil.rs`: the first claims of a
+//!    session, and for a while after anything abnormal); in steady state, a claim is held
+//!    by its deadline alone, and what it would have charged is left to the next end.
 //! 3. **Settle.** One statement puts the failed messages back (re-inserted in delete mode,
 //!    updated in keep mode), and the same round trip as the COMMIT deletes the claim's
 //!    journal row. A settled claim leaves nothing behind.
@@ -67,6 +69,7 @@ use time::OffsetDateTime;
 use super::decode::{self, Undecodable};
 use super::pg::{MakeTls, PgStore};
 use super::sql::{self, ClaimKind, Sql};
+use super::vigil::{self, Vigil};
 use super::{Claimed, RelaySession, RelayStore, Returned, SettleReport, Settlement};
 use crate::message::Message;
 use crate::relay::outcome::storable_text;
@@ -95,6 +98,8 @@ pub(crate) struct PgRelay<T: MakeTls> {
     /// Per-key ordering: the ordered claim (see `Sql::claim_ordered`).
     pub(crate) ordered: bool,
     pub(crate) side: Arc<SideConnection<T>>,
+    /// When claims are journaled (see `store::vigil`).
+    pub(crate) vigil: Arc<Vigil>,
 }
 
 impl<T: MakeTls> PgRelay<T> {
@@ -127,6 +132,7 @@ impl<T: MakeTls> PgRelay<T> {
             max_retries: config.max_retries,
             ordered: config.ordered,
             side,
+            vigil: Arc::new(Vigil::new()),
         }
     }
 }
@@ -329,6 +335,8 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
 
     fn suspect_connections(&self) {
         self.side.reset();
+        self.vigil
+            .alert_all("a relay worker was stuck in a database call and replaced");
     }
 
     fn open_session(&self) -> Result<PgSession<T>, Error> {
@@ -338,6 +346,9 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
             store: self.store.clone(),
             sql: self.sql.clone(),
             side: self.side.clone(),
+            vigil: self.vigil.clone(),
+            first_claims: vigil::FIRST_CLAIMS_JOURNALED,
+            journaled: false,
             timeout_ms: u64::try_from(timeout_ms).unwrap_or(u64::MAX),
             limit: self.batch_size,
             max_bytes: self.max_bytes,
@@ -388,6 +399,13 @@ pub(crate) struct PgSession<T: MakeTls> {
     outbox_id: Arc<str>,
     sql: Arc<Sql>,
     side: Arc<SideConnection<T>>,
+    /// When claims are journaled (see `store::vigil`).
+    vigil: Arc<Vigil>,
+    /// Claims this session still journals whatever the vigilance: its first ones.
+    first_claims: u32,
+    /// The last claim handed to a Sender was recorded in the journal (until it is settled
+    /// or given back; a rollback leaves it, for the late settlement).
+    journaled: bool,
     /// The send timeout in milliseconds, as the claim transaction's bounds.
     timeout_ms: u64,
     /// The batch size the claim statements were prepared for.
@@ -519,21 +537,45 @@ impl<T: MakeTls> PgSession<T> {
         }
         fault_point!(crate::fault::RECOVERY);
         let sql = &self.sql;
+        // This relay's start, or an abnormal end it saw, announced to the others.
+        self.claims = self.claims.wrapping_add(1);
+        let marker = self
+            .vigil
+            .marker_to_post(self.claim_ids.hash_one((self.claims, "marker")));
         let result = self.side.run("charging abandoned claims", |c| {
             c.batch_execute(sql::BEGIN_SIDE)?;
-            let charged = c.execute(&sql.recover, &[])?;
+            if let Some(marker) = marker {
+                c.execute(&sql.journal_marker, &[&marker])?;
+            }
+            let row = c.query_one(&sql.recover, &[])?;
+            let charged: i64 = row.try_get(0)?;
+            let markers: Vec<i32> = row.try_get(1)?;
             if cleanup {
                 c.execute(&sql.charges_cleanup, &[])?;
             }
             c.batch_execute(sql::COMMIT)?;
-            Ok(charged)
+            Ok((charged, markers))
         });
         match result {
-            Ok(0) => {}
-            Ok(n) => log::warn!(
-                "troutbox relay: charged {n} message(s) for claims that ended without a settlement (a relay killed, a lost connection, or a send timeout)"
-            ),
-            Err(e) => log::warn!("troutbox relay: {e}"),
+            Ok((charged, markers)) => {
+                if charged > 0 {
+                    log::warn!(
+                        "troutbox relay: charged {charged} message(s) for claims that ended without a settlement (a relay killed, a lost connection, or a send timeout)"
+                    );
+                    self.vigil
+                        .alert_all("claims ended without a settlement were charged");
+                }
+                if self.vigil.others_announced(&markers) {
+                    self.vigil
+                        .alert("another relay on this table started or saw a claim end abnormally");
+                }
+            }
+            Err(e) => {
+                if marker.is_some() {
+                    self.vigil.post_failed();
+                }
+                log::warn!("troutbox relay: {e}");
+            }
         }
     }
 
@@ -659,14 +701,25 @@ impl<T: MakeTls> PgSession<T> {
         }
     }
 
-    /// Records the claim's messages in the journal before the Sender sees them, and proves
-    /// the claim still held: true when it is, false when the claim was given back (an
-    /// expired claim, reported in `claimed`).
-    fn record_claim(&mut self, ids: &[i64], claimed: &mut Claimed) -> Result<bool, Error> {
+    /// Records the claim's messages in the journal before the Sender sees them (when
+    /// `journal`, see `store::vigil`), and proves the claim still held: true when it is,
+    /// false when the claim was given back (an expired claim, reported in `claimed`).
+    fn record_claim(
+        &mut self,
+        ids: &[i64],
+        claimed: &mut Claimed,
+        journal: bool,
+    ) -> Result<bool, Error> {
         let recorded = match crate::fault::injected(crate::fault::JOURNAL_RECORD) {
             Some(e) => Err(e),
-            None => self.side.record(self.claim_id, ids),
+            None if journal => self.side.record(self.claim_id, ids),
+            // Not journaled: held if within its deadline (below).
+            None => Ok(true),
         };
+        self.journaled = journal && recorded.is_ok();
+        if self.journaled {
+            self.first_claims = self.first_claims.saturating_sub(1);
+        }
         let why = match recorded {
             Err(e) => {
                 // The INSERT may have committed with its answer lost: forget it, so that a
@@ -688,6 +741,7 @@ impl<T: MakeTls> PgSession<T> {
                 "the steps before its Sender took more than half the send timeout"
             }
         };
+        self.vigil.alert_all("a claim expired before its Sender");
         claimed.reports.push(Error::ClaimExpired {
             messages: ids.len(),
             waited: self.claim_started.elapsed(),
@@ -704,8 +758,10 @@ impl<T: MakeTls> PgSession<T> {
         if !self.open {
             return;
         }
-        if let Err(e) = self.side.forget(self.claim_id) {
-            log::warn!("troutbox relay: {e}; the batch given back counts as an attempt");
+        if std::mem::take(&mut self.journaled) {
+            if let Err(e) = self.side.forget(self.claim_id) {
+                log::warn!("troutbox relay: {e}; the batch given back counts as an attempt");
+            }
         }
         self.rollback();
     }
@@ -1022,6 +1078,10 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                 .filter(|r| r.abandoned > 0)
                 .map(|r| (r.message.id, r.charges.clone()))
                 .collect();
+            if !self.charged.is_empty() {
+                self.vigil
+                    .alert("a claimed message was charged for an abandoned claim");
+            }
             let mut messages = Vec::with_capacity(rows_ok.len());
             let mut dead = Vec::new();
             for Row {
@@ -1081,7 +1141,8 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
             let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
             // Nothing was sent if this fails or the claim expired: the batch goes back
             // untouched and uncharged.
-            if self.record_claim(&ids, &mut claimed)? {
+            let journal = self.first_claims > 0 || self.vigil.vigilant();
+            if self.record_claim(&ids, &mut claimed, journal)? {
                 claimed.messages = messages;
                 claimed.claimed_at = Some(self.claim_started);
             } else {
@@ -1105,11 +1166,14 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
         // Sender's error, and neither must hold a transaction open.
         let claims_next = settlement.sent.len() >= self.limit;
         let settling = self.claim_id;
-        let forget = self.sql.journal_settled(settling, &self.charged);
+        let journaled = self.journaled;
+        let forget = self
+            .sql
+            .journal_settled(journaled.then_some(settling), &self.charged);
         let end = if claims_next {
-            format!("{forget}; {}; {}", sql::COMMIT, self.begin_next())
+            format!("{forget}{}; {}", sql::COMMIT, self.begin_next())
         } else {
-            format!("{forget}; {}", sql::COMMIT)
+            format!("{forget}{}", sql::COMMIT)
         };
         if let Some(e) = crate::fault::injected(crate::fault::SETTLE) {
             // As if the statement had failed: the claim transaction is gone.
@@ -1129,6 +1193,7 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
             Ok(()) => {
                 self.open = false;
                 self.begun = claims_next;
+                self.journaled = false;
                 self.charged.clear();
                 (SettleReport::of(&settlement), None)
             }
@@ -1141,6 +1206,10 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
     }
 
     fn release(&mut self) {
+        // Only ever for a claim that went wrong: given back after its worker was replaced,
+        // expired before its Sender, or its worker panicked before the Sender.
+        self.vigil
+            .alert_all("a claim was given back before its Sender");
         self.give_back();
     }
 
@@ -1158,6 +1227,21 @@ impl<T: MakeTls> PgSession<T> {
         error: Option<Error>,
     ) -> (SettleReport, Option<Error>) {
         let charged = std::mem::take(&mut self.charged);
+        self.vigil
+            .alert_all("a claim's transaction was lost before its settlement");
+        if !std::mem::take(&mut self.journaled) {
+            // Nothing recorded it: nothing can tell whether its outcome may still be
+            // applied (it may have committed, or be claimed again already). It goes back
+            // as it was.
+            if let Some(e) = &error {
+                log::warn!("batch transaction lost: {e}");
+            }
+            let messages = settlement.sent.len() + settlement.returned.len();
+            return (
+                SettleReport::default(),
+                Some(Error::OutcomeLost { messages }),
+            );
+        }
         match self.settle_late(&settlement, &charged) {
             Ok((report, 0)) => {
                 if let Some(e) = &error {
@@ -1369,6 +1453,35 @@ mod bounded_plan {
             .collect();
         client.batch_execute("ROLLBACK").unwrap();
         plan.join("\n")
+    }
+
+    /// The side connection's transactions are never compiled by JIT: the recovery's row
+    /// estimate crossed `jit_above_cost`, and the server spent 80 to 115 ms compiling a
+    /// statement that runs in 0.1 ms, once a second per relay (issue 23).
+    #[test]
+    fn the_recovery_is_not_compiled_by_jit() {
+        let (pool, store) = super::tests::fresh_store_pub("unit_recover_jit", false);
+        let sql = store.sql().unwrap();
+        let mut client = pool.get().unwrap();
+        // Whatever the server's own thresholds: as low as they go, so any plan would be.
+        client
+            .batch_execute("SET jit = on; SET jit_above_cost = 0")
+            .unwrap();
+        client.batch_execute(sql::BEGIN_SIDE).unwrap();
+        let plan: Vec<String> = client
+            .simple_query(&format!("EXPLAIN (ANALYZE, TIMING OFF) {}", sql.recover))
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect();
+        client
+            .batch_execute("ROLLBACK; RESET jit; RESET jit_above_cost")
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(!plan.contains("JIT"), "{plan}");
     }
 
     /// The claim bounded in bytes must not walk the table: its first versions did, once to

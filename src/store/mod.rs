@@ -22,6 +22,7 @@ pub(crate) mod pg;
 pub(crate) mod pool;
 pub(crate) mod retention;
 pub(crate) mod sql;
+pub(crate) mod vigil;
 
 use std::time::Duration;
 

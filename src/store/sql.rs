@@ -146,6 +146,8 @@ pub(crate) struct Sql {
     pub(crate) charges_add: String,
     pub(crate) charges_forget: String,
     pub(crate) recover: String,
+    /// Posts a relay's announcement (see `store::vigil`): a marker row, negative id, no ids.
+    pub(crate) journal_marker: String,
     pub(crate) charges_cleanup: String,
     pub(crate) set_aside: String,
     pub(crate) set_aside_unchecked: String,
@@ -289,12 +291,21 @@ impl Sql {
     /// had charges, with the abandoned claims they were charged for, now accounted for in
     /// their attempts; exactly those charges go (one recorded since stays for the next
     /// claim). Only messages claimed alone have charges, so this is at most one statement.
-    pub(crate) fn journal_settled(&self, claim_id: i32, charged: &[(i64, Vec<i32>)]) -> String {
-        let mut out = format!("DELETE FROM {} WHERE claim_id = {claim_id}", self.journal);
+    /// `None` for a claim that was not journaled (see `store::vigil`): then only the charges,
+    /// if any, go, and nothing at all is added to the COMMIT's round trip when there are none.
+    pub(crate) fn journal_settled(
+        &self,
+        claim_id: Option<i32>,
+        charged: &[(i64, Vec<i32>)],
+    ) -> String {
+        let mut out = match claim_id {
+            Some(id) => format!("DELETE FROM {} WHERE claim_id = {id}; ", self.journal),
+            None => String::new(),
+        };
         for (msg_id, claims) in charged {
             let list: Vec<String> = claims.iter().map(i32::to_string).collect();
             out.push_str(&format!(
-                "; DELETE FROM {} WHERE msg_id = {msg_id} AND claim_id = ANY('{{{}}}'::int4[])",
+                "DELETE FROM {} WHERE msg_id = {msg_id} AND claim_id = ANY('{{{}}}'::int4[]); ",
                 self.charges,
                 list.join(",")
             ));
@@ -418,9 +429,18 @@ pub(crate) const UNLISTEN: &str = "UNLISTEN *";
 /// across several round trips, and a client that goes silent in the middle (a frozen
 /// network path, a paused process) must not keep them until TCP gives up, hours later. Each
 /// round trip of these transactions is sub-millisecond; 10 s idle ends a silent one.
+///
+/// `jit = off`: the recovery's estimate of the rows an abandoned claim expands to (millions,
+/// for a `generate_series` over ranges the planner cannot see) crossed `jit_above_cost`, and
+/// the server compiled the statement at every recovery: measured 80 to 115 ms of server CPU
+/// per round, once a second per relay while a backlog drains, for a statement that runs in
+/// 0.1 ms (issue 23). One SELECT for the settings: each statement of a simple query costs its
+/// own parse and execution.
 pub(crate) const BEGIN_SIDE: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
-     SET LOCAL statement_timeout = '60s'; SET LOCAL lock_timeout = '10s'; \
-     SET LOCAL idle_in_transaction_session_timeout = '10s'";
+     SELECT set_config('statement_timeout', '60s', true), \
+            set_config('lock_timeout', '10s', true), \
+            set_config('idle_in_transaction_session_timeout', '10s', true), \
+            set_config('jit', 'off', true)";
 
 /// An `int8multirange` literal of the message ids of a claim, sent as the text parameter of
 /// [`Sql::journal_insert`]: the runs of consecutive ids as half-open ranges.
@@ -743,14 +763,31 @@ impl Sql {
             // one per message. A claim still running holds its lock; a claim that committed
             // meanwhile has deleted its row, which the DELETE then finds gone and skips.
             // Concurrent recoveries: the lock taken by one makes the other skip the row.
+            //
+            // Marker rows (negative ids, see `store::vigil`) are relays' announcements, not
+            // claims: left for every relay's recovery to read, which returns them, and
+            // removed once they are `MARKER_LIFETIME` old. The statement returns the number
+            // of charges it added and the markers in the journal.
             recover: format!(
                 "WITH gone AS (
                     DELETE FROM {journal}
-                    WHERE pg_try_advisory_xact_lock({CLAIM_LOCK_CLASS}, claim_id)
-                    RETURNING claim_id, ids)
-                 INSERT INTO {charges} (msg_id, claim_id)
-                 SELECT generate_series(lower(r), upper(r) - 1), claim_id
-                 FROM gone, unnest(ids) AS r"
+                    WHERE claim_id > 0 AND pg_try_advisory_xact_lock({CLAIM_LOCK_CLASS}, claim_id)
+                    RETURNING claim_id, ids),
+                 expired AS (
+                    DELETE FROM {journal}
+                    WHERE claim_id < 0 AND claimed_at < now() - interval '{marker_lifetime} seconds'),
+                 charged AS (
+                    INSERT INTO {charges} (msg_id, claim_id)
+                    SELECT generate_series(lower(r), upper(r) - 1), claim_id
+                    FROM gone, unnest(ids) AS r
+                    RETURNING 1)
+                 SELECT (SELECT count(*) FROM charged),
+                        ARRAY(SELECT claim_id FROM {journal} WHERE claim_id < 0)",
+                marker_lifetime = super::vigil::MARKER_LIFETIME.as_secs(),
+            ),
+            journal_marker: format!(
+                "INSERT INTO {journal} (claim_id, ids) VALUES ($1, '{{}}')
+                 ON CONFLICT (claim_id) DO NOTHING"
             ),
             // Charges whose message no longer waits (sent, dead, or gone): left when a late
             // outcome or an operator settled the message. A claim in progress still has its
