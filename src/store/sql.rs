@@ -1051,9 +1051,13 @@ impl Sql {
     /// The statement that takes the rows `picked` (a SELECT of their ids, and their
     /// `created_at` in keep mode) and returns them with their position and charges.
     ///
-    /// A `bounded` pick (see [`Sql::bounded`]) is read into an array first: as a subquery
-    /// joined to the table, the planner would rather walk the table's whole pending index
-    /// than trust its row estimate of the pick.
+    /// In delete mode a `bounded` pick (see [`Sql::bounded`]) is read into an array first:
+    /// as a subquery joined to the table, the planner would rather walk the table's whole
+    /// pending index than trust its row estimate of the pick. In keep mode the pick is
+    /// joined on the primary key `(id, created_at)`, one probe per picked row; an array of
+    /// the ids on top (as delete mode) made the planner materialize the array's matches and
+    /// compare every pair: 999,000 comparisons and 81-88 ms per claim of 1,000 (0.17× the
+    /// raw UPDATE), against 9-11 ms for the probes (issue 23).
     fn claim_rows(&self, picked: &str, bounded: bool) -> String {
         let t = &self.table;
         let charged = self.charged();
@@ -1067,8 +1071,10 @@ impl Sql {
                  FROM c WHERE m.id = c.id AND m.created_at = c.created_at AND {only}
                  RETURNING m.id, m.key, m.value, m.headers, m.created_at, m.attempts, m.available_at,
                            {charged}",
+                // `IS TRUE`: a predicate the pending index cannot be matched to, so the
+                // rows are found by the primary key, not by walking that index.
                 only = if bounded {
-                    "(m.state = 'pending') IS TRUE AND m.id = ANY (ARRAY(SELECT id FROM c))"
+                    "(m.state = 'pending') IS TRUE"
                 } else {
                     "m.state = 'pending'"
                 }
