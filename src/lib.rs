@@ -131,6 +131,8 @@ pub use outbox::{Outbox, OutboxBuilder};
 pub use producer::diesel;
 pub use producer::{NewMessage, PreparedProducer};
 pub use relay::batch::Batch;
+#[cfg(any(test, feature = "testing"))]
+pub use relay::batch::Outcome;
 pub use relay::handle::Handle;
 pub use relay::health::Health;
 pub use relay::sender::Sender;
@@ -147,6 +149,11 @@ pub struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/usage.md")]
 pub struct UsageDoctests;
+
+/// The example of docs/testing.md (unit-testing a Sender), compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/testing.md")]
+pub struct TestingDoctests;
 
 /// The examples of docs/operations.md (retention, observability), compiled as doctests too.
 #[cfg(doctest)]

@@ -80,6 +80,15 @@ impl Message {
         self.headers.push((name.to_owned(), value.to_owned()));
         self
     }
+
+    /// The same message as it comes back after `attempts` failed deliveries (what
+    /// [`attempts`](Message::attempts) returns, and what decides whether the next failure is
+    /// its last, see [`Batch::outcomes_for_test`](crate::Batch::outcomes_for_test)).
+    #[must_use]
+    pub fn with_attempts(mut self, attempts: u32) -> Message {
+        self.attempts = attempts;
+        self
+    }
 }
 
 impl Message {

@@ -33,11 +33,15 @@ impl Telemetry {
         }
     }
 
-    pub(crate) fn record_latency(&self, latency: Duration) {
-        self.counters.record_latency(latency);
+    /// Records the latency of each message of a batch: the counters once per batch, the
+    /// OpenTelemetry histogram (when on) once per message.
+    pub(crate) fn record_latencies(&self, latencies: &[Duration]) {
+        self.counters.record_latencies(latencies.iter().copied());
         #[cfg(feature = "opentelemetry")]
         if let Some(otel) = &self.otel {
-            otel.record_latency(latency);
+            for &latency in latencies {
+                otel.record_latency(latency);
+            }
         }
     }
 

@@ -78,10 +78,25 @@ struct AtomicTiming {
 
 impl AtomicTiming {
     fn record(&self, d: Duration) {
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.total_nanos.fetch_add(nanos, Ordering::Relaxed);
-        self.max_nanos.fetch_max(nanos, Ordering::Relaxed);
+        self.record_many(std::iter::once(d));
+    }
+
+    /// Records several timings with three atomic operations in all, not three each: a
+    /// batch's latencies, which workers record at the same time (issue 23).
+    fn record_many(&self, timings: impl Iterator<Item = Duration>) {
+        let (mut count, mut total, mut max) = (0u64, 0u64, 0u64);
+        for d in timings {
+            let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            count += 1;
+            total = total.saturating_add(nanos);
+            max = max.max(nanos);
+        }
+        if count == 0 {
+            return;
+        }
+        self.count.fetch_add(count, Ordering::Relaxed);
+        self.total_nanos.fetch_add(total, Ordering::Relaxed);
+        self.max_nanos.fetch_max(max, Ordering::Relaxed);
     }
 
     fn snapshot(&self) -> Timing {
@@ -118,8 +133,8 @@ impl Counters {
         }
     }
 
-    pub(crate) fn record_latency(&self, latency: Duration) {
-        self.send_latency.record(latency);
+    pub(crate) fn record_latencies(&self, latencies: impl Iterator<Item = Duration>) {
+        self.send_latency.record_many(latencies);
     }
 
     pub(crate) fn record_error(&self) {
@@ -165,7 +180,9 @@ mod tests {
             },
             None,
         );
-        c.record_latency(Duration::from_millis(4));
+        c.record_latencies([4, 9, 2].map(Duration::from_millis).into_iter());
+        c.record_latencies(std::iter::empty());
+        c.record_latencies(std::iter::once(Duration::from_millis(5)));
         let s = c.snapshot();
         assert_eq!(
             (s.sent, s.failed, s.retried, s.dead, s.batches),
@@ -173,7 +190,9 @@ mod tests {
         );
         assert_eq!(s.batch_duration.mean(), Some(Duration::from_millis(20)));
         assert_eq!(s.batch_duration.max, Duration::from_millis(30));
-        assert_eq!(s.send_latency.count, 1);
+        assert_eq!(s.send_latency.count, 4);
+        assert_eq!(s.send_latency.total, Duration::from_millis(20));
+        assert_eq!(s.send_latency.max, Duration::from_millis(9));
         assert_eq!(Timing::default().mean(), None);
     }
 }

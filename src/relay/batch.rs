@@ -108,6 +108,87 @@ impl Batch {
         batch
     }
 
+    /// What the relay would record for each message of this batch once its Sender returned
+    /// `result`, with the default `max_retries` and backoff (see
+    /// [`outcomes_for_test_with`](Self::outcomes_for_test_with)): the Sender contract, applied
+    /// by the relay's own code. A message left unmarked follows `result`: under `Ok` it is
+    /// recorded sent, under `Err` it fails with the error's text.
+    ///
+    /// ```
+    /// use troutbox::{Batch, Message, Outcome, Sender};
+    ///
+    /// // A Sender that marks one message failed and leaves the other unmarked.
+    /// let mut sender = |batch: &mut Batch| -> Result<(), String> {
+    ///     for msg in batch.iter_mut() {
+    ///         if msg.key() == "bad" {
+    ///             msg.mark_failed("refused");
+    ///         }
+    ///     }
+    ///     Ok(())
+    /// };
+    /// let mut batch = Batch::for_test([
+    ///     Message::for_test(1, "good", b"a"),
+    ///     Message::for_test(2, "bad", b"b").with_attempts(10),
+    /// ]);
+    /// let result = sender.send(&mut batch);
+    /// let outcomes = batch.outcomes_for_test(&result);
+    /// assert_eq!(outcomes[0], (1, Outcome::Sent));
+    /// // Its 11th failure: dead with the default max_retries (10).
+    /// assert_eq!(
+    ///     outcomes[1],
+    ///     (2, Outcome::Dead { attempts: 11, error: "refused".into() })
+    /// );
+    /// ```
+    #[cfg(any(test, feature = "testing"))]
+    pub fn outcomes_for_test<E: std::fmt::Display>(
+        self,
+        result: &Result<(), E>,
+    ) -> Vec<(i64, Outcome)> {
+        self.outcomes_for_test_with(
+            result,
+            crate::config::DEFAULT_MAX_RETRIES,
+            &crate::Backoff::default(),
+        )
+    }
+
+    /// [`outcomes_for_test`](Self::outcomes_for_test) with the `max_retries` and `backoff` of
+    /// your outbox.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn outcomes_for_test_with<E: std::fmt::Display>(
+        self,
+        result: &Result<(), E>,
+        max_retries: u32,
+        backoff: &crate::Backoff,
+    ) -> Vec<(i64, Outcome)> {
+        let failure = result.as_ref().err().map(ToString::to_string);
+        let settlement =
+            crate::relay::outcome::decide(self, failure.as_deref(), max_retries, backoff);
+        let mut outcomes: Vec<(i64, Outcome)> = settlement
+            .sent
+            .iter()
+            .map(|&id| (id, Outcome::Sent))
+            .collect();
+        for r in settlement.returned {
+            let outcome = if r.dead {
+                Outcome::Dead {
+                    attempts: r.attempts,
+                    error: r.error,
+                }
+            } else if r.attempts == r.message.attempts {
+                Outcome::Back { error: r.error }
+            } else {
+                Outcome::Retry {
+                    attempts: r.attempts,
+                    delay: r.delay,
+                    error: r.error,
+                }
+            };
+            outcomes.push((r.message.id, outcome));
+        }
+        outcomes.sort_by_key(|(id, _)| *id);
+        outcomes
+    }
+
     /// True when the batch comes from an outbox with
     /// [`per_key_ordering`](crate::OutboxBuilder::per_key_ordering): a Sender that publishes
     /// the messages itself (not through [`send_each`](Self::send_each)) must then not
@@ -208,4 +289,38 @@ mod tests {
         });
         assert_eq!(published, [1, 2, 3, 4]);
     }
+}
+
+/// What the relay records for one message of a batch once its Sender returned: what
+/// [`Batch::outcomes_for_test`] reports, to unit-test a Sender against the relay's own rules
+/// (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Delivered: removed from the outbox (or kept as sent, with `keep_sent`).
+    Sent,
+    /// Failed, and retried after `delay` (the backoff, with its jitter).
+    Retry {
+        /// Failed deliveries so far, this one included.
+        attempts: u32,
+        /// How long until it may be claimed again.
+        delay: std::time::Duration,
+        /// The error recorded as its `last_error`.
+        error: String,
+    },
+    /// Failed, and out of retries: dead, never retried automatically.
+    Dead {
+        /// Failed deliveries, this one included.
+        attempts: u32,
+        /// The error recorded as its `last_error`.
+        error: String,
+    },
+    /// Not sent, and not charged: a message after a failed message of its key in a batch of
+    /// an outbox with per-key ordering. It goes back as it was, due at once, behind the
+    /// failed one.
+    Back {
+        /// Why it went back.
+        error: String,
+    },
 }

@@ -37,7 +37,12 @@ pub(crate) fn decide(
         // Sender returned, unless it was marked sent (it was published): under `Ok` an
         // unmarked follower was not published either (docs/ordering.md), and recording it
         // as sent would lose it.
-        let blocker = failed_keys.get(&message.key).copied();
+        // (No lookup while nothing failed: the common case, one hash per message saved.)
+        let blocker = if failed_keys.is_empty() {
+            None
+        } else {
+            failed_keys.get(&message.key).copied()
+        };
         if let (Some(blocker), false) = (blocker, marked_sent) {
             settlement.returned.push(Returned {
                 attempts: message.attempts,

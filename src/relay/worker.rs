@@ -307,10 +307,11 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
     /// Time from each message's producing transaction (database clock) to now.
     fn record_latencies(&self, messages: &[Message]) {
         let now = time::OffsetDateTime::now_utc();
-        for m in messages {
-            let latency = (now - m.created_at).try_into().unwrap_or(Duration::ZERO);
-            self.telemetry.record_latency(latency);
-        }
+        let latencies: Vec<Duration> = messages
+            .iter()
+            .map(|m| (now - m.created_at).try_into().unwrap_or(Duration::ZERO))
+            .collect();
+        self.telemetry.record_latencies(&latencies);
     }
 
     /// Hands the messages to the Sender, catching panics, and decides each message's fate.

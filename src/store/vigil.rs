@@ -48,8 +48,10 @@ pub(crate) const WINDOW: Duration = Duration::from_secs(600);
 /// again after a crash takes back the crashed claims at the head of the table with these.
 pub(crate) const FIRST_CLAIMS_JOURNALED: u32 = 4;
 
-/// How long a marker row stays in the journal: several recovery rounds of every relay.
-pub(crate) const MARKER_LIFETIME: Duration = Duration::from_secs(10);
+/// How long a marker row stays in the journal: as long as the vigilance it asks for, so
+/// that a relay idle for minutes (a long `poll_interval`) still reads it with the recovery
+/// before its next claim.
+pub(crate) const MARKER_LIFETIME: Duration = WINDOW;
 
 /// One relay's vigilance, shared by its workers.
 pub(crate) struct Vigil {
@@ -114,8 +116,9 @@ impl Vigil {
         // 31 random bits, made negative and never 0.
         let id = -(((random >> 33) as i32) | 1);
         let mut own = OWN_MARKERS.lock().unwrap_or_else(|p| p.into_inner());
-        // A marker lives MARKER_LIFETIME; remembering the last ones is enough.
-        if own.len() >= 64 {
+        // A marker lives MARKER_LIFETIME; remembering the last ones is enough (a program
+        // starting thousands of relays within that time is a test, at worst vigilant).
+        if own.len() >= 4096 {
             own.remove(0);
         }
         own.push(id);
