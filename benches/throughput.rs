@@ -10,8 +10,8 @@
 //! Environment:
 //! - `DATABASE_URL`: a server of your own; otherwise a throw-away one is started with
 //!   `fsync=on` (and the default `synchronous_commit=on`), so commits are durable, as in
-//!   production. The bench creates and drops the schemas `bench_lib`, `bench_ref` and
-//!   `bench_biz` on it.
+//!   production. The bench creates and drops the schemas `bench_lib`, `bench_ref`,
+//!   `bench_biz`, `bench_ordered`, `bench_keep_lib` and `bench_keep_ref` on it.
 //! - `TROUTBOX_BENCH_SCALE`: multiplies every message count and duration (default 1). Use
 //!   0.1 while developing; only a full run gives figures worth quoting.
 //! - `TROUTBOX_BENCH_ONLY`: comma-separated groups to run (`rss`, `burn_down`, `pinned`,
