@@ -977,3 +977,84 @@ fn another_relays_announcement_makes_a_relay_journal() {
         "vigilant only {took:?} after the marker (recovery runs about once a second)"
     );
 }
+
+/// Issue 23: a Sender still running at its claim's deadline (half the send timeout) makes
+/// the relay vigilant before the server ends that claim, so the claim that takes its
+/// messages next is journaled, and charged should its Sender hang again. Two workers,
+/// batches of 1, in steady state (each past its first 4 claims); one Sender call hangs past
+/// the 2 s send timeout; the other worker then claims the message.
+#[test]
+fn a_sender_past_its_deadline_makes_the_next_claim_of_its_messages_journaled() {
+    const SCHEMA: &str = "claims_vigil_overrun";
+    let pool = pool(8);
+    let store = store(SCHEMA, &pool);
+    let outbox = Outbox::builder(store.clone())
+        .workers(2)
+        .batch_size(1)
+        .send_timeout(Duration::from_secs(2))
+        .poll_interval(Duration::from_millis(5))
+        .error_handler(|_| {})
+        .build()
+        .unwrap();
+    add(&outbox, &pool, "k", 100);
+    let calls: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let hung = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (calls, pool, hung) = (calls.clone(), pool.clone(), hung.clone());
+        let query = format!(
+            "SELECT count(*) FROM {SCHEMA}.outbox_messages_claims WHERE claim_id > 0 AND ids @> $1::int8"
+        );
+        move |batch: &mut Batch| -> Result<(), String> {
+            let msg = batch.iter().next().expect("a message");
+            let mut conn = pool.get().map_err(|e| e.to_string())?;
+            let n: i64 = conn
+                .query_one(&query, &[&msg.id()])
+                .map_err(|e| e.to_string())?
+                .get(0);
+            drop(conn);
+            calls.lock().unwrap().push((msg.key().to_owned(), n == 1));
+            if msg.key() == "hang" && !hung.swap(true, Ordering::SeqCst) {
+                let _ = release_rx.recv_timeout(PATIENCE);
+            }
+            Ok(())
+        }
+    };
+    let mut handle = outbox.start(sender).unwrap();
+    let pending = format!("SELECT count(*) FROM {SCHEMA}.outbox_messages");
+    assert!(eventually(PATIENCE, || count(&pool, &pending) == 0));
+    let steady: Vec<bool> = calls.lock().unwrap().iter().map(|c| c.1).collect();
+    assert!(
+        steady[steady.len() - 10..].iter().all(|j| !j),
+        "not in steady state: {steady:?}"
+    );
+
+    add(&outbox, &pool, "hang", 1);
+    // The first call hangs; the server ends its claim at 2 s; the other worker claims the
+    // message again.
+    let hang_calls = || -> Vec<bool> {
+        calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.0 == "hang")
+            .map(|c| c.1)
+            .collect()
+    };
+    assert!(
+        eventually(PATIENCE, || hang_calls().len() >= 2),
+        "the message was not claimed again: {:?}",
+        hang_calls()
+    );
+    release_tx.send(()).unwrap();
+    handle.shutdown().unwrap();
+    let hang = hang_calls();
+    assert!(
+        !hang[0],
+        "the first claim was journaled: not in steady state"
+    );
+    assert!(
+        hang[1],
+        "the claim after the overrun was not journaled: {hang:?}"
+    );
+}

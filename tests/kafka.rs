@@ -799,7 +799,11 @@ fn mock_a_broker_down_fails_the_batch_within_the_delivery_timeout() {
     let result = sender.send(&mut b);
     let took = started.elapsed();
     let err = result.unwrap_err();
-    assert!(took < Duration::from_millis(2500), "{took:?}");
+    // Bounded by the delivery timeout (1.5 s), not by the sender's default (10 s) nor the
+    // client's (5 minutes): 6 s tells them apart and leaves a loaded 2-core machine room;
+    // the figure is printed.
+    eprintln!("kafka broker down: the batch failed after {took:?} (delivery timeout 1.5 s)");
+    assert!(took < Duration::from_secs(6), "{took:?}");
     assert!(
         matches!(err, KafkaSenderError::DeliveryTimeout { .. }),
         "{err}"

@@ -612,7 +612,11 @@ fn a_blocked_connection_fails_the_batch_at_once_with_the_brokers_reason() {
     let rabbit = broker();
     let url = rabbit.url();
     declare(&url, &[("alarmed", FieldTable::default())]);
-    let deadline = Duration::from_secs(20);
+    let deadline = Duration::from_secs(30);
+    // "At once" is asserted as well before the deadline: a third of it. A batch that waited
+    // for its deadline takes 30 s; one that failed on the broker's word takes milliseconds
+    // (printed below), and a loaded 2-core machine must not turn that into a failure.
+    let at_once = deadline / 3;
     let mut sender = RabbitSender::builder(url.clone())
         .exchange(EXCHANGE)
         .confirm_timeout(deadline)
@@ -650,7 +654,7 @@ fn a_blocked_connection_fails_the_batch_at_once_with_the_brokers_reason() {
         "{text}"
     );
     assert!(
-        took < Duration::from_secs(5),
+        took < at_once,
         "the blocked batch took {took:?} (deadline {deadline:?})"
     );
     assert!(sender.is_connected(), "a blocked connection is kept");
@@ -668,7 +672,7 @@ fn a_blocked_connection_fails_the_batch_at_once_with_the_brokers_reason() {
     let fresh_took = started.elapsed();
     assert!(matches!(error, RabbitError::Blocked { .. }), "{error}");
     assert!(
-        fresh_took < Duration::from_secs(5),
+        fresh_took < at_once,
         "a first publish into the alarm took {fresh_took:?} (deadline {deadline:?})"
     );
 
@@ -678,7 +682,13 @@ fn a_blocked_connection_fails_the_batch_at_once_with_the_brokers_reason() {
     let started = Instant::now();
     let error = sender.send(&mut batch).unwrap_err();
     assert!(matches!(error, RabbitError::Blocked { .. }), "{error}");
-    assert!(started.elapsed() < Duration::from_secs(1));
+    let refused_took = started.elapsed();
+    assert!(refused_took < at_once, "refused after {refused_took:?}");
+    eprintln!(
+        "rabbitmq blocked: first blocked batch failed after {took:?}, a first publish into \
+         the alarm after {fresh_took:?}, a batch while blocked after {refused_took:?} \
+         (deadline {deadline:?})"
+    );
 
     rabbit
         .ctl(&["set_vm_memory_high_watermark", "0.4"])
@@ -744,8 +754,10 @@ fn a_frozen_broker_cannot_hold_a_batch_past_its_deadline() {
         matches!(error, RabbitError::ConfirmTimeout { unconfirmed: 4, .. }),
         "{error}"
     );
+    // Bounded by its deadline, not by TCP (minutes): the upper bound is generous (a loaded
+    // 2-core machine), the printed figure is the measure.
     assert!(
-        took >= deadline && took < deadline + Duration::from_secs(2),
+        took >= deadline && took < deadline + Duration::from_secs(10),
         "the batch took {took:?}, its deadline is {deadline:?}"
     );
     for msg in batch.iter() {

@@ -267,7 +267,7 @@ fn invalid_options_are_errors_not_panics() {
 }
 
 #[test]
-fn an_unreachable_database_is_a_typed_error_within_the_connection_timeout() {
+fn an_unreachable_database_is_a_typed_error_not_a_hang() {
     // A port nobody listens on: bind one, note it, close it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -281,7 +281,8 @@ fn an_unreachable_database_is_a_typed_error_within_the_connection_timeout() {
         .connection_timeout(Duration::from_secs(2))
         .build_unchecked(PostgresConnectionManager::new(config, postgres::NoTls));
     let store = PgStore::new(pool);
-    // The outcome is asserted; the time is only bounded as a hang guard, in a thread.
+    // The outcome is asserted; the time only as a hang guard (a bound in seconds would fail
+    // on a loaded machine, and the pool's own timeout is r2d2's, not ours to test).
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     std::thread::spawn(move || {
         let started = Instant::now();

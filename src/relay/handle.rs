@@ -31,6 +31,17 @@ use crate::Error;
 ///     Ok(())
 /// }
 /// ```
+///
+/// (A lint has no error code for `compile_fail` to name, so here is its control: the same
+/// program, keeping the handle, compiles. The only difference is the dropped handle.)
+///
+/// ```no_run
+/// #![deny(unused_must_use)]
+/// fn start(outbox: &troutbox::Outbox) -> Result<(), troutbox::Error> {
+///     let _relay = outbox.start(|_: &mut troutbox::Batch| -> Result<(), String> { Ok(()) })?;
+///     Ok(())
+/// }
+/// ```
 // No PartialEq: a handle owns running threads; it has an identity, not a value.
 #[must_use = "dropping the Handle stops the relay at once: keep it for as long as messages should be relayed"]
 pub struct Handle {
@@ -66,6 +77,18 @@ impl std::fmt::Debug for Handle {
             .field("stopped", &self.stop.is_none())
             .finish_non_exhaustive()
     }
+}
+
+/// What the watchdog watches for (see [`Handle::watch`]).
+pub(crate) struct Watch {
+    /// Called when a worker stuck in a database call is replaced.
+    pub(crate) on_stuck: Box<dyn Fn() + Send>,
+    /// How long a database call may take before its worker is replaced.
+    pub(crate) stuck_after: Duration,
+    /// Called while a Sender runs past `overrun_after`.
+    pub(crate) on_overrun: Box<dyn Fn() + Send>,
+    /// How long a Sender may run before its claim is presumed lost.
+    pub(crate) overrun_after: Duration,
 }
 
 /// How often the watchdog looks at the workers.
@@ -106,13 +129,21 @@ impl Handle {
     /// should its call ever return, it leaves without acting on the result. Its claim, if
     /// it held one, is released by the server at the send timeout and accounted for by the
     /// claim journal like any lost claim.
+    ///
+    /// It also tells the store (`on_overrun`, at every look) while a worker's Sender has been
+    /// running for longer than `overrun_after`: that claim will end without a settlement.
     pub(crate) fn watch<S>(
         &mut self,
         start: impl Fn(usize, Option<S>) -> std::io::Result<Slot> + Send + 'static,
-        on_stuck: impl Fn() + Send + 'static,
-        stuck_after: Duration,
+        watch: Watch,
         error_handler: ErrorHandler,
     ) -> std::io::Result<()> {
+        let Watch {
+            on_stuck,
+            stuck_after,
+            on_overrun,
+            overrun_after,
+        } = watch;
         let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
         let stop = self.stop_rx.clone();
         let slots = self.slots.clone();
@@ -128,6 +159,13 @@ impl Handle {
                     }
                     let mut slots = slots.lock().unwrap_or_else(|p| p.into_inner());
                     for (index, slot) in slots.iter_mut().enumerate() {
+                        if slot
+                            .status
+                            .in_sender_for()
+                            .is_some_and(|running| running >= overrun_after)
+                        {
+                            on_overrun();
+                        }
                         let Some(stuck_for) = slot.status.in_db_for() else {
                             continue;
                         };

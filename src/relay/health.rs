@@ -13,6 +13,9 @@ pub(crate) struct WorkerStatus {
     /// When the worker entered its current database call (µs since [`epoch`] plus one), 0
     /// when it is not in one: what the handle's watchdog reads.
     busy_since: AtomicU64,
+    /// When the worker called its Sender (µs since [`epoch`] plus one), 0 when it is not in
+    /// the Sender: the watchdog tells the store when a Sender outlives the claim's deadline.
+    sending_since: AtomicU64,
     /// The watchdog gave up on this worker and started another in its place: whatever its
     /// stuck call returns, the worker leaves without acting on it.
     abandoned: AtomicBool,
@@ -40,6 +43,29 @@ impl WorkerStatus {
     /// How long the worker has been in its current database call, if it is in one.
     pub(crate) fn in_db_for(&self) -> Option<Duration> {
         match self.busy_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => {
+                let now = u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX);
+                Some(Duration::from_micros(now.saturating_sub(since - 1)))
+            }
+        }
+    }
+
+    /// The worker is about to call its Sender.
+    pub(crate) fn enter_sender(&self) {
+        let now = u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.sending_since
+            .store(now.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// The Sender returned (or panicked).
+    pub(crate) fn leave_sender(&self) {
+        self.sending_since.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the worker has been in its Sender, if it is in it.
+    pub(crate) fn in_sender_for(&self) -> Option<Duration> {
+        match self.sending_since.load(Ordering::Relaxed) {
             0 => None,
             since => {
                 let now = u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX);

@@ -50,6 +50,10 @@ where
         let store = store.clone();
         move || store.suspect_connections()
     };
+    let on_overrun = {
+        let store = store.clone();
+        move || store.sender_overran()
+    };
     // Nobody ever sends on this channel: dropping the sending side is the signal.
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let wake = wake_tx.clone();
@@ -95,8 +99,12 @@ where
     if spawn_error.is_none() {
         if let Err(e) = handle.watch(
             start,
-            on_stuck,
-            config.stuck_after,
+            handle::Watch {
+                on_stuck: Box::new(on_stuck),
+                stuck_after: config.stuck_after,
+                on_overrun: Box::new(on_overrun),
+                overrun_after: crate::store::send_window(config.send_timeout),
+            },
             config.error_handler.clone(),
         ) {
             spawn_error = Some(e);

@@ -117,6 +117,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
                 Ok(stop) => stop,
                 Err(payload) => {
                     let message = panic_message(&*payload);
+                    self.status.leave_sender();
                     if std::mem::take(&mut self.unsent) {
                         // The claim never reached its Sender: give it back uncharged.
                         let _ = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -220,7 +221,9 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
             return false;
         }
         self.unsent = false;
+        self.status.enter_sender();
         let (settlement, sender_error) = self.deliver(messages);
+        self.status.leave_sender();
         fault_point!(crate::fault::AFTER_SENDER);
         let whole_batch_failed = sender_error.is_some() && settlement.sent.is_empty();
         #[cfg(feature = "opentelemetry")]

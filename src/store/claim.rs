@@ -333,6 +333,16 @@ impl<T: MakeTls> SideConnection<T> {
 impl<T: MakeTls> RelayStore for PgRelay<T> {
     type Session = PgSession<T>;
 
+    fn sender_overran(&self) {
+        // Once per overrun, not at every look of the watchdog: an announcement is a row.
+        if self.vigil.vigilant() {
+            self.vigil.alert("a Sender ran past its claim's deadline");
+        } else {
+            self.vigil
+                .alert_all("a Sender ran past its claim's deadline");
+        }
+    }
+
     fn suspect_connections(&self) {
         self.side.reset();
         self.vigil

@@ -98,7 +98,14 @@ pub(crate) fn send_deadline(
     claimed_at: std::time::Instant,
     send_timeout: Duration,
 ) -> std::time::Instant {
-    claimed_at + send_timeout / 2
+    claimed_at + send_window(send_timeout)
+}
+
+/// How long after its claim a Sender may start (see [`send_deadline`]): half the send
+/// timeout. A Sender still running this long after it started has its claim ending before
+/// it returns, unless it returns within the other half.
+pub(crate) fn send_window(send_timeout: Duration) -> Duration {
+    send_timeout / 2
 }
 
 impl SettleReport {
@@ -127,6 +134,11 @@ pub(crate) trait RelayStore: Send + Sync + 'static {
     /// froze): connections shared by the workers and opened before may be on the same path,
     /// and must not be used again without a bounded check.
     fn suspect_connections(&self) {}
+
+    /// A Sender has run past its claim's deadline (half the send timeout): the claim will
+    /// end without a settlement, and its messages will be claimed again; whoever claims
+    /// them must be able to charge the next such end (see `store::vigil`).
+    fn sender_overran(&self) {}
 }
 
 /// One worker's connection. At most one claim is open at a time.

@@ -11,12 +11,17 @@
 //! - the first claims of every session ([`FIRST_CLAIMS_JOURNALED`]): a session opens when a
 //!   relay starts (possibly restarted after its Sender killed it) and after its connection
 //!   was lost, and the claims right after are the ones that take back what a crash left;
-//! - for [`WINDOW`] after anything abnormal: a claim of this relay lost or expired, a worker
-//!   replaced, a message found charged, an abandoned claim recovered, or another relay's
-//!   announcement.
+//! - for [`WINDOW`] after anything abnormal: a claim of this relay lost or expired, a Sender
+//!   still running at its claim's deadline (half the send timeout, seen by the watchdog:
+//!   before the server ends that claim, so the claim that takes its messages next is
+//!   journaled), a worker replaced, a message found charged, an abandoned claim recovered,
+//!   or another relay's announcement.
 //!
 //! A relay announces its start, and its own abnormal ends, to every relay on the table with
-//! a marker row in the journal, which every relay's recovery (about once a second) reads.
+//! a marker row in the journal, posted with its next recovery (its next claim, at most a
+//! second apart while it drains) and read by every relay's recovery. Relays of one process
+//! ignore each other's markers: they share its fate (a crash ends them all, and each starts
+//! vigilant), at the price of not hearing each other's alerts either.
 //! That covers relays in steady state when one of them crashes: the crashed relay's claims
 //! go back to the table, and the others would claim them without a journal; the restarted
 //! relay's marker makes them vigilant within a second.
