@@ -100,7 +100,13 @@ pub(crate) struct PgRelay<T: MakeTls> {
     pub(crate) side: Arc<SideConnection<T>>,
     /// When claims are journaled (see `store::vigil`).
     pub(crate) vigil: Arc<Vigil>,
+    /// The furthest position any of this relay's sessions claimed up to while draining, for
+    /// all of them to resume after (unordered only; see [`PgSession::shared_mark`]).
+    pub(crate) drain_mark: Arc<Mutex<Mark>>,
 }
+
+/// A position in the pending index, `(available_at, id)`, where a draining claim resumes.
+type Mark = Option<(OffsetDateTime, i64)>;
 
 impl<T: MakeTls> PgRelay<T> {
     pub(crate) fn new(
@@ -133,6 +139,7 @@ impl<T: MakeTls> PgRelay<T> {
             ordered: config.ordered,
             side,
             vigil: Arc::new(Vigil::new()),
+            drain_mark: Arc::default(),
         }
     }
 }
@@ -357,6 +364,7 @@ impl<T: MakeTls> RelayStore for PgRelay<T> {
             sql: self.sql.clone(),
             side: self.side.clone(),
             vigil: self.vigil.clone(),
+            shared_mark: (!self.ordered).then(|| self.drain_mark.clone()),
             first_claims: vigil::FIRST_CLAIMS_JOURNALED,
             journaled: false,
             timeout_ms: u64::try_from(timeout_ms).unwrap_or(u64::MAX),
@@ -411,6 +419,12 @@ pub(crate) struct PgSession<T: MakeTls> {
     side: Arc<SideConnection<T>>,
     /// When claims are journaled (see `store::vigil`).
     vigil: Arc<Vigil>,
+    /// The relay's furthest drain position, shared by its sessions (unordered only): with
+    /// several workers, each resuming after its own position stepped over the rows the
+    /// others held at every claim (`FOR UPDATE SKIP LOCKED` still visits them); resuming
+    /// after the furthest one does not. Rows left behind it (a claim given back) are taken
+    /// by the next claim from the head, at least once a second, as for one session.
+    shared_mark: Option<Arc<Mutex<Mark>>>,
     /// Claims this session still journals whatever the vigilance: its first ones.
     first_claims: u32,
     /// The last claim handed to a Sender was recorded in the journal (until it is settled
@@ -433,7 +447,7 @@ pub(crate) struct PgSession<T: MakeTls> {
     begun: bool,
     /// Position (available_at, id) of the last row of the last full batch: where the next
     /// claim resumes while a backlog drains.
-    mark: Option<(OffsetDateTime, i64)>,
+    mark: Mark,
     last_head_claim: Instant,
     /// The id of the open (or begun) claim transaction: the key of its advisory lock and of
     /// its journal row. Random, so claims of every relay and session differ.
@@ -624,9 +638,14 @@ impl<T: MakeTls> PgSession<T> {
                 conn.client.query(&conn.claim_one, &[&id])
             }
             ClaimKind::AfterMark | ClaimKind::Head => {
+                let shared = self
+                    .shared_mark
+                    .as_ref()
+                    .and_then(|m| *m.lock().unwrap_or_else(|p| p.into_inner()));
                 let mark = self
                     .mark
                     .take()
+                    .max(shared)
                     .filter(|_| self.last_head_claim.elapsed() < HEAD_CLAIM_EVERY);
                 let mut rows = match mark {
                     Some((at, id)) => conn.client.query(&conn.claim_after, &[&at, &id]),
@@ -641,6 +660,14 @@ impl<T: MakeTls> PgSession<T> {
             }
         };
         rows.map_err(|e| self.fail("claiming a batch", e))
+    }
+
+    /// Moves the relay's shared drain position forward to `mark`, or resets it (`None`).
+    fn share_mark(&self, mark: Mark) {
+        if let Some(shared) = &self.shared_mark {
+            let mut position = shared.lock().unwrap_or_else(|p| p.into_inner());
+            *position = mark.and((*position).max(mark));
+        }
     }
 
     /// Ends an open claim transaction that took nothing (no WAL flush: nothing was written).
@@ -1063,9 +1090,15 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                 if kind == ClaimKind::One {
                     continue; // another relay holds it, or settled it
                 }
+                self.share_mark(None);
                 return Ok(claimed);
             }
             let full = rows.len() >= limit;
+            if !full && kind != ClaimKind::One {
+                // The backlog is drained (or this batch was cut to its bytes): every session
+                // claims from the head again.
+                self.share_mark(None);
+            }
             let (rows_ok, bad) = self.decode(&rows);
             if !bad.is_empty() {
                 // Give the batch back untouched, then set the bad rows aside on their own.
@@ -1149,6 +1182,7 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
                         Some((at, r.try_get::<_, i64>(0).ok()?))
                     })
                     .max();
+                self.share_mark(self.mark);
             }
             self.partial = messages.len() < limit;
             let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
