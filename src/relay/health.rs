@@ -10,18 +10,46 @@ use std::time::{Duration, Instant};
 pub(crate) struct WorkerStatus {
     ended: AtomicBool,
     failures: AtomicU32,
-    /// When the worker entered its current database call (µs since [`epoch`] plus one), 0
-    /// when it is not in one: what the handle's watchdog reads.
-    busy_since: AtomicU64,
-    /// When the worker called its Sender (µs since [`epoch`] plus one), 0 when it is not in
-    /// the Sender: the watchdog tells the store when a Sender outlives the claim's deadline.
-    sending_since: AtomicU64,
+    /// Since when the worker has been in its current database call: what the handle's
+    /// watchdog reads.
+    in_db: Since,
+    /// Since when the worker has been in its Sender: the watchdog tells the store when a
+    /// Sender outlives its claim's deadline.
+    in_sender: Since,
     /// The watchdog gave up on this worker and started another in its place: whatever its
     /// stuck call returns, the worker leaves without acting on it.
     abandoned: AtomicBool,
 }
 
-/// The process's reference instant for [`WorkerStatus::busy_since`].
+/// The instant something began (µs since [`epoch`] plus one), 0 when it is not going on.
+#[derive(Debug, Default)]
+struct Since(AtomicU64);
+
+impl Since {
+    fn now() -> u64 {
+        u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn enter(&self) {
+        self.0
+            .store(Since::now().saturating_add(1), Ordering::Relaxed);
+    }
+
+    fn leave(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+
+    fn elapsed(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_micros(
+                Since::now().saturating_sub(since - 1),
+            )),
+        }
+    }
+}
+
+/// The process's reference instant for [`Since`].
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
@@ -30,48 +58,32 @@ fn epoch() -> Instant {
 impl WorkerStatus {
     /// The worker is about to wait on the database (a pool checkout, a claim, a settlement).
     pub(crate) fn enter_db(&self) {
-        let now = u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.busy_since
-            .store(now.saturating_add(1), Ordering::Relaxed);
+        self.in_db.enter();
     }
 
     /// The database call returned.
     pub(crate) fn leave_db(&self) {
-        self.busy_since.store(0, Ordering::Relaxed);
+        self.in_db.leave();
     }
 
     /// How long the worker has been in its current database call, if it is in one.
     pub(crate) fn in_db_for(&self) -> Option<Duration> {
-        match self.busy_since.load(Ordering::Relaxed) {
-            0 => None,
-            since => {
-                let now = u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX);
-                Some(Duration::from_micros(now.saturating_sub(since - 1)))
-            }
-        }
+        self.in_db.elapsed()
     }
 
     /// The worker is about to call its Sender.
     pub(crate) fn enter_sender(&self) {
-        let now = u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.sending_since
-            .store(now.saturating_add(1), Ordering::Relaxed);
+        self.in_sender.enter();
     }
 
     /// The Sender returned (or panicked).
     pub(crate) fn leave_sender(&self) {
-        self.sending_since.store(0, Ordering::Relaxed);
+        self.in_sender.leave();
     }
 
     /// How long the worker has been in its Sender, if it is in it.
     pub(crate) fn in_sender_for(&self) -> Option<Duration> {
-        match self.sending_since.load(Ordering::Relaxed) {
-            0 => None,
-            since => {
-                let now = u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX);
-                Some(Duration::from_micros(now.saturating_sub(since - 1)))
-            }
-        }
+        self.in_sender.elapsed()
     }
 
     /// Gives up on the worker (see `abandoned`).

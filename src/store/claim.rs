@@ -1489,8 +1489,15 @@ mod bounded_plan {
         let sql = store.sql().unwrap();
         client.batch_execute(&sql::begin_claim(10_000, 1)).unwrap();
         let claim = sql.claim(limit, ClaimKind::Head, false, Some(64 << 20));
+        let plan = explain(client, &format!("(ANALYZE, COSTS OFF, TIMING OFF) {claim}"));
+        client.batch_execute("ROLLBACK").unwrap();
+        plan
+    }
+
+    /// The lines of `EXPLAIN {options_and_statement}`, joined.
+    fn explain(client: &mut Client, options_and_statement: &str) -> String {
         let plan: Vec<String> = client
-            .simple_query(&format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {claim}"))
+            .simple_query(&format!("EXPLAIN {options_and_statement}"))
             .unwrap()
             .into_iter()
             .filter_map(|m| match m {
@@ -1498,7 +1505,6 @@ mod bounded_plan {
                 _ => None,
             })
             .collect();
-        client.batch_execute("ROLLBACK").unwrap();
         plan.join("\n")
     }
 
@@ -1515,19 +1521,13 @@ mod bounded_plan {
             .batch_execute("SET jit = on; SET jit_above_cost = 0")
             .unwrap();
         client.batch_execute(sql::BEGIN_SIDE).unwrap();
-        let plan: Vec<String> = client
-            .simple_query(&format!("EXPLAIN (ANALYZE, TIMING OFF) {}", sql.recover))
-            .unwrap()
-            .into_iter()
-            .filter_map(|m| match m {
-                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .collect();
+        let plan = explain(
+            &mut client,
+            &format!("(ANALYZE, TIMING OFF) {}", sql.recover),
+        );
         client
             .batch_execute("ROLLBACK; RESET jit; RESET jit_above_cost")
             .unwrap();
-        let plan = plan.join("\n");
         assert!(!plan.contains("JIT"), "{plan}");
     }
 
