@@ -171,6 +171,60 @@ pub enum Error {
         recorded: String,
     },
 
+    /// A consumer name or message id given to [`Inbox::receive`](crate::Inbox::receive)
+    /// cannot be recorded: empty, holding a NUL byte (PostgreSQL `text` cannot store one),
+    /// or longer than its limit ([`MAX_CONSUMER_LEN`](crate::inbox::MAX_CONSUMER_LEN),
+    /// [`MAX_MESSAGE_ID_LEN`](crate::inbox::MAX_MESSAGE_ID_LEN)). Nothing reached the
+    /// database: the transaction is still usable.
+    #[error("invalid inbox {what}: {reason}")]
+    InvalidMessageId {
+        /// `"consumer"` or `"message id"`.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A received message carries no message id, so the inbox cannot tell a duplicate from
+    /// a first delivery. Not a silent pass: decide what such a message means (a producer
+    /// that is not troutbox, a missing header) and handle it yourself.
+    #[error("the {from} carries no message id ({field}); the inbox needs one to detect duplicates: is the producer a troutbox relay, and does the consumer read the right header?")]
+    MissingMessageId {
+        /// Where it was looked for: `"Kafka record"` or `"RabbitMQ delivery"`.
+        from: &'static str,
+        /// The header or property that was missing.
+        field: String,
+    },
+
+    /// The inbox table does not exist: call [`Inbox::migrate`](crate::Inbox::migrate).
+    #[error("inbox table {table} is missing: call Inbox::migrate() once before receiving")]
+    InboxNotMigrated {
+        /// The qualified table name.
+        table: String,
+    },
+
+    /// The inbox's duplicate window is not the one its table was created with. Instances
+    /// that disagree on it would not see each other's entries, so it is refused.
+    #[error("inbox table {table} was created with {recorded}, but this inbox is configured with {configured}; configure every inbox of this table the same way (changing the window of an existing table is not supported: create a new table)")]
+    InboxWindowMismatch {
+        /// The qualified table name.
+        table: String,
+        /// What this inbox was built with.
+        configured: String,
+        /// What the table records.
+        recorded: String,
+    },
+
+    /// The inbox table was created by a newer version of troutbox.
+    #[error("inbox table {table} has schema version {found}, this troutbox understands up to {supported}; upgrade troutbox")]
+    InboxSchemaTooNew {
+        /// The qualified table name.
+        table: String,
+        /// The version found.
+        found: i32,
+        /// The newest version this build knows.
+        supported: i32,
+    },
+
     /// A statement failed in the database, or the connection to it failed.
     ///
     /// The message is whole: the server's severity, message, SQLSTATE, detail and hint (or,
@@ -379,6 +433,33 @@ impl Error {
             Error::Database { error, .. } => Some(error),
             Error::NotMigrated { source, .. } => source.as_ref(),
             _ => None,
+        }
+    }
+
+    /// True when the database refused the transaction because of a concurrent one and the
+    /// whole transaction may simply be run again: a serialization failure (SQLSTATE 40001)
+    /// or a deadlock (40P01). This is what [`Inbox::receive`](crate::Inbox::receive) returns
+    /// under REPEATABLE READ or SERIALIZABLE when another transaction recorded the same
+    /// message after this one's snapshot was taken: roll back, and retry the delivery.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Database { error, .. } => matches!(
+                error.code(),
+                Some(&postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
+                    | Some(&postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
+            ),
+            #[cfg(feature = "diesel")]
+            Error::Diesel { source, .. } => match source {
+                diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::SerializationFailure,
+                    _,
+                ) => true,
+                diesel::result::Error::DatabaseError(_, info) => {
+                    info.message().contains("deadlock detected")
+                }
+                _ => false,
+            },
+            _ => false,
         }
     }
 

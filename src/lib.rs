@@ -52,7 +52,10 @@
 //!   [`Backoff`] (`backoff.rs`);
 //! - store: [`PgStore`] and its migrations, the claim strategy (claim, journal, settle,
 //!   recover), its SQL, row decoding and [`Retention`] (`store/`);
-//! - maintenance: partitions and dead letters (`maintenance/`);
+//! - consumer side: [`Inbox`] (`inbox.rs`, its SQL in `store/inbox.rs`), which records each
+//!   received message id in the consumer's transaction for an exactly-once effect, with
+//!   helpers reading the id from Kafka records and RabbitMQ deliveries (`inbox/`);
+//! - maintenance: partitions (of the outbox and the inbox) and dead letters (`maintenance/`);
 //! - observability: [`Backlog`] (`observability/`);
 //! - `serde` (feature `serde`): `Serialize` for [`Backlog`], [`Stats`], [`Health`],
 //!   [`DeadMessage`] and [`Message`], [`BlockedKey`] and [`MaintenanceReport`], as the
@@ -83,6 +86,7 @@ pub mod fault_points {
 mod backoff;
 mod config;
 mod error;
+pub mod inbox;
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub mod kafka;
@@ -120,6 +124,7 @@ pub use config::{
     MAX_WORKERS, MIN_POLL_INTERVAL,
 };
 pub use error::{BoxError, Error};
+pub use inbox::{Inbox, InboxBuilder, Received};
 pub use maintenance::ordering::BlockedKey;
 pub use maintenance::partitions::{MaintenanceHandle, MaintenanceReport};
 pub use message::{DeadMessage, DeadSummary, Message, Status};

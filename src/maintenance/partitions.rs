@@ -1,6 +1,8 @@
-//! Partition maintenance for [`Retention::keep_sent`](crate::Retention::keep_sent): create
-//! partitions ahead, move rows out of the DEFAULT partition, drop expired partitions that hold
-//! nothing but sent messages.
+//! Partition maintenance for [`Retention::keep_sent`](crate::Retention::keep_sent) and for
+//! the inbox's duplicate window ([`Inbox`](crate::Inbox)): create partitions ahead, move rows
+//! out of the DEFAULT partition, drop expired partitions (for the outbox, only those that
+//! hold nothing but sent messages). One routine, [`maintain`], elected across instances, for
+//! both tables.
 
 use std::collections::BTreeSet;
 use std::thread::JoinHandle;
@@ -9,8 +11,8 @@ use std::time::Duration;
 use crossbeam_channel::{select, Sender as ChannelSender};
 
 use crate::error::panic_message;
-use crate::store::pg::{MakeTls, PgStore};
-use crate::store::sql;
+use crate::store::pg::{MakeTls, PgPool, PgStore};
+use crate::store::sql::{self, PartitionSql};
 use crate::Error;
 
 /// What one maintenance run did, from [`PgStore::run_maintenance_once`].
@@ -55,8 +57,210 @@ fn is_lock_timeout(e: &postgres::Error) -> bool {
 }
 
 fn defer(report: &mut MaintenanceReport, name: String, what: &str) {
-    log::info!("outbox maintenance: {what} of partition {name} put off to the next run: the table stayed busy");
+    log::info!("partition maintenance: {what} of partition {name} put off to the next run: the table stayed busy");
     report.deferred.push(name);
+}
+
+/// A table in range partitions as maintenance sees it: its statements and its settings.
+/// The outbox with keep-sent retention is one, the inbox with a duplicate window another;
+/// both are maintained by [`maintain`], elected across instances the same way.
+pub(crate) struct Partitioned<'a> {
+    /// The table's partition statements.
+    pub(crate) parts: &'a PartitionSql,
+    /// The table as `"schema"."table"`: the election's lock key and the logs name it.
+    pub(crate) qualified: String,
+    /// `outbox` or `inbox`, for the logs.
+    pub(crate) noun: &'static str,
+    /// The width of one partition, in seconds.
+    pub(crate) interval: i64,
+    /// How many partitions beyond the current one to keep ready.
+    pub(crate) ahead: u32,
+    /// How many partitions before the current one to create if they are missing (the
+    /// inbox writes into the previous slot too).
+    pub(crate) behind: u32,
+    /// A partition is dropped once its end is at least this far in the past.
+    pub(crate) window: Duration,
+    /// An injected clock's time (tests), instead of the database's.
+    pub(crate) now: Option<time::OffsetDateTime>,
+}
+
+/// Runs partition maintenance once on `table` (see [`PgStore::run_maintenance_once`]):
+/// `check` runs first, in the step that reads what there is (it refuses a configuration
+/// that is not the table's), and `db_error` maps the database's errors.
+pub(crate) fn maintain<T: MakeTls>(
+    pool: &PgPool<T>,
+    table: &Partitioned<'_>,
+    check: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<(), Error>,
+    db_error: impl Fn(&'static str, postgres::Error) -> Error,
+) -> Result<MaintenanceReport, Error> {
+    let parts = table.parts;
+    let mut report = MaintenanceReport::default();
+    let context = if table.noun == "inbox" {
+        "maintaining inbox partitions"
+    } else {
+        "maintaining outbox partitions"
+    };
+    let err = |e| db_error(context, e);
+    // The election: this connection's transaction holds the advisory lock and touches
+    // no table, so the work on the other connection never waits for it.
+    let mut elected = pool.get().map_err(Error::pool(context))?;
+    let mut election = elected
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .map_err(err)?;
+    election
+        .batch_execute(sql::MAINTENANCE_ELECTION_TIMEOUTS)
+        .map_err(err)?;
+    let lock_key = format!("troutbox:maintain:{}", table.qualified);
+    let locked: bool = election
+        .query_one(sql::MAINTENANCE_LOCK, &[&lock_key])
+        .map_err(err)?
+        .get(0);
+    if !locked {
+        report.locked_out = true;
+        return Ok(report);
+    }
+
+    let mut conn = pool.get().map_err(Error::pool(context))?;
+    // What there is, in one short transaction. READ COMMITTED stated, not inherited
+    // (REPEATABLE READ or SERIALIZABLE as a database default would keep one snapshot).
+    let mut tx = begin_step(&mut conn).map_err(err)?;
+    check(&mut tx)?;
+    let interval = table.interval;
+    // The database's clock (the one the partition key comes from), unless a test
+    // injected one.
+    let now = match table.now {
+        Some(now) => now.unix_timestamp(),
+        None => tx
+            .query_one(sql::DB_NOW, &[])
+            .and_then(|row| row.try_get::<_, i64>(0))
+            .map_err(err)?,
+    };
+    let current = now.div_euclid(interval) * interval;
+    let existing: BTreeSet<i64> = tx
+        .query(&parts.list, &[])
+        .map_err(err)?
+        .iter()
+        .filter_map(|row| parts.partition_start(row.get::<_, &str>(0)))
+        .collect();
+    // Wanted: now and ahead, plus the home of every row sitting in DEFAULT.
+    let ahead = i64::from(table.ahead);
+    let behind = i64::from(table.behind);
+    let mut wanted: BTreeSet<i64> = (-behind..=ahead).map(|k| current + k * interval).collect();
+    // Last, as it reads DEFAULT, which may be busy: then the rows there wait for the
+    // next run, and the rest of this one goes on.
+    match tx.query(&parts.default_slots, &[&interval]) {
+        Ok(rows) => {
+            wanted.extend(rows.iter().map(|row| row.get::<_, i64>(0) * interval));
+            tx.commit().map_err(err)?;
+        }
+        Err(e) if is_lock_timeout(&e) => {
+            drop(tx);
+            defer(&mut report, parts.default_name(), "moving rows out");
+        }
+        Err(e) => return Err(err(e)),
+    }
+
+    for start in wanted.difference(&existing) {
+        let name = parts.partition_name(*start);
+        let step = begin_step(&mut conn).and_then(|mut tx| {
+            tx.batch_execute(&parts.create_partition(*start, start + interval))?;
+            // Holding the table's lock.
+            fault_point!(crate::fault::MAINTENANCE_STEP);
+            tx.commit()
+        });
+        match step {
+            Ok(()) => report.created.push(name),
+            Err(e) if is_lock_timeout(&e) => defer(&mut report, name, "create"),
+            Err(e) => return Err(err(e)),
+        }
+    }
+
+    let window = i64::try_from(table.window.as_secs()).unwrap_or(i64::MAX);
+    let horizon = now.saturating_sub(window);
+    for start in existing.iter().filter(|s| **s + interval <= horizon) {
+        let name = parts.partition_name(*start);
+        let mut tx = begin_step(&mut conn).map_err(err)?;
+        if parts.keeps_rows() {
+            // Counted before any lock, through the partial indexes of pending and dead
+            // rows: a partition that keeps unsent messages is never locked at all.
+            let unsent: i64 = tx
+                .query_one(&parts.count_unsent(*start), &[])
+                .and_then(|row| row.try_get(0))
+                .map_err(err)?;
+            if unsent > 0 {
+                tx.commit().map_err(err)?;
+                log::warn!(
+                    "keeping expired {} partition {name}: it still holds {unsent} pending or dead message(s)",
+                    table.noun
+                );
+                report.kept.push((name, unsent));
+                continue;
+            }
+        }
+        // The table first, as every claim and INSERT takes it, then the check again
+        // (under the lock nothing can change it) and the drop.
+        let step = (|| {
+            tx.batch_execute(&parts.lock_parent())?;
+            fault_point!(crate::fault::MAINTENANCE_STEP);
+            let unsent: bool = tx.query_one(&parts.any_unsent(*start), &[])?.try_get(0)?;
+            if !unsent {
+                tx.batch_execute(&parts.drop_partition(*start))?;
+            }
+            tx.commit().map(|()| unsent)
+        })();
+        match step {
+            Ok(false) => report.dropped.push(name),
+            Ok(true) => report.kept.push((name, 1)),
+            Err(e) if is_lock_timeout(&e) => defer(&mut report, name, "drop"),
+            Err(e) => return Err(err(e)),
+        }
+    }
+    election.commit().map_err(err)?;
+    if !report.created.is_empty() || !report.dropped.is_empty() {
+        log::info!(
+            "{} maintenance of {}: created {:?}, dropped {:?}",
+            table.noun,
+            table.qualified,
+            report.created,
+            report.dropped
+        );
+    }
+    Ok(report)
+}
+
+/// Runs `run` now and then every `every` on a background thread named `name`, until the
+/// returned handle is shut down or dropped; errors are logged as `what` and the next run
+/// tries again.
+pub(crate) fn spawn_maintenance(
+    what: String,
+    every: Duration,
+    run: impl Fn() -> Result<MaintenanceReport, Error> + Send + 'static,
+) -> Result<MaintenanceHandle, Error> {
+    if every.is_zero() {
+        return Err(Error::InvalidConfig {
+            option: "start_maintenance",
+            reason: "the interval must be greater than zero".into(),
+        });
+    }
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let thread = std::thread::Builder::new()
+        .name("troutbox-maintenance".into())
+        .spawn(move || loop {
+            if let Err(e) = run() {
+                log::error!("{what} failed: {e}");
+            }
+            select! {
+                recv(stop_rx) -> _ => break,
+                default(every) => {}
+            }
+        })
+        .map_err(Error::Spawn)?;
+    Ok(MaintenanceHandle {
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
 }
 
 impl<T: MakeTls> PgStore<T> {
@@ -84,133 +288,26 @@ impl<T: MakeTls> PgStore<T> {
     /// run it on a thread.
     pub fn run_maintenance_once(&self) -> Result<MaintenanceReport, Error> {
         let sql = self.sql()?;
-        let mut report = MaintenanceReport::default();
         let (Some(parts), Some(window)) = (sql.partitions.as_ref(), self.retention_config().keep)
         else {
-            return Ok(report);
+            return Ok(MaintenanceReport::default());
         };
-        let context = "maintaining outbox partitions";
-        // The election: this connection's transaction holds the advisory lock and touches
-        // no table, so the work on the other connection never waits for it.
-        let mut elected = self.connection(context)?;
-        let mut election = elected
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::ReadCommitted)
-            .start()
-            .map_err(self.db_error(context))?;
-        election
-            .batch_execute(sql::MAINTENANCE_ELECTION_TIMEOUTS)
-            .map_err(self.db_error(context))?;
-        let lock_key = format!("troutbox:maintain:{}", self.qualified_table());
-        let locked: bool = election
-            .query_one(sql::MAINTENANCE_LOCK, &[&lock_key])
-            .map_err(self.db_error(context))?
-            .get(0);
-        if !locked {
-            report.locked_out = true;
-            return Ok(report);
-        }
-
-        let mut conn = self.connection(context)?;
-        // What there is, in one short transaction. READ COMMITTED stated, not inherited
-        // (REPEATABLE READ or SERIALIZABLE as a database default would keep one snapshot).
-        let mut tx = begin_step(&mut conn).map_err(self.db_error(context))?;
-        self.check_retention(&mut tx)?;
-        let interval = self.retention_config().interval_secs();
-        // The database's clock (the one `created_at` comes from), unless a test injected one.
-        let now = match self.injected_now() {
-            Some(now) => now.unix_timestamp(),
-            None => tx
-                .query_one(sql::DB_NOW, &[])
-                .and_then(|row| row.try_get::<_, i64>(0))
-                .map_err(self.db_error(context))?,
+        let table = Partitioned {
+            parts,
+            qualified: self.qualified_table(),
+            noun: "outbox",
+            interval: self.retention_config().interval_secs(),
+            ahead: self.retention_config().ahead,
+            behind: 0,
+            window,
+            now: self.injected_now(),
         };
-        let current = now.div_euclid(interval) * interval;
-        let existing: BTreeSet<i64> = tx
-            .query(&parts.list, &[])
-            .map_err(self.db_error(context))?
-            .iter()
-            .filter_map(|row| parts.partition_start(row.get::<_, &str>(0)))
-            .collect();
-        // Wanted: now and ahead, plus the home of every row sitting in DEFAULT.
-        let ahead = i64::from(self.retention_config().ahead);
-        let mut wanted: BTreeSet<i64> = (0..=ahead).map(|k| current + k * interval).collect();
-        // Last, as it reads DEFAULT, which may be busy: then the rows there wait for the
-        // next run, and the rest of this one goes on.
-        match tx.query(&parts.default_slots, &[&interval]) {
-            Ok(rows) => {
-                wanted.extend(rows.iter().map(|row| row.get::<_, i64>(0) * interval));
-                tx.commit().map_err(self.db_error(context))?;
-            }
-            Err(e) if is_lock_timeout(&e) => {
-                drop(tx);
-                defer(&mut report, parts.default_name(), "moving rows out");
-            }
-            Err(e) => return Err(self.db_error(context)(e)),
-        }
-
-        for start in wanted.difference(&existing) {
-            let name = parts.partition_name(*start);
-            let step = begin_step(&mut conn).and_then(|mut tx| {
-                tx.batch_execute(&parts.create_partition(*start, start + interval))?;
-                // Holding the table's lock.
-                fault_point!(crate::fault::MAINTENANCE_STEP);
-                tx.commit()
-            });
-            match step {
-                Ok(()) => report.created.push(name),
-                Err(e) if is_lock_timeout(&e) => defer(&mut report, name, "create"),
-                Err(e) => return Err(self.db_error(context)(e)),
-            }
-        }
-
-        let window = i64::try_from(window.as_secs()).unwrap_or(i64::MAX);
-        let horizon = now.saturating_sub(window);
-        for start in existing.iter().filter(|s| **s + interval <= horizon) {
-            let name = parts.partition_name(*start);
-            // Counted before any lock, through the partial indexes of pending and dead
-            // rows: a partition that keeps unsent messages is never locked at all.
-            let mut tx = begin_step(&mut conn).map_err(self.db_error(context))?;
-            let unsent: i64 = tx
-                .query_one(&parts.count_unsent(*start), &[])
-                .and_then(|row| row.try_get(0))
-                .map_err(self.db_error(context))?;
-            if unsent > 0 {
-                tx.commit().map_err(self.db_error(context))?;
-                log::warn!(
-                    "keeping expired outbox partition {name}: it still holds {unsent} pending or dead message(s)"
-                );
-                report.kept.push((name, unsent));
-                continue;
-            }
-            // The table first, as every claim and INSERT takes it, then the check again
-            // (under the lock nothing can change it) and the drop.
-            let step = (|| {
-                tx.batch_execute(&parts.lock_parent())?;
-                fault_point!(crate::fault::MAINTENANCE_STEP);
-                let unsent: bool = tx.query_one(&parts.any_unsent(*start), &[])?.try_get(0)?;
-                if !unsent {
-                    tx.batch_execute(&parts.drop_partition(*start))?;
-                }
-                tx.commit().map(|()| unsent)
-            })();
-            match step {
-                Ok(false) => report.dropped.push(name),
-                Ok(true) => report.kept.push((name, 1)),
-                Err(e) if is_lock_timeout(&e) => defer(&mut report, name, "drop"),
-                Err(e) => return Err(self.db_error(context)(e)),
-            }
-        }
-        election.commit().map_err(self.db_error(context))?;
-        if !report.created.is_empty() || !report.dropped.is_empty() {
-            log::info!(
-                "outbox maintenance of {}: created {:?}, dropped {:?}",
-                self.qualified_table(),
-                report.created,
-                report.dropped
-            );
-        }
-        Ok(report)
+        maintain(
+            self.pool(),
+            &table,
+            |tx| self.check_retention(tx),
+            |context, e| self.db_error(context)(e),
+        )
     }
 
     /// Runs [`run_maintenance_once`](Self::run_maintenance_once) now and then every `every`
@@ -219,33 +316,12 @@ impl<T: MakeTls> PgStore<T> {
     /// that one dies. Errors are logged and the next run tries again.
     pub fn start_maintenance(&self, every: Duration) -> Result<MaintenanceHandle, Error> {
         self.sql()?;
-        if every.is_zero() {
-            return Err(Error::InvalidConfig {
-                option: "start_maintenance",
-                reason: "the interval must be greater than zero".into(),
-            });
-        }
-        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let store = self.clone();
-        let thread = std::thread::Builder::new()
-            .name("troutbox-maintenance".into())
-            .spawn(move || loop {
-                if let Err(e) = store.run_maintenance_once() {
-                    log::error!(
-                        "outbox maintenance of {} failed: {e}",
-                        store.qualified_table()
-                    );
-                }
-                select! {
-                    recv(stop_rx) -> _ => break,
-                    default(every) => {}
-                }
-            })
-            .map_err(Error::Spawn)?;
-        Ok(MaintenanceHandle {
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
+        spawn_maintenance(
+            format!("outbox maintenance of {}", self.qualified_table()),
+            every,
+            move || store.run_maintenance_once(),
+        )
     }
 }
 

@@ -16,6 +16,7 @@
 pub(crate) mod claim;
 pub(crate) mod decode;
 pub(crate) mod ident;
+pub(crate) mod inbox;
 #[cfg(test)]
 pub(crate) mod memory;
 pub(crate) mod pg;

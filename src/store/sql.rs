@@ -902,7 +902,8 @@ impl Sql {
                         min(created_at) FILTER (WHERE state = 'pending' AND isfinite(created_at))
                  FROM {t}"
             ),
-            partitions: keep.then(|| PartitionSql::new(schema, table)),
+            partitions: keep
+                .then(|| PartitionSql::new(schema, table, "created_at", &["pending", "dead"])),
         }
     }
 
@@ -1228,13 +1229,22 @@ impl Sql {
     }
 }
 
-/// Statements of partition maintenance. Partition names are the table's validated name plus
-/// `_p` and the partition's start in Unix seconds: always valid, never truncated.
+/// Statements of partition maintenance, for any table in range partitions on one timestamp
+/// column with a DEFAULT partition: the outbox with
+/// [`Retention::keep_sent`](crate::Retention::keep_sent), and the inbox with a duplicate
+/// window (`store/inbox.rs`). Partition names are the table's validated name plus `_p` and
+/// the partition's start in Unix seconds: always valid, never truncated.
 #[derive(Debug)]
 pub(crate) struct PartitionSql {
     schema: String,
     table: String,
     parent: String,
+    /// The partition key, a `timestamptz` column.
+    column: &'static str,
+    /// The values of the `state` column whose rows keep an expired partition alive (each
+    /// served by a partial index), and the condition that says so; none for a table whose
+    /// expired partitions are always dropped.
+    kept_states: &'static [&'static str],
     pub(crate) default_partition: String,
     /// Names of the partitions attached to the table (the DEFAULT one included).
     pub(crate) list: String,
@@ -1243,7 +1253,14 @@ pub(crate) struct PartitionSql {
 }
 
 impl PartitionSql {
-    fn new(schema: &Ident, table: &Ident) -> PartitionSql {
+    /// The partitions of `schema.table`, on `column`; an expired partition holding a row
+    /// whose `state` is one of `kept_states` is kept.
+    pub(crate) fn new(
+        schema: &Ident,
+        table: &Ident,
+        column: &'static str,
+        kept_states: &'static [&'static str],
+    ) -> PartitionSql {
         let s = schema.quoted();
         let parent = format!("{s}.{}", table.quoted());
         let default_partition = format!("{s}.\"{}_default\"", table.as_str());
@@ -1254,14 +1271,21 @@ impl PartitionSql {
                 parent.replace('\'', "''")
             ),
             default_slots: format!(
-                "SELECT DISTINCT floor(extract(epoch FROM created_at) / $1::int8)::int8 FROM {default_partition}
-                 WHERE isfinite(created_at)"
+                "SELECT DISTINCT floor(extract(epoch FROM {column}) / $1::int8)::int8 FROM {default_partition}
+                 WHERE isfinite({column})"
             ),
             schema: s,
             table: table.as_str().to_owned(),
             parent,
+            column,
+            kept_states,
             default_partition,
         }
+    }
+
+    /// Whether some rows keep an expired partition alive (see [`count_unsent`](Self::count_unsent)).
+    pub(crate) fn keeps_rows(&self) -> bool {
+        !self.kept_states.is_empty()
     }
 
     /// The unqualified name of the partition starting at `start` (Unix seconds).
@@ -1304,22 +1328,29 @@ impl PartitionSql {
              LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE;
              CREATE TABLE {p} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
              WITH moved AS (
-                DELETE FROM {default} WHERE created_at >= '{from}' AND created_at < '{to}' RETURNING *)
+                DELETE FROM {default} WHERE {column} >= '{from}' AND {column} < '{to}' RETURNING *)
              INSERT INTO {p} SELECT * FROM moved;
              ALTER TABLE {parent} ATTACH PARTITION {p} FOR VALUES FROM ('{from}') TO ('{to}');",
             parent = self.parent,
             default = self.default_partition,
+            column = self.column,
         )
     }
 
-    /// Counts the rows of an expired partition that still matter (pending or dead), through
-    /// the partial indexes of each state, without locking anything beyond a read.
+    /// Counts the rows of an expired partition that still matter (for the outbox: pending or
+    /// dead), through the partial index of each state, without locking anything beyond a
+    /// read. `0` for a table that keeps no rows.
     pub(crate) fn count_unsent(&self, start: i64) -> String {
         let p = self.qualified(start);
-        format!(
-            "SELECT (SELECT count(*) FROM {p} WHERE state = 'pending')
-                  + (SELECT count(*) FROM {p} WHERE state = 'dead')"
-        )
+        let counts: Vec<String> = self
+            .kept_states
+            .iter()
+            .map(|state| format!("(SELECT count(*) FROM {p} WHERE state = '{state}')"))
+            .collect();
+        if counts.is_empty() {
+            return "SELECT 0::int8".to_owned();
+        }
+        format!("SELECT {}", counts.join(" + "))
     }
 
     /// Locks the partitioned table against everything, before a partition is dropped: the
@@ -1330,16 +1361,21 @@ impl PartitionSql {
         format!("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE", self.parent)
     }
 
-    /// Whether an expired partition holds any pending or dead row, under [`lock_parent`].
+    /// Whether an expired partition holds any row that keeps it, under [`lock_parent`].
     pub(crate) fn any_unsent(&self, start: i64) -> String {
         let p = self.qualified(start);
-        format!(
-            "SELECT EXISTS (SELECT FROM {p} WHERE state = 'pending')
-                 OR EXISTS (SELECT FROM {p} WHERE state = 'dead')"
-        )
+        let exists: Vec<String> = self
+            .kept_states
+            .iter()
+            .map(|state| format!("EXISTS (SELECT FROM {p} WHERE state = '{state}')"))
+            .collect();
+        if exists.is_empty() {
+            return "SELECT false".to_owned();
+        }
+        format!("SELECT {}", exists.join(" OR "))
     }
 
-    /// Drops an expired partition holding only sent rows.
+    /// Drops an expired partition (holding, for the outbox, only sent rows).
     pub(crate) fn drop_partition(&self, start: i64) -> String {
         format!("DROP TABLE {}", self.qualified(start))
     }
@@ -1398,7 +1434,7 @@ mod tests {
     fn partition_names_round_trip() {
         let schema = Ident::new("schema", "s", 63).unwrap();
         let table = Ident::new("table", "t_1", 51).unwrap();
-        let p = PartitionSql::new(&schema, &table);
+        let p = PartitionSql::new(&schema, &table, "created_at", &["pending", "dead"]);
         assert_eq!(p.partition_name(86_400), "t_1_p86400");
         assert_eq!(p.partition_start("t_1_p86400"), Some(86_400));
         assert_eq!(p.partition_start("t_1_default"), None);
