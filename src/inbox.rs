@@ -121,6 +121,12 @@ use crate::{Error, MaintenanceHandle, MaintenanceReport};
 #[cfg(feature = "diesel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "diesel")))]
 pub mod diesel;
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub mod kafka;
+#[cfg(feature = "rabbitmq")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
+pub mod rabbitmq;
 
 /// Default name of the inbox table.
 pub const DEFAULT_INBOX_TABLE: &str = "inbox_messages";
@@ -444,7 +450,8 @@ impl<T: MakeTls> Inbox<T> {
     /// has its own entries, so two services sharing an inbox table each apply the
     /// message once. `message_id` is the message's identity: troutbox's
     /// [`Message::dedup_key`](crate::Message::dedup_key), from the Kafka header or
-    /// RabbitMQ property its Senders set.
+    /// RabbitMQ property its Senders set ([`kafka::message_id`](crate::inbox::kafka::message_id),
+    /// [`rabbitmq::message_id`](crate::inbox::rabbitmq::message_id)).
     ///
     /// On [`Received::First`], apply the message in the same transaction and commit; on
     /// [`Received::Duplicate`], apply nothing. Acknowledge the message to the broker only
