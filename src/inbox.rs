@@ -2,7 +2,7 @@
 //!
 //! The outbox delivers every committed message at least once, so a consumer sees
 //! duplicates (after a relay crash, a broker redelivery, a consumer that died before its
-//! acknowledgement). The inbox records each message's identity ([`Message::dedup_key`],
+//! acknowledgement). The inbox records each message's identity ([`Message::dedup_key`](crate::Message::dedup_key),
 //! which troutbox's Kafka and RabbitMQ Senders put in the `message-id` header or property)
 //! **in the consumer's own database transaction**, beside the side effects of the message:
 //!
@@ -10,7 +10,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use troutbox::{Inbox, Received};
 //!
-//! let pool = troutbox::pool("host=localhost user=app dbname=app".parse()?)?;
+//! let pool = troutbox::pool("host=localhost user=app dbname=app".parse()?, 8)?;
 //! let inbox = Inbox::builder(pool.clone()).build()?; // public.inbox_messages, 7-day window
 //! inbox.migrate()?;
 //! # let message_id = "6f1c...:42"; // from the message: troutbox::inbox::kafka::message_id(&record)?
@@ -450,8 +450,8 @@ impl<T: MakeTls> Inbox<T> {
     /// has its own entries, so two services sharing an inbox table each apply the
     /// message once. `message_id` is the message's identity: troutbox's
     /// [`Message::dedup_key`](crate::Message::dedup_key), from the Kafka header or
-    /// RabbitMQ property its Senders set ([`kafka::message_id`](crate::inbox::kafka::message_id),
-    /// [`rabbitmq::message_id`](crate::inbox::rabbitmq::message_id)).
+    /// RabbitMQ property its Senders set (`troutbox::inbox::kafka::message_id`, feature
+    /// `kafka`; `troutbox::inbox::rabbitmq::message_id`, feature `rabbitmq`).
     ///
     /// On [`Received::First`], apply the message in the same transaction and commit; on
     /// [`Received::Duplicate`], apply nothing. Acknowledge the message to the broker only
@@ -495,6 +495,7 @@ impl<T: MakeTls> Inbox<T> {
     }
 
     /// The receive statement and its parameters' time, for other clients (diesel).
+    #[cfg(feature = "diesel")]
     pub(crate) fn receive_statement(&self) -> (&str, Option<OffsetDateTime>) {
         let inner = &*self.inner;
         match (&inner.clock, &inner.sql.receive_at) {

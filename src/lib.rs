@@ -155,6 +155,11 @@ pub struct ReadmeDoctests;
 #[doc = include_str!("../docs/usage.md")]
 pub struct UsageDoctests;
 
+/// The examples of docs/inbox.md, compiled as doctests too.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/inbox.md")]
+pub struct InboxDoctests;
+
 /// The example of docs/testing.md (unit-testing a Sender), compiled and run as a doctest.
 #[cfg(doctest)]
 #[doc = include_str!("../docs/testing.md")]

@@ -1,5 +1,5 @@
 //! The message id of a RabbitMQ delivery (feature `rabbitmq`): the `message-id` property
-//! troutbox's [`RabbitMqSender`](crate::rabbitmq::RabbitMqSender) sets.
+//! troutbox's [`RabbitSender`](crate::rabbitmq::RabbitSender) sets.
 
 use lapin::message::Delivery;
 use lapin::BasicProperties;
