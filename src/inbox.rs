@@ -97,10 +97,8 @@
 //!
 //! ```sql
 //! INSERT INTO "public"."inbox_messages" (consumer, message_id, slot, window_secs)
-//! SELECT $1::text, $2::text, n.slot - s.k * interval '604800 seconds', 604800
-//! FROM (SELECT date_bin(interval '604800 seconds', clock_timestamp(), timestamptz 'epoch') AS slot) AS n,
-//!      (VALUES (0), (1)) AS s(k)
-//! ORDER BY s.k
+//! VALUES ($1, $2, date_bin(interval '604800 seconds', statement_timestamp(), timestamptz 'epoch'), 604800),
+//!        ($1, $2, date_bin(interval '604800 seconds', statement_timestamp(), timestamptz 'epoch') - interval '604800 seconds', 604800)
 //! ON CONFLICT DO NOTHING
 //! ```
 
