@@ -585,7 +585,7 @@ fn a_consumer_role_with_usage_and_insert_only_can_receive() {
 
 #[cfg(feature = "diesel")]
 mod diesel_connection {
-    use diesel::{Connection, PgConnection};
+    use diesel::{Connection, PgConnection, RunQueryDsl};
 
     use super::*;
 
@@ -617,6 +617,26 @@ mod diesel_connection {
         assert_eq!(receive(&mut conn, &late, "d2"), Received::Duplicate);
         // Both clients see each other's entries.
         assert_eq!(deliver(&plain, &pool, "c", "d1"), Received::Duplicate);
+
+        // REPEATABLE READ: an entry committed after the snapshot is a retryable error,
+        // and diesel's own SerializationFailure once converted back.
+        let outcome = conn.build_transaction().repeatable_read().run(|conn| {
+            diesel::sql_query("SELECT 1").execute(conn)?; // the snapshot
+            assert_eq!(deliver(&plain, &pool, "c", "d4"), Received::First);
+            let err = troutbox::inbox::diesel::receive(&plain, conn, "c", "d4").unwrap_err();
+            assert!(err.is_retryable(), "{err}");
+            Err::<(), _>(diesel::result::Error::from(err))
+        });
+        assert!(
+            matches!(
+                outcome,
+                Err(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::SerializationFailure,
+                    _
+                ))
+            ),
+            "{outcome:?}"
+        );
 
         let err = troutbox::inbox::diesel::receive(&plain, &mut conn, "", "x").unwrap_err();
         assert!(matches!(err, Error::InvalidMessageId { .. }), "{err}");
