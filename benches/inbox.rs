@@ -11,6 +11,8 @@
 //!   `receive`. Both send their statements the same way (`execute` with text, so one prepare
 //!   round trip each). Rounds alternate between the two, so that both see the same server.
 //!   Goal: ratio >= 0.9.
+//! - `prepared_receive_tx_per_s_1_client`: the same on one connection with every statement
+//!   prepared once, `Inbox::prepare` against the raw statement prepared the same way.
 //! - `bytes_per_message_at_1m`: table plus index bytes per message with 1,000,000 messages
 //!   received (two entries each), reference = the raw table holding the same 1,000,000.
 //! - `maintenance_drop_ms_at_1m`: one maintenance run dropping the partitions that hold those
@@ -114,6 +116,48 @@ fn throughput(
     )
 }
 
+/// [`throughput`] with each client on one connection and its statements prepared on it:
+/// `Inbox::prepare` against the raw statement prepared the same way.
+fn throughput_prepared(pool: &PgPool, inbox: &Inbox, rounds: usize, per_round: i64) -> (f64, f64) {
+    let mut elapsed = [Duration::ZERO; 2];
+    let mut conn = pool.get().unwrap();
+    let prepared = inbox.prepare(&mut *conn).unwrap();
+    let raw = conn
+        .prepare(&format!(
+            "INSERT INTO {SCHEMA}.raw_inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+        ))
+        .unwrap();
+    let effect = conn
+        .prepare(&format!(
+            "INSERT INTO {SCHEMA}.effects (n, side) VALUES ($1, $2)"
+        ))
+        .unwrap();
+    let mut next = 0i64;
+    for round in 0..rounds * 2 {
+        let side = round % 2; // 0: inbox, 1: raw
+        let start = Instant::now();
+        for i in next..next + per_round {
+            let id = format!("0d9c7e2a-5f7b-4c1e-9a51-3b8f0e6d2c41:prepared:{i}");
+            let mut tx = conn.transaction().unwrap();
+            let first = if side == 0 {
+                prepared.receive(&mut tx, "bench", &id).unwrap().is_first()
+            } else {
+                tx.execute(&raw, &[&"bench", &id]).unwrap() == 1
+            };
+            assert!(first);
+            tx.execute(&effect, &[&i, &(side == 0)]).unwrap();
+            tx.commit().unwrap();
+        }
+        elapsed[side] += start.elapsed();
+        next += per_round;
+    }
+    let total = (rounds as i64 * per_round) as f64;
+    (
+        total / elapsed[0].as_secs_f64(),
+        total / elapsed[1].as_secs_f64(),
+    )
+}
+
 fn bytes(pool: &PgPool, sql: &str) -> i64 {
     pool.get().unwrap().query_one(sql, &[]).unwrap().get(0)
 }
@@ -156,6 +200,8 @@ fn main() {
     emit("receive_tx_per_s_1_client", inboxed, "tx/s", raw);
     let (inboxed, raw) = throughput(&pool, &inbox, 4, 4, per_round / 4);
     emit("receive_tx_per_s_4_clients", inboxed, "tx/s", raw);
+    let (inboxed, raw) = throughput_prepared(&pool, &inbox, 4, per_round);
+    emit("prepared_receive_tx_per_s_1_client", inboxed, "tx/s", raw);
 
     // 1,000,000 messages received in one slot (3,600 s window), written in SQL as receive
     // writes them (two entries each), on a clock that maintenance then moves past them.

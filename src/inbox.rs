@@ -106,6 +106,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postgres::error::SqlState;
+use postgres::types::Type;
 use postgres::{GenericClient, IsolationLevel, NoTls};
 use time::OffsetDateTime;
 
@@ -483,6 +484,41 @@ impl<T: MakeTls> Inbox<T> {
         Ok(self.received(inserted))
     }
 
+    /// Prepares the receive statement on `client`'s connection, for a consumer that reuses
+    /// that connection (a connection per consumer thread): [`PreparedInbox::receive`] then
+    /// saves the server parsing and planning the statement at every call, which is most of
+    /// what `receive` costs beyond a plain INSERT (see docs/inbox.md, "What it costs"). Use
+    /// the prepared inbox only on that connection and its transactions.
+    ///
+    /// ```no_run
+    /// # fn f(inbox: &troutbox::Inbox, client: &mut postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let prepared = inbox.prepare(client)?;
+    /// # let message_id = "6f1c...:42";
+    /// let mut tx = client.transaction()?;
+    /// if prepared.receive(&mut tx, "billing", message_id)?.is_first() {
+    ///     tx.execute("UPDATE accounts SET paid = paid + 1 WHERE id = 42", &[])?;
+    /// }
+    /// tx.commit()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn prepare(&self, client: &mut impl GenericClient) -> Result<PreparedInbox<T>, Error> {
+        let inner = &*self.inner;
+        let (text, types) = match (&inner.clock, &inner.sql.receive_at) {
+            (Some(_), Some(receive_at)) => (
+                receive_at.as_str(),
+                &[Type::TEXT, Type::TEXT, Type::TIMESTAMPTZ][..],
+            ),
+            _ => (inner.sql.receive.as_str(), &[Type::TEXT, Type::TEXT][..]),
+        };
+        let statement = client
+            .prepare_typed(text, types)
+            .map_err(|e| self.receive_error(e))?;
+        Ok(PreparedInbox {
+            inbox: self.clone(),
+            statement,
+        })
+    }
+
     /// The answer for a receive statement that inserted `inserted` rows.
     pub(crate) fn received(&self, inserted: u64) -> Received {
         if inserted == self.inner.sql.first {
@@ -596,6 +632,42 @@ impl<T: MakeTls> Inbox<T> {
             every,
             move || inbox.run_maintenance_once(),
         )
+    }
+}
+
+/// An [`Inbox`] with its receive statement prepared on one connection, from
+/// [`Inbox::prepare`]. Same answers, checks and errors as [`Inbox::receive`]; use it only on
+/// the connection it was prepared on (and its transactions).
+// No PartialEq: a prepared statement belongs to one connection; equality has no meaning here.
+#[derive(Debug, Clone)]
+pub struct PreparedInbox<T: MakeTls = NoTls> {
+    inbox: Inbox<T>,
+    statement: postgres::Statement,
+}
+
+impl<T: MakeTls> PreparedInbox<T> {
+    /// [`Inbox::receive`], with the prepared statement.
+    pub fn receive(
+        &self,
+        client: &mut impl GenericClient,
+        consumer: &str,
+        message_id: &str,
+    ) -> Result<Received, Error> {
+        check_input(consumer, message_id)?;
+        let inbox = &self.inbox;
+        let inserted = match (&inbox.inner.clock, &inbox.inner.sql.receive_at) {
+            (Some(clock), Some(_)) => {
+                client.execute(&self.statement, &[&consumer, &message_id, &clock()])
+            }
+            _ => client.execute(&self.statement, &[&consumer, &message_id]),
+        }
+        .map_err(|e| inbox.receive_error(e))?;
+        Ok(inbox.received(inserted))
+    }
+
+    /// The inbox it was prepared from.
+    pub fn inbox(&self) -> &Inbox<T> {
+        &self.inbox
     }
 }
 

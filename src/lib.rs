@@ -124,7 +124,7 @@ pub use config::{
     MAX_WORKERS, MIN_POLL_INTERVAL,
 };
 pub use error::{BoxError, Error};
-pub use inbox::{Inbox, InboxBuilder, Received};
+pub use inbox::{Inbox, InboxBuilder, PreparedInbox, Received};
 pub use maintenance::ordering::BlockedKey;
 pub use maintenance::partitions::{MaintenanceHandle, MaintenanceReport};
 pub use message::{DeadMessage, DeadSummary, Message, Status};

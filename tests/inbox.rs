@@ -141,6 +141,60 @@ fn first_delivery_then_duplicates_per_consumer() {
 }
 
 #[test]
+fn a_prepared_inbox_answers_as_the_inbox_does() {
+    let pool = pool(4);
+    let schema = "inbox_prepared";
+    let window = 10 * MINUTE;
+    fresh_schema(schema, &pool);
+    let boundary = 2_200_000_000 / window * window;
+    let (before, after) = (TestClock::at(boundary - 1), TestClock::at(boundary + 1));
+    let early = built(schema, &pool, Some(window), Some(&before));
+    let late = built(schema, &pool, Some(window), Some(&after));
+    let plain = built(schema, &pool, Some(window), None);
+    let far = built(
+        schema,
+        &pool,
+        Some(window),
+        Some(&TestClock::at(boundary + 3 * window)),
+    );
+    early.migrate().unwrap();
+
+    let mut conn = pool.get().unwrap();
+    let (early, late, plain, far) = (
+        early.prepare(&mut *conn).unwrap(),
+        late.prepare(&mut *conn).unwrap(),
+        plain.prepare(&mut *conn).unwrap(),
+        far.prepare(&mut *conn).unwrap(),
+    );
+    let mut deliver = |prepared: &troutbox::PreparedInbox, id: &str| {
+        let mut tx = conn.transaction().unwrap();
+        let received = prepared.receive(&mut tx, "c", id).unwrap();
+        tx.commit().unwrap();
+        received
+    };
+    assert_eq!(deliver(&plain, "p1"), Received::First);
+    assert_eq!(deliver(&plain, "p1"), Received::Duplicate);
+    assert_eq!(deliver(&early, "p2"), Received::First);
+    assert_eq!(deliver(&late, "p2"), Received::Duplicate);
+    // Two windows later, on its own clock, a prepared inbox has forgotten it.
+    assert_eq!(deliver(&far, "p2"), Received::First);
+
+    let mut tx = conn.transaction().unwrap();
+    let err = plain.receive(&mut tx, "c", "").unwrap_err();
+    assert!(matches!(err, Error::InvalidMessageId { .. }), "{err}");
+    drop(tx);
+    let forever = built(schema, &pool, None, None);
+    let prepared = forever.prepare(&mut *conn).unwrap();
+    let mut tx = conn.transaction().unwrap();
+    let err = prepared.receive(&mut tx, "c", "p3").unwrap_err();
+    assert!(matches!(err, Error::InboxWindowMismatch { .. }), "{err}");
+    drop(tx);
+    let missing = built("inbox_prepared_missing", &pool, Some(window), None);
+    let err = missing.prepare(&mut *conn).unwrap_err();
+    assert!(matches!(err, Error::InboxNotMigrated { .. }), "{err}");
+}
+
+#[test]
 fn invalid_inputs_are_typed_errors_and_leave_the_transaction_usable() {
     let pool = pool(2);
     let inbox = inbox("inbox_inputs", &pool, Some(3600));
