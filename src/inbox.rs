@@ -111,21 +111,26 @@ use postgres::{GenericClient, IsolationLevel, NoTls};
 use time::OffsetDateTime;
 
 use crate::maintenance::partitions::{maintain, spawn_maintenance, Partitioned};
-use crate::store::ident::{Ident, MAX_IDENT_LEN};
-use crate::store::inbox::{window_check_name, InboxSql, INBOX_SUFFIX_LEN, INBOX_VERSION};
+use crate::store::ident::Ident;
+use crate::store::inbox::{window_check_name, InboxSql, INBOX_VERSION};
 use crate::store::pg::{MakeTls, PgPool};
 use crate::store::sql;
 use crate::{Error, MaintenanceHandle, MaintenanceReport};
 
+mod builder;
 #[cfg(feature = "diesel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "diesel")))]
 pub mod diesel;
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub mod kafka;
+mod prepared;
 #[cfg(feature = "rabbitmq")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
 pub mod rabbitmq;
+
+pub use builder::InboxBuilder;
+pub use prepared::PreparedInbox;
 
 /// Default name of the inbox table.
 pub const DEFAULT_INBOX_TABLE: &str = "inbox_messages";
@@ -173,118 +178,7 @@ impl Received {
 }
 
 /// A clock injected with [`InboxBuilder::clock`].
-type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
-
-/// Builds an [`Inbox`]; from [`Inbox::builder`].
-#[must_use = "an InboxBuilder does nothing until build() is called"]
-pub struct InboxBuilder<T: MakeTls = NoTls> {
-    pool: PgPool<T>,
-    schema: String,
-    table: String,
-    window: Option<Duration>,
-    ahead: u32,
-    clock: Option<Clock>,
-}
-
-impl<T: MakeTls> std::fmt::Debug for InboxBuilder<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InboxBuilder")
-            .field("schema", &self.schema)
-            .field("table", &self.table)
-            .field("window", &self.window)
-            .field("ahead", &self.ahead)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<T: MakeTls> InboxBuilder<T> {
-    /// Uses the schema `name`. Defaults to `public`.
-    pub fn schema(mut self, name: &str) -> InboxBuilder<T> {
-        self.schema = name.to_owned();
-        self
-    }
-
-    /// Uses the table `name` (at most 50 bytes). Defaults to `inbox_messages`.
-    pub fn table(mut self, name: &str) -> InboxBuilder<T> {
-        self.table = name.to_owned();
-        self
-    }
-
-    /// Detects duplicates arriving up to `window` after the first delivery: a whole number
-    /// of seconds, from [`MIN_WINDOW`] to [`MAX_WINDOW`]. It is also the width of a
-    /// partition, and entries stay 1 to 2 windows (see the [module docs](crate::inbox)).
-    /// Fixed when [`Inbox::migrate`] creates the table. Defaults to [`DEFAULT_WINDOW`], 7 days.
-    pub fn window(mut self, window: Duration) -> InboxBuilder<T> {
-        self.window = Some(window);
-        self
-    }
-
-    /// Never forgets a message: a plain table with one entry per message, no partitions and
-    /// no maintenance; it grows for ever. Fixed when [`Inbox::migrate`] creates the table.
-    pub fn keep_forever(mut self) -> InboxBuilder<T> {
-        self.window = None;
-        self
-    }
-
-    /// How many partitions beyond the current one maintenance keeps ready, at most 1,000.
-    /// Defaults to [`DEFAULT_INBOX_PARTITIONS_AHEAD`].
-    pub fn partitions_ahead(mut self, n: u32) -> InboxBuilder<T> {
-        self.ahead = n;
-        self
-    }
-
-    /// The clock `receive` and maintenance read, for tests that move time across slot
-    /// boundaries. By default both read the database server's clock, so that hosts whose
-    /// clocks disagree still agree on slots.
-    pub fn clock(mut self, clock: impl Fn() -> OffsetDateTime + Send + Sync + 'static) -> Self {
-        self.clock = Some(Arc::new(clock));
-        self
-    }
-
-    /// Checks the names and the window, and builds the inbox. Touches no database.
-    pub fn build(self) -> Result<Inbox<T>, Error> {
-        let schema = Ident::new("schema", &self.schema, MAX_IDENT_LEN)?;
-        let table = Ident::new("table", &self.table, MAX_IDENT_LEN - INBOX_SUFFIX_LEN)?;
-        let invalid = |reason: String| Error::InvalidConfig {
-            option: "window",
-            reason,
-        };
-        let interval = match self.window {
-            None => None,
-            Some(w) if w.subsec_nanos() != 0 => {
-                return Err(invalid(format!("the window {w:?} must be a whole number of seconds")))
-            }
-            Some(w) if w < MIN_WINDOW || w > MAX_WINDOW => {
-                return Err(invalid(format!(
-                    "the window {w:?} must be from {MIN_WINDOW:?} to {MAX_WINDOW:?} (or use keep_forever)"
-                )))
-            }
-            Some(w) => Some(i64::try_from(w.as_secs()).unwrap_or(i64::MAX)),
-        };
-        if self.ahead > 1000 {
-            return Err(Error::InvalidConfig {
-                option: "partitions_ahead",
-                reason: format!(
-                    "{} partitions ahead is too many, use at most 1000",
-                    self.ahead
-                ),
-            });
-        }
-        let qualified = format!("{}.{}", schema.quoted(), table.quoted());
-        Ok(Inbox {
-            inner: Arc::new(Inner {
-                pool: self.pool,
-                sql: InboxSql::new(&schema, &table, interval),
-                schema,
-                table,
-                qualified,
-                interval,
-                ahead: self.ahead,
-                clock: self.clock,
-            }),
-        })
-    }
-}
+pub(crate) type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 
 struct Inner<T: MakeTls> {
     pool: PgPool<T>,
@@ -632,42 +526,6 @@ impl<T: MakeTls> Inbox<T> {
             every,
             move || inbox.run_maintenance_once(),
         )
-    }
-}
-
-/// An [`Inbox`] with its receive statement prepared on one connection, from
-/// [`Inbox::prepare`]. Same answers, checks and errors as [`Inbox::receive`]; use it only on
-/// the connection it was prepared on (and its transactions).
-// No PartialEq: a prepared statement belongs to one connection; equality has no meaning here.
-#[derive(Debug, Clone)]
-pub struct PreparedInbox<T: MakeTls = NoTls> {
-    inbox: Inbox<T>,
-    statement: postgres::Statement,
-}
-
-impl<T: MakeTls> PreparedInbox<T> {
-    /// [`Inbox::receive`], with the prepared statement.
-    pub fn receive(
-        &self,
-        client: &mut impl GenericClient,
-        consumer: &str,
-        message_id: &str,
-    ) -> Result<Received, Error> {
-        check_input(consumer, message_id)?;
-        let inbox = &self.inbox;
-        let inserted = match (&inbox.inner.clock, &inbox.inner.sql.receive_at) {
-            (Some(clock), Some(_)) => {
-                client.execute(&self.statement, &[&consumer, &message_id, &clock()])
-            }
-            _ => client.execute(&self.statement, &[&consumer, &message_id]),
-        }
-        .map_err(|e| inbox.receive_error(e))?;
-        Ok(inbox.received(inserted))
-    }
-
-    /// The inbox it was prepared from.
-    pub fn inbox(&self) -> &Inbox<T> {
-        &self.inbox
     }
 }
 

@@ -53,8 +53,9 @@
 //! - store: [`PgStore`] and its migrations, the claim strategy (claim, journal, settle,
 //!   recover), its SQL, row decoding and [`Retention`] (`store/`);
 //! - consumer side: [`Inbox`] (`inbox.rs`, its SQL in `store/inbox.rs`), which records each
-//!   received message id in the consumer's transaction for an exactly-once effect, with
-//!   helpers reading the id from Kafka records and RabbitMQ deliveries (`inbox/`);
+//!   received message id in the consumer's transaction for an exactly-once effect; its
+//!   builder, [`PreparedInbox`], the diesel call and the helpers reading the id from Kafka
+//!   records and RabbitMQ deliveries are in `inbox/`;
 //! - maintenance: partitions (of the outbox and the inbox) and dead letters (`maintenance/`);
 //! - observability: [`Backlog`] (`observability/`);
 //! - `serde` (feature `serde`): `Serialize` for [`Backlog`], [`Stats`], [`Health`],

@@ -1,0 +1,43 @@
+//! [`PreparedInbox`]: the receive statement prepared on one connection.
+
+use postgres::{GenericClient, NoTls};
+
+use super::{check_input, Inbox, Received};
+use crate::store::pg::MakeTls;
+use crate::Error;
+
+/// An [`Inbox`] with its receive statement prepared on one connection, from
+/// [`Inbox::prepare`]. Same answers, checks and errors as [`Inbox::receive`]; use it only on
+/// the connection it was prepared on (and its transactions).
+// No PartialEq: a prepared statement belongs to one connection; equality has no meaning here.
+#[derive(Debug, Clone)]
+pub struct PreparedInbox<T: MakeTls = NoTls> {
+    pub(super) inbox: Inbox<T>,
+    pub(super) statement: postgres::Statement,
+}
+
+impl<T: MakeTls> PreparedInbox<T> {
+    /// [`Inbox::receive`], with the prepared statement.
+    pub fn receive(
+        &self,
+        client: &mut impl GenericClient,
+        consumer: &str,
+        message_id: &str,
+    ) -> Result<Received, Error> {
+        check_input(consumer, message_id)?;
+        let inbox = &self.inbox;
+        let inserted = match (&inbox.inner.clock, &inbox.inner.sql.receive_at) {
+            (Some(clock), Some(_)) => {
+                client.execute(&self.statement, &[&consumer, &message_id, &clock()])
+            }
+            _ => client.execute(&self.statement, &[&consumer, &message_id]),
+        }
+        .map_err(|e| inbox.receive_error(e))?;
+        Ok(inbox.received(inserted))
+    }
+
+    /// The inbox it was prepared from.
+    pub fn inbox(&self) -> &Inbox<T> {
+        &self.inbox
+    }
+}
