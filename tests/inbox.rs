@@ -248,6 +248,22 @@ fn migrate_is_idempotent_concurrent_and_refuses_another_window() {
         assert!(matches!(err, Error::InboxWindowMismatch { .. }), "{err}");
     }
 
+    // A table from a newer troutbox.
+    pool.get()
+        .unwrap()
+        .execute(
+            &format!("UPDATE \"{schema}\".troutbox_inboxes SET version = 99"),
+            &[],
+        )
+        .unwrap();
+    let err = built(schema, &pool, Some(3600), None)
+        .migrate()
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InboxSchemaTooNew { found: 99, .. }),
+        "{err}"
+    );
+
     // Never migrated.
     let missing = built("inbox_never_migrated", &pool, Some(3600), None);
     let mut conn = pool.get().unwrap();
