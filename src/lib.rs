@@ -140,11 +140,6 @@ pub use store::pg::{MakeTls, PgPool, PgStore, DEFAULT_SCHEMA, DEFAULT_TABLE};
 pub use store::pool::{pool, pool_with_tls, POOL_CONNECTION_TIMEOUT};
 pub use store::retention::{Retention, DEFAULT_PARTITIONS_AHEAD, DEFAULT_PARTITION_INTERVAL};
 
-/// The README's examples, compiled as doctests so the README stays true to the API.
-#[cfg(doctest)]
-#[doc = include_str!("../README.md")]
-pub struct ReadmeDoctests;
-
 /// The examples of docs/usage.md (dead letters and backlog), compiled as doctests too.
 #[cfg(doctest)]
 #[doc = include_str!("../docs/usage.md")]
