@@ -155,3 +155,42 @@ pub fn channel(pool: &PgPool, schema: &str) -> String {
         .unwrap()
         .get(0)
 }
+
+/// A private server that counts the statements it runs (`pg_stat_statements`), with a pool
+/// on it. For tests that must know how many statements carried the notification signal,
+/// which no listener can tell: PostgreSQL folds the identical notifications of one
+/// transaction into one.
+pub fn counting_server(pool_size: u32) -> (troutbox::testing::TempPostgres, PgPool) {
+    let server = troutbox::testing::TempPostgres::builder()
+        .setting("shared_preload_libraries", "pg_stat_statements")
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pool = r2d2::Pool::builder()
+        .max_size(pool_size)
+        .build(PostgresConnectionManager::new(
+            server.url().parse().unwrap(),
+            postgres::NoTls,
+        ))
+        .unwrap();
+    pool.get()
+        .unwrap()
+        .batch_execute("CREATE EXTENSION pg_stat_statements")
+        .unwrap();
+    (server, pool)
+}
+
+/// On a [`counting_server`]: how many statements carrying the notification signal
+/// (`pg_notify`) have run, committed or not.
+pub fn signals_sent(pool: &PgPool) -> i64 {
+    count(
+        pool,
+        "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements
+         WHERE query LIKE '%pg_notify(%' AND query NOT LIKE '%pg_stat_statements%'",
+    )
+}
+
+/// The most signals an outbox may send over `elapsed` of producing: one per coalescing
+/// window of 5 ms (`NOTIFY_COALESCE`), and one more for the window it started in.
+pub fn signals_allowed(elapsed: Duration) -> i64 {
+    1 + (elapsed.as_micros() / 5_000) as i64
+}
