@@ -847,19 +847,53 @@ fn mock_late_reports_of_an_earlier_batch_are_ignored() {
     cluster
         .broker_round_trip_time(-1, Duration::from_millis(0))
         .unwrap();
-    // The next batch waits long enough for the late reports of the first to arrive first.
-    let mut sender_next_timeout = sender; // same producer, same tags counter
+    // Later batches of the same producer (same tags counter) go on until the five late
+    // reports of the first batch have arrived and been ignored. Were one taken for a later
+    // batch's message, it would not be counted as ignored, and this would time out.
+    let mut sender_next = sender;
+    let late_before = late_reports_ignored();
     let mut next = Batch::for_test((1..=5).map(|i| Message::for_test(i, "k", b"next")));
-    let started = Instant::now();
-    let result = loop {
-        let r = sender_next_timeout.send(&mut next);
-        if r.is_ok() || started.elapsed() > Duration::from_secs(10) {
-            break r;
-        }
-        next = Batch::for_test((1..=5).map(|i| Message::for_test(i, "k", b"next")));
-    };
-    assert!(result.is_ok(), "{result:?}");
+    let mut result = Ok(());
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            next = Batch::for_test((1..=5).map(|i| Message::for_test(i, "k", b"next")));
+            result = sender_next.send(&mut next).map_err(|e| e.to_string());
+            result.is_ok() && late_reports_ignored() - late_before >= 5
+        }),
+        "{} late reports ignored of 5 (the last send: {result:?})",
+        late_reports_ignored() - late_before
+    );
     assert!(statuses(&next).iter().all(|s| *s == Status::Sent));
+}
+
+/// How many late delivery reports the KafkaSenders of this process have ignored, as they
+/// log them (at debug level, counted by a logger of this test binary).
+fn late_reports_ignored() -> usize {
+    static IGNORED: AtomicUsize = AtomicUsize::new(0);
+    struct Counter;
+    impl log::Log for Counter {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record) {
+            if record
+                .args()
+                .to_string()
+                .starts_with("ignoring a late Kafka delivery report")
+            {
+                IGNORED.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn flush(&self) {}
+    }
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        static COUNTER: Counter = Counter;
+        if log::set_logger(&COUNTER).is_ok() {
+            log::set_max_level(log::LevelFilter::Debug);
+        }
+    });
+    IGNORED.load(Ordering::SeqCst)
 }
 
 #[test]
