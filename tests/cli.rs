@@ -300,6 +300,19 @@ fn help_and_usage_errors_are_clear() {
     for word in ["list", "requeue", "purge"] {
         assert!(dead_help.contains(word), "{dead_help}");
     }
+    // Retention options concern migrate and maintain: the other commands do not list them.
+    for word in ["--keep-sent", "--partition-interval", "--partitions-ahead"] {
+        assert!(
+            !dead_help.contains(word),
+            "dead --help lists {word}: {dead_help}"
+        );
+        assert!(help.contains(word), "--help lacks {word}: {help}");
+    }
+    // The connection string is optional on the usage line: DATABASE_URL may give it.
+    assert!(
+        help.contains("Usage: troutbox [OPTIONS] <COMMAND>"),
+        "{help}"
+    );
 
     // requeue needs ids or --all; a bad schema name is refused before SQL; no server is
     // a one-line error.

@@ -211,8 +211,11 @@ pub(crate) const MAINTENANCE_STEP_TIMEOUTS: &str = "SET LOCAL lock_timeout = '10
 /// The timeouts a migration relies on: concurrent migrations wait for each other's advisory
 /// lock, and DDL waits for relays' batches in flight; a role's short `lock_timeout` or
 /// `statement_timeout` must not make that fail, yet a migration must not wait forever.
+/// Its idempotent DDL (`ADD COLUMN IF NOT EXISTS`, ...) is kept from sending "already
+/// exists, skipping" notices, which the `postgres` crate logs at INFO in the user's logs.
 pub(crate) const MIGRATION_TIMEOUTS: &str = "SET LOCAL lock_timeout = '60s'; \
-     SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = '60s'";
+     SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = '60s'; \
+     SET LOCAL client_min_messages = warning";
 
 /// The `CACHE` of the sequence behind the outbox table's id column (NULL if it has none).
 pub(crate) const ID_CACHE: &str = "SELECT s.seqcache FROM pg_sequence s
