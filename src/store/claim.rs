@@ -72,7 +72,7 @@ use super::sql::{self, ClaimKind, Sql};
 use super::vigil::{self, Vigil};
 use super::{Claimed, RelaySession, RelayStore, Returned, SettleReport, Settlement};
 use crate::message::Message;
-use crate::relay::outcome::storable_text;
+use crate::store::storable_text;
 use crate::Error;
 
 /// How long a session may resume after its position before it claims from the head of the
