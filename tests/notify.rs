@@ -106,29 +106,51 @@ fn a_commit_wakes_a_relay_of_another_outbox_long_before_its_next_poll() {
     );
 }
 
-#[test]
-fn while_a_terminated_listener_is_down_polling_delivers() {
-    const SCHEMA: &str = "notify_terminated";
-    const APP: &str = "troutbox-test-notify-terminated";
+/// A relay with notify on, polling at `poll_interval`, whose listening connection has just
+/// been terminated by the server; with an admin pool, a producer with notify on, what the
+/// relay delivered, its handle, and the terminated listener's pid.
+fn relay_with_a_terminated_listener(
+    schema: &str,
+    app: &str,
+    poll_interval: Duration,
+) -> (
+    PgPool,
+    Outbox,
+    std::sync::Arc<Deliveries>,
+    troutbox::Handle,
+    i32,
+) {
     let admin = pool(2);
-    store(SCHEMA, &admin);
-    let relay = Outbox::builder(PgStore::new(named_pool(APP, 4)).schema(SCHEMA))
+    store(schema, &admin);
+    let relay = Outbox::builder(PgStore::new(named_pool(app, 4)).schema(schema))
         .notify(true)
-        .poll_interval(Duration::from_millis(200))
+        .poll_interval(poll_interval)
         .error_handler(|_| {})
         .build()
         .unwrap();
-    let producer = Outbox::builder(PgStore::new(admin.clone()).schema(SCHEMA))
+    let producer = Outbox::builder(PgStore::new(admin.clone()).schema(schema))
         .notify(true)
         .build()
         .unwrap();
     let deliveries = Deliveries::new();
-    let mut handle = relay.start(deliveries.sender()).unwrap();
-    assert!(eventually(PATIENCE, || listener_pid(&admin, APP).is_some()));
-    let first = listener_pid(&admin, APP).unwrap();
-    let mut conn = admin.get().unwrap();
-    conn.execute("SELECT pg_terminate_backend($1)", &[&first])
+    let handle = relay.start(deliveries.sender()).unwrap();
+    assert!(eventually(PATIENCE, || listener_pid(&admin, app).is_some()));
+    let first = listener_pid(&admin, app).unwrap();
+    admin
+        .get()
+        .unwrap()
+        .execute("SELECT pg_terminate_backend($1)", &[&first])
         .unwrap();
+    (admin, producer, deliveries, handle, first)
+}
+
+#[test]
+fn while_a_terminated_listener_is_down_polling_delivers() {
+    const SCHEMA: &str = "notify_terminated";
+    const APP: &str = "troutbox-test-notify-terminated";
+    let (admin, producer, deliveries, mut handle, _) =
+        relay_with_a_terminated_listener(SCHEMA, APP, Duration::from_millis(200));
+    let mut conn = admin.get().unwrap();
     producer
         .add_message(&mut *conn, "k", b"while down")
         .unwrap();
@@ -141,26 +163,10 @@ fn while_a_terminated_listener_is_down_polling_delivers() {
 fn a_terminated_listener_comes_back_and_its_notifications_wake_the_relay() {
     const SCHEMA: &str = "notify_comes_back";
     const APP: &str = "troutbox-test-notify-comes-back";
-    let admin = pool(2);
-    store(SCHEMA, &admin);
     // Polls at most hourly: after the listener is back, only a notification delivers in time.
-    let relay = Outbox::builder(PgStore::new(named_pool(APP, 4)).schema(SCHEMA))
-        .notify(true)
-        .poll_interval(Duration::from_secs(3600))
-        .error_handler(|_| {})
-        .build()
-        .unwrap();
-    let producer = Outbox::builder(PgStore::new(admin.clone()).schema(SCHEMA))
-        .notify(true)
-        .build()
-        .unwrap();
-    let deliveries = Deliveries::new();
-    let mut handle = relay.start(deliveries.sender()).unwrap();
-    assert!(eventually(PATIENCE, || listener_pid(&admin, APP).is_some()));
-    let first = listener_pid(&admin, APP).unwrap();
+    let (admin, producer, deliveries, mut handle, first) =
+        relay_with_a_terminated_listener(SCHEMA, APP, Duration::from_secs(3600));
     let mut conn = admin.get().unwrap();
-    conn.execute("SELECT pg_terminate_backend($1)", &[&first])
-        .unwrap();
     assert!(eventually(PATIENCE, || listener_pid(&admin, APP)
         .is_some_and(|pid| pid != first)));
     wait_for_a_long_sleep(&admin, APP);
