@@ -196,7 +196,7 @@ impl<T: MakeTls> Outbox<T> {
             let listener = |stop, done| -> Box<dyn FnOnce() + Send> {
                 let listener = Listener {
                     store: self.inner.store.clone(),
-                    channel_query: self.inner.sql.notify_channel.clone(),
+                    channel_query: self.inner.sql.produce.notify_channel.clone(),
                     wake: self.inner.wake_tx.clone(),
                     stop,
                     error_handler: self.inner.config.error_handler.clone(),

@@ -283,7 +283,11 @@ impl<T: MakeTls> Outbox<T> {
         };
         self.check_mode(&mut PgConn::new(client, None))?;
         let mut prepare = |notify: bool| -> Result<PreparedInserts, Error> {
-            let (one, many, many_plain) = self.inner.sql.inserts(notify, self.inner.config.ordered);
+            let (one, many, many_plain) = self
+                .inner
+                .sql
+                .produce
+                .inserts(notify, self.inner.config.ordered);
             let text = [Type::TEXT, Type::BYTEA, Type::TEXT_ARRAY];
             let arrays = [Type::TEXT_ARRAY, Type::BYTEA_ARRAY, Type::TEXT_ARRAY];
             Ok(PreparedInserts {
@@ -403,6 +407,7 @@ impl Rows<'_> {
             outbox
                 .inner
                 .sql
+                .produce
                 .inserts(notify, outbox.inner.config.ordered),
         )
     }
