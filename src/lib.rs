@@ -46,8 +46,9 @@
 //!
 //! ## Layout
 //!
-//! - producer side: [`Outbox::add_message`], [`NewMessage`] (`producer.rs`), and the same
-//!   calls on a diesel connection, `troutbox::diesel` (feature `diesel`, `producer/diesel.rs`);
+//! - producer side: [`Outbox::add_message`] and the other producer calls (`outbox/mod.rs`),
+//!   the work behind them and [`NewMessage`] (`outbox/producer.rs`), and the same calls on a
+//!   diesel connection, `troutbox::diesel` (feature `diesel`, `outbox/producer/diesel.rs`);
 //! - relay side: [`Sender`], [`Batch`], [`Message`], [`Handle`], [`Health`] (`relay/`), and
 //!   [`Backoff`] (`backoff.rs`);
 //! - store: [`PgStore`] and its migrations, the claim strategy (claim, journal, settle,
@@ -90,7 +91,6 @@ mod maintenance;
 mod message;
 mod observability;
 mod outbox;
-mod producer;
 #[cfg(feature = "rabbitmq")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
 pub mod rabbitmq;
@@ -125,11 +125,11 @@ pub use maintenance::partitions::{MaintenanceHandle, MaintenanceReport};
 pub use message::{DeadMessage, DeadSummary, Message, Status};
 pub use observability::backlog::Backlog;
 pub use observability::stats::{Stats, Timing};
-pub use outbox::{Outbox, OutboxBuilder};
 #[cfg(feature = "diesel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "diesel")))]
-pub use producer::diesel;
-pub use producer::{NewMessage, PreparedProducer};
+pub use outbox::producer::diesel;
+pub use outbox::producer::{NewMessage, PreparedProducer};
+pub use outbox::{Outbox, OutboxBuilder};
 pub use relay::batch::Batch;
 #[cfg(any(test, feature = "testing"))]
 pub use relay::batch::Outcome;
