@@ -17,10 +17,6 @@ use troutbox::{Backoff, Batch, NewMessage, Outbox, PgPool, PgStore};
 const CHILD_SCHEMA: &str = "TROUTBOX_CLAIMS_CHILD_SCHEMA";
 const POISON: &[u8] = b"poison";
 
-fn fast_backoff() -> Backoff {
-    Backoff::exponential(Duration::from_millis(10), Duration::from_millis(20)).without_jitter()
-}
-
 /// A Sender whose record of deliveries survives the process: it commits each batch's ids
 /// to `schema.deliveries` before returning. On the poison message it aborts the process
 /// first, as a crashing C library or an out-of-memory kill would.
@@ -57,7 +53,7 @@ fn crash_looping_child_relay() {
     let outbox = Outbox::builder(PgStore::new(pool.clone()).schema(&schema))
         .batch_size(50)
         .max_retries(3)
-        .backoff(fast_backoff())
+        .backoff(common::fast_backoff())
         .poll_interval(Duration::from_millis(5))
         .build()
         .unwrap();
@@ -239,7 +235,7 @@ fn a_sender_always_slower_than_the_send_timeout_is_bounded_and_settled() {
         .workers(2)
         .send_timeout(Duration::from_millis(300))
         .max_retries(2)
-        .backoff(fast_backoff())
+        .backoff(common::fast_backoff())
         .poll_interval(Duration::from_millis(5))
         .error_handler(move |err| e.lock().unwrap().push(err.to_string()))
         .build()

@@ -6,7 +6,6 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::{
     channel, count, counting_server, pool, signals_allowed, signals_sent, store, Deliveries,

@@ -51,11 +51,6 @@ const CHILD_NUMBER: &str = "TROUTBOX_ORDERING_CHILD_NUMBER";
 /// The name of the `#[ignore]`d test that is the child's entry point.
 const CHILD_TEST: &str = "ordering_child_relay";
 
-/// Retries within milliseconds, so that a failing head is tried many times per test.
-fn fast_backoff() -> Backoff {
-    Backoff::exponential(Duration::from_millis(10), Duration::from_millis(20)).without_jitter()
-}
-
 /// An ordered outbox on `store`'s table, made ordered by `Outbox::migrate` (the store was
 /// migrated unordered by `common::store`: this also exercises the conversion). `configure`
 /// adds the test's own options.
@@ -63,22 +58,11 @@ fn ordered(store: &PgStore, configure: impl FnOnce(OutboxBuilder) -> OutboxBuild
     let builder = Outbox::builder(store.clone())
         .per_key_ordering(true)
         .poll_interval(Duration::from_millis(5))
-        .backoff(fast_backoff())
+        .backoff(common::fast_backoff())
         .error_handler(|_| {});
     let outbox = configure(builder).build().unwrap();
     outbox.migrate().unwrap();
     outbox
-}
-
-/// A pool whose connections carry `application_name`, to find them in `pg_stat_activity`.
-fn pool_named(max_size: u32, application_name: &str) -> PgPool {
-    let mut config: postgres::Config = common::url().parse().unwrap();
-    config.application_name(application_name);
-    r2d2::Pool::builder()
-        .max_size(max_size)
-        .connection_timeout(Duration::from_secs(10))
-        .build(PostgresConnectionManager::new(config, postgres::NoTls))
-        .unwrap()
 }
 
 /// A message's value as text (every value in these tests is ASCII).
@@ -458,7 +442,7 @@ fn ordering_child_relay() {
     let builder = Outbox::builder(PgStore::new(pool.clone()).schema(&schema))
         .per_key_ordering(true)
         .poll_interval(Duration::from_millis(5))
-        .backoff(fast_backoff())
+        .backoff(common::fast_backoff())
         .send_timeout(Duration::from_secs(60))
         .error_handler(|_| {});
     let (_outbox, _handle) = match mode.as_str() {
@@ -1212,7 +1196,7 @@ fn followers_of_a_failed_message_in_a_lost_batch_are_not_charged_either() {
     const SCHEMA: &str = "ordering_lost_followers";
     const APP: &str = "ordering_lost_followers_relay";
     let admin = pool(4);
-    let relay_pool = pool_named(6, APP);
+    let relay_pool = common::named_pool(6, APP);
     let store = store(SCHEMA, &relay_pool);
     let outbox = ordered(&store, |b| {
         b.batch_size(10).send_timeout(Duration::from_millis(300))
@@ -1355,7 +1339,7 @@ fn a_relay_whose_session_is_terminated_mid_send_keeps_the_order() {
     let head_publications = Arc::new(AtomicUsize::new(0));
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let relay = |name: &'static str| {
-        let relay_store = PgStore::new(pool_named(6, name)).schema(SCHEMA);
+        let relay_store = PgStore::new(common::named_pool(6, name)).schema(SCHEMA);
         let e = errors.clone();
         let outbox = ordered(&relay_store, |b| {
             b.batch_size(5)
