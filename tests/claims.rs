@@ -507,14 +507,8 @@ fn health_reports_a_failing_worker_and_its_recovery() {
 fn rows_from_before_the_check_do_not_stop_a_keep_sent_relay() {
     const SCHEMA: &str = "claims_keep_unchecked";
     let pool = pool(4);
-    pool.get()
-        .unwrap()
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-        .unwrap();
-    let store = PgStore::new(pool.clone())
-        .schema(SCHEMA)
-        .retention(troutbox::Retention::keep_sent(Duration::from_secs(3600)));
-    store.migrate().unwrap();
+    let retention = troutbox::Retention::keep_sent(Duration::from_secs(3600));
+    let store = common::keep_sent_store(SCHEMA, &pool, retention);
     let mut conn = pool.get().unwrap();
     // Keep mode claims by UPDATE, which the CHECK refuses for these rows.
     conn.batch_execute(&format!(

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{count, eventually, ids_with_key, pool, store, Deliveries, PATIENCE};
-use troutbox::{Backoff, Batch, Error, NewMessage, Outbox, PgPool, PgStore, Retention};
+use troutbox::{Backoff, Batch, Error, NewMessage, Outbox, PgPool, Retention};
 
 fn fast_backoff() -> Backoff {
     Backoff::exponential(Duration::from_millis(50), Duration::from_millis(200))
@@ -658,15 +658,12 @@ fn late_outcome_without_a_competing_relay(schema: &str, keep: bool) {
     let app = format!("delivery-{schema}");
     let pool = common::named_pool(4, &app);
     let admin = common::pool(2);
-    pool.get()
-        .unwrap()
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        .unwrap();
-    let mut store = PgStore::new(pool.clone()).schema(schema);
-    if keep {
-        store = store.retention(Retention::keep_sent(Duration::from_secs(3600)));
-    }
-    store.migrate().unwrap();
+    let store = if keep {
+        let retention = Retention::keep_sent(Duration::from_secs(3600));
+        common::keep_sent_store(schema, &pool, retention)
+    } else {
+        common::store(schema, &pool)
+    };
     let errors = Arc::new(Mutex::new(Vec::new()));
     let e = errors.clone();
     let outbox = Outbox::builder(store)

@@ -344,15 +344,8 @@ fn dead_letters_are_purged_by_id_and_by_age_and_nothing_else_is() {
 fn maintenance_refuses_a_retention_other_than_the_tables() {
     const SCHEMA: &str = "maintenance_recorded_retention";
     let pool = pool(4);
-    pool.get()
-        .unwrap()
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-        .unwrap();
     let month = Duration::from_secs(30 * DAY as u64);
-    let store = PgStore::new(pool.clone())
-        .schema(SCHEMA)
-        .retention(Retention::keep_sent(month));
-    store.migrate().unwrap();
+    let store = common::keep_sent_store(SCHEMA, &pool, Retention::keep_sent(month));
     // Names, not only their count: a refused run must neither drop nor create one.
     let catalog = || partitions(&pool, SCHEMA, "outbox_messages");
     let before = catalog();

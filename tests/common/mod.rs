@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use r2d2_postgres::PostgresConnectionManager;
-use troutbox::{Backoff, Batch, Message, Outbox, OutboxBuilder, PgPool, PgStore};
+use troutbox::{Backoff, Batch, Message, Outbox, OutboxBuilder, PgPool, PgStore, Retention};
 
 /// The `troutbox` command line (built with the `cli` feature only).
 #[cfg(feature = "cli")]
@@ -57,11 +57,27 @@ pub fn fast_outbox(store: &PgStore) -> OutboxBuilder {
 
 /// A migrated store in a fresh schema named after the test.
 pub fn store(schema: &str, pool: &PgPool) -> PgStore {
+    fresh(PgStore::new(pool.clone()).schema(schema), schema, pool)
+}
+
+/// A migrated store with `retention` (`Retention::keep_sent`: a partitioned table) in a
+/// fresh schema named after the test.
+pub fn keep_sent_store(schema: &str, pool: &PgPool, retention: Retention) -> PgStore {
+    fresh(
+        PgStore::new(pool.clone())
+            .schema(schema)
+            .retention(retention),
+        schema,
+        pool,
+    )
+}
+
+/// `store` migrated, after its schema was dropped.
+fn fresh(store: PgStore, schema: &str, pool: &PgPool) -> PgStore {
     pool.get()
         .unwrap()
         .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
         .unwrap();
-    let store = PgStore::new(pool.clone()).schema(schema);
     store.migrate().unwrap();
     store
 }
