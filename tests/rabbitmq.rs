@@ -415,7 +415,7 @@ fn ten_thousand_messages_survive_broker_restarts() {
         received.distinct(),
         received.duplicates(),
         received.redelivered.load(Ordering::SeqCst),
-        rabbit.starts - 1,
+        rabbit.starts() - 1,
         restarts.join("; "),
         failed_batches.load(Ordering::SeqCst),
         received.reconnects.load(Ordering::SeqCst),
