@@ -122,7 +122,7 @@ pub(crate) fn report_to(handler: &ErrorHandler, error: &crate::Error) {
 /// installed (the `log` crate's maximum level is `Off` until one is), it writes to standard
 /// error instead: a relay that cannot deliver must not be silent by default.
 pub(crate) fn log_error(error: &Error) {
-    let text = with_causes(error);
+    let text = crate::error::with_causes(error);
     if log::max_level() == log::LevelFilter::Off {
         eprintln!("troutbox relay: {text}");
         return;
@@ -133,22 +133,6 @@ pub(crate) fn log_error(error: &Error) {
         }
         _ => log::error!("troutbox relay: {text}"),
     }
-}
-
-/// `error`'s text followed by each cause's, when the cause says something the text above it
-/// does not already contain.
-pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(cause) = next {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        next = cause.source();
-    }
-    text
 }
 
 impl Default for Config {
@@ -248,40 +232,5 @@ impl Config {
             );
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_causes;
-
-    #[derive(Debug)]
-    struct Layer(&'static str, Option<Box<Layer>>);
-
-    impl std::fmt::Display for Layer {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(self.0)
-        }
-    }
-
-    impl std::error::Error for Layer {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            self.1.as_deref().map(|l| l as _)
-        }
-    }
-
-    #[test]
-    fn the_default_handler_prints_each_cause_once() {
-        let error = Layer(
-            "sender failed a batch of 3 message(s): broker said no",
-            Some(Box::new(Layer(
-                "broker said no",
-                Some(Box::new(Layer("connection reset by peer", None))),
-            ))),
-        );
-        assert_eq!(
-            with_causes(&error),
-            "sender failed a batch of 3 message(s): broker said no: connection reset by peer"
-        );
     }
 }

@@ -514,7 +514,7 @@ fn describe_db(error: &postgres::Error) -> String {
         }
         // Not from the server: the crate's text ("error communicating with the server")
         // says little without its causes (the I/O error).
-        None => crate::config::with_causes(error),
+        None => with_causes(error),
     }
 }
 
@@ -576,5 +576,56 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "non-string panic payload".to_owned()
+    }
+}
+
+/// `error`'s text followed by each cause's, when the cause says something the text above it
+/// does not already contain.
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        next = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod with_causes_tests {
+    use super::with_causes;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn the_default_handler_prints_each_cause_once() {
+        let error = Layer(
+            "sender failed a batch of 3 message(s): broker said no",
+            Some(Box::new(Layer(
+                "broker said no",
+                Some(Box::new(Layer("connection reset by peer", None))),
+            ))),
+        );
+        assert_eq!(
+            with_causes(&error),
+            "sender failed a batch of 3 message(s): broker said no: connection reset by peer"
+        );
     }
 }

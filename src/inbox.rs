@@ -112,9 +112,9 @@ use time::OffsetDateTime;
 
 use crate::maintenance::partitions::{maintain, spawn_maintenance, Partitioned};
 use crate::store::ident::Ident;
-use crate::store::inbox::{window_check_name, InboxSql, INBOX_VERSION};
 use crate::store::pg::{MakeTls, PgPool};
 use crate::store::sql;
+use crate::store::sql::inbox::{window_check_name, InboxSql, INBOX_VERSION};
 use crate::{Error, MaintenanceHandle, MaintenanceReport};
 
 mod builder;
@@ -284,7 +284,7 @@ impl<T: MakeTls> Inbox<T> {
         if !exists(&mut tx, sql::SCHEMA_EXISTS, &[&inner.schema.as_str()]).map_err(map)? {
             tx.batch_execute(&inner.sql.create_schema).map_err(map)?;
         }
-        let inboxes = crate::store::inbox::INBOXES_TABLE;
+        let inboxes = crate::store::sql::inbox::INBOXES_TABLE;
         if !exists(
             &mut tx,
             sql::TABLE_EXISTS,

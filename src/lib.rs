@@ -46,13 +46,14 @@
 //!
 //! ## Layout
 //!
-//! - producer side: [`Outbox::add_message`], [`NewMessage`] (`producer.rs`), and the same
-//!   calls on a diesel connection, `troutbox::diesel` (feature `diesel`, `producer/diesel.rs`);
+//! - producer side: [`Outbox::add_message`] and the other producer calls (`outbox/mod.rs`),
+//!   the work behind them and [`NewMessage`] (`outbox/producer.rs`), and the same calls on a
+//!   diesel connection, `troutbox::diesel` (feature `diesel`, `outbox/producer/diesel.rs`);
 //! - relay side: [`Sender`], [`Batch`], [`Message`], [`Handle`], [`Health`] (`relay/`), and
 //!   [`Backoff`] (`backoff.rs`);
 //! - store: [`PgStore`] and its migrations, the claim strategy (claim, journal, settle,
 //!   recover), its SQL, row decoding and [`Retention`] (`store/`);
-//! - consumer side: [`Inbox`] (`inbox.rs`, its SQL in `store/inbox.rs`), which records each
+//! - consumer side: [`Inbox`] (`inbox.rs`, its SQL in `store/sql/inbox.rs`), which records each
 //!   received message id in the consumer's transaction for an exactly-once effect; its
 //!   builder, [`PreparedInbox`], the diesel call and the helpers reading the id from Kafka
 //!   records and RabbitMQ deliveries are in `inbox/`;
@@ -95,7 +96,6 @@ mod maintenance;
 mod message;
 mod observability;
 mod outbox;
-mod producer;
 #[cfg(feature = "rabbitmq")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
 pub mod rabbitmq;
@@ -131,11 +131,11 @@ pub use maintenance::partitions::{MaintenanceHandle, MaintenanceReport};
 pub use message::{DeadMessage, DeadSummary, Message, Status};
 pub use observability::backlog::Backlog;
 pub use observability::stats::{Stats, Timing};
-pub use outbox::{Outbox, OutboxBuilder};
 #[cfg(feature = "diesel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "diesel")))]
-pub use producer::diesel;
-pub use producer::{NewMessage, PreparedProducer};
+pub use outbox::producer::diesel;
+pub use outbox::producer::{NewMessage, PreparedProducer};
+pub use outbox::{Outbox, OutboxBuilder};
 pub use relay::batch::Batch;
 #[cfg(any(test, feature = "testing"))]
 pub use relay::batch::Outcome;
@@ -145,11 +145,6 @@ pub use relay::sender::Sender;
 pub use store::pg::{MakeTls, PgPool, PgStore, DEFAULT_SCHEMA, DEFAULT_TABLE};
 pub use store::pool::{pool, pool_with_tls, POOL_CONNECTION_TIMEOUT};
 pub use store::retention::{Retention, DEFAULT_PARTITIONS_AHEAD, DEFAULT_PARTITION_INTERVAL};
-
-/// The README's examples, compiled as doctests so the README stays true to the API.
-#[cfg(doctest)]
-#[doc = include_str!("../README.md")]
-pub struct ReadmeDoctests;
 
 /// The examples of docs/usage.md (dead letters and backlog), compiled as doctests too.
 #[cfg(doctest)]

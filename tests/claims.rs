@@ -17,10 +17,6 @@ use troutbox::{Backoff, Batch, NewMessage, Outbox, PgPool, PgStore};
 const CHILD_SCHEMA: &str = "TROUTBOX_CLAIMS_CHILD_SCHEMA";
 const POISON: &[u8] = b"poison";
 
-fn fast_backoff() -> Backoff {
-    Backoff::exponential(Duration::from_millis(10), Duration::from_millis(20)).without_jitter()
-}
-
 /// A Sender whose record of deliveries survives the process: it commits each batch's ids
 /// to `schema.deliveries` before returning. On the poison message it aborts the process
 /// first, as a crashing C library or an out-of-memory kill would.
@@ -57,7 +53,7 @@ fn crash_looping_child_relay() {
     let outbox = Outbox::builder(PgStore::new(pool.clone()).schema(&schema))
         .batch_size(50)
         .max_retries(3)
-        .backoff(fast_backoff())
+        .backoff(common::fast_backoff())
         .poll_interval(Duration::from_millis(5))
         .build()
         .unwrap();
@@ -239,7 +235,7 @@ fn a_sender_always_slower_than_the_send_timeout_is_bounded_and_settled() {
         .workers(2)
         .send_timeout(Duration::from_millis(300))
         .max_retries(2)
-        .backoff(fast_backoff())
+        .backoff(common::fast_backoff())
         .poll_interval(Duration::from_millis(5))
         .error_handler(move |err| e.lock().unwrap().push(err.to_string()))
         .build()
@@ -511,14 +507,8 @@ fn health_reports_a_failing_worker_and_its_recovery() {
 fn rows_from_before_the_check_do_not_stop_a_keep_sent_relay() {
     const SCHEMA: &str = "claims_keep_unchecked";
     let pool = pool(4);
-    pool.get()
-        .unwrap()
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-        .unwrap();
-    let store = PgStore::new(pool.clone())
-        .schema(SCHEMA)
-        .retention(troutbox::Retention::keep_sent(Duration::from_secs(3600)));
-    store.migrate().unwrap();
+    let retention = troutbox::Retention::keep_sent(Duration::from_secs(3600));
+    let store = common::keep_sent_store(SCHEMA, &pool, retention);
     let mut conn = pool.get().unwrap();
     // Keep mode claims by UPDATE, which the CHECK refuses for these rows.
     conn.batch_execute(&format!(

@@ -2,42 +2,16 @@
 
 mod common;
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{eventually, pool, PATIENCE};
+use common::cli::{binary, names, Cli};
+use common::{eventually, partitions, pool, PATIENCE};
 use troutbox::{Batch, Outbox, PgStore};
 
 const SCHEMA: &str = "cli_e2e";
 
-fn troutbox(args: &[&str]) -> Output {
-    troutbox_in(SCHEMA, args)
-}
-
-fn troutbox_in(schema: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_troutbox"))
-        .args(["--database-url", &common::url(), "--schema", schema])
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = troutbox(args);
-    assert!(
-        out.status.success(),
-        "troutbox {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    serde_json::from_str(&ok(&all)).unwrap()
-}
+/// The command line on this file's schema.
+const CLI: Cli = Cli::new(SCHEMA);
 
 /// Per-key ordering from the shell: `migrate --per-key-ordering` makes the table ordered,
 /// `blocked` shows the key a failing message holds back, `skip` unblocks it.
@@ -49,15 +23,7 @@ fn blocked_keys_and_skip_from_the_command_line() {
         .unwrap()
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {ORDERED} CASCADE"))
         .unwrap();
-    let run = |args: &[&str]| {
-        let out = troutbox_in(ORDERED, args);
-        assert!(
-            out.status.success(),
-            "troutbox {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| Cli::new(ORDERED).ok(args);
     run(&["migrate", "--per-key-ordering"]);
     let store = PgStore::new(pool.clone()).schema(ORDERED);
     let outbox = Outbox::builder(store.clone())
@@ -109,7 +75,7 @@ fn blocked_keys_and_skip_from_the_command_line() {
     assert!(run(&["skip", &head.to_string()]).contains("skipped"));
     assert!(run(&["blocked"]).contains("no blocked keys"));
     // Skipping it again: it is no longer pending.
-    let again = troutbox_in(ORDERED, &["skip", &head.to_string()]);
+    let again = Cli::new(ORDERED).output(&["skip", &head.to_string()]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not pending"));
     let dead = store.dead_messages(10, None).unwrap();
@@ -125,8 +91,8 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
         .unwrap();
 
-    assert!(ok(&["migrate"]).contains("created"));
-    assert!(ok(&["migrate"]).contains("is up to date")); // idempotent
+    assert!(CLI.ok(&["migrate"]).contains("created"));
+    assert!(CLI.ok(&["migrate"]).contains("is up to date")); // idempotent
 
     // Three messages: two die, one stays pending.
     let store = PgStore::new(pool.clone()).schema(SCHEMA);
@@ -160,7 +126,7 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
         .get(0);
     let age_before = sql_age(&mut conn, created_at);
 
-    let status = json(&["status"]);
+    let status = CLI.json(&["status"]);
     assert_eq!(status["pending"], 1);
     assert_eq!(status["dead"], 2);
     // Backlog's own `sent`, once (the old `sent_retained` twin is gone).
@@ -178,7 +144,7 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
     assert_eq!(status["oldest_pending"], rfc3339.as_str(), "{status}");
-    let text = ok(&["status"]);
+    let text = CLI.ok(&["status"]);
     let line = text
         .lines()
         .find(|l| l.starts_with("oldest pending"))
@@ -191,7 +157,7 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
         .unwrap_or_else(|| panic!("{line}"));
     assert!(shown >= 3_600.0, "{line}");
 
-    let listed = json(&["dead", "list"]);
+    let listed = CLI.json(&["dead", "list"]);
     let listed = listed.as_array().unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0]["last_error"], "exchange not found");
@@ -207,13 +173,13 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
         "{listed:?}"
     );
     // A UTF-8 value shows as text, with no hex.
-    let shown = json(&["dead", "show", &newest.to_string()]);
+    let shown = CLI.json(&["dead", "show", &newest.to_string()]);
     assert_eq!(
         (&shown["value_utf8"], &shown["value_hex"], &shown["key"]),
         (&"v".into(), &serde_json::Value::Null, &listed[0]["key"]),
         "{shown}"
     );
-    let table = ok(&["dead", "list", "--limit", "1"]);
+    let table = CLI.ok(&["dead", "list", "--limit", "1"]);
     assert!(
         table.starts_with("ID") && table.contains("exchange not found"),
         "{table}"
@@ -222,7 +188,7 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
 
     // `dead requeue` with neither ids nor --all is refused, saying what it needs, and
     // re-queues nothing.
-    let out = troutbox(&["dead", "requeue"]);
+    let out = CLI.output(&["dead", "requeue"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("required") && err.contains("--all"), "{err}");
@@ -231,7 +197,7 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let status = json(&["status"]);
+    let status = CLI.json(&["status"]);
     assert_eq!(
         (status["pending"].as_i64(), status["dead"].as_i64()),
         (Some(1), Some(2)),
@@ -239,7 +205,7 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
     );
 
     assert_eq!(
-        json(&["dead", "requeue", &newest.to_string()])["requeued"],
+        CLI.json(&["dead", "requeue", &newest.to_string()])["requeued"],
         1
     );
     let requeued = conn
@@ -252,14 +218,20 @@ fn migrate_status_and_dead_letters_from_the_command_line() {
         (requeued.get::<_, String>(0), requeued.get::<_, i32>(1)),
         ("pending".to_string(), 0)
     );
-    assert_eq!(json(&["dead", "purge", "--older-than", "1h"])["purged"], 0);
-    assert_eq!(json(&["dead", "purge", &oldest.to_string()])["purged"], 1);
-    let status = json(&["status"]);
+    assert_eq!(
+        CLI.json(&["dead", "purge", "--older-than", "1h"])["purged"],
+        0
+    );
+    assert_eq!(
+        CLI.json(&["dead", "purge", &oldest.to_string()])["purged"],
+        1
+    );
+    let status = CLI.json(&["status"]);
     assert_eq!(
         (status["pending"].as_i64(), status["dead"].as_i64()),
         (Some(2), Some(0))
     );
-    assert!(ok(&["dead", "list"]).contains("no dead messages"));
+    assert!(CLI.ok(&["dead", "list"]).contains("no dead messages"));
 }
 
 /// Seconds from `t` to now, by the server's clock.
@@ -274,10 +246,7 @@ fn sql_age(conn: &mut postgres::Client, t: time::OffsetDateTime) -> f64 {
 
 #[test]
 fn help_and_usage_errors_are_clear() {
-    let help = Command::new(env!("CARGO_BIN_EXE_troutbox"))
-        .arg("--help")
-        .output()
-        .unwrap();
+    let help = binary().arg("--help").output().unwrap();
     let help = String::from_utf8(help.stdout).unwrap();
     for word in [
         "migrate",
@@ -289,35 +258,33 @@ fn help_and_usage_errors_are_clear() {
     ] {
         assert!(help.contains(word), "--help lacks {word}: {help}");
     }
-    let dead_help = String::from_utf8(
-        Command::new(env!("CARGO_BIN_EXE_troutbox"))
-            .args(["dead", "--help"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let dead_help =
+        String::from_utf8(binary().args(["dead", "--help"]).output().unwrap().stdout).unwrap();
     for word in ["list", "requeue", "purge"] {
         assert!(dead_help.contains(word), "{dead_help}");
     }
+    // Retention options concern migrate and maintain: the other commands do not list them.
+    for word in ["--keep-sent", "--partition-interval", "--partitions-ahead"] {
+        assert!(
+            !dead_help.contains(word),
+            "dead --help lists {word}: {dead_help}"
+        );
+        assert!(help.contains(word), "--help lacks {word}: {help}");
+    }
+    // The connection string is optional on the usage line: DATABASE_URL may give it.
+    assert!(
+        help.contains("Usage: troutbox [OPTIONS] <COMMAND>"),
+        "{help}"
+    );
 
     // requeue needs ids or --all; a bad schema name is refused before SQL; no server is
     // a one-line error.
-    let out = troutbox(&["dead", "requeue"]);
+    let out = CLI.output(&["dead", "requeue"]);
     assert!(!out.status.success());
-    let out = Command::new(env!("CARGO_BIN_EXE_troutbox"))
-        .args([
-            "--database-url",
-            &common::url(),
-            "--schema",
-            "x; DROP TABLE y",
-            "status",
-        ])
-        .output()
-        .unwrap();
+    let out = Cli::new("x; DROP TABLE y").output(&["status"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid schema name"));
-    let out = Command::new(env!("CARGO_BIN_EXE_troutbox"))
+    let out = binary()
         .args([
             "--database-url",
             "host=127.0.0.1 port=1 connect_timeout=1",
@@ -332,29 +299,11 @@ fn help_and_usage_errors_are_clear() {
         "{err}"
     );
     // A table never migrated: the operator is told the command to run, not a Rust call.
-    let out = troutbox_in("cli_never_migrated", &["status"]);
+    let out = Cli::new("cli_never_migrated").output(&["status"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("run `troutbox migrate` first"), "{err}");
     assert!(!err.contains("PgStore::migrate()"), "{err}");
-}
-
-/// Partition names of `schema.outbox_messages`, from the catalog, sorted.
-fn partitions(pool: &troutbox::PgPool, schema: &str) -> Vec<String> {
-    let mut names: Vec<String> = pool
-        .get()
-        .unwrap()
-        .query(
-            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-             WHERE i.inhparent = to_regclass($1)",
-            &[&format!("\"{schema}\".outbox_messages")],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    names.sort();
-    names
 }
 
 /// The start (Unix seconds) of a partition named `outbox_messages_p<start>`.
@@ -362,17 +311,6 @@ fn partition_start(name: &str) -> i64 {
     name.strip_prefix("outbox_messages_p")
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("not a partition name: {name}"))
-}
-
-fn names(v: &serde_json::Value) -> Vec<String> {
-    let mut names: Vec<String> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_str().unwrap().to_string())
-        .collect();
-    names.sort();
-    names
 }
 
 /// `maintain` does all three of its jobs, each seen in the catalog: creates a missing
@@ -387,25 +325,12 @@ fn maintain_runs_partition_maintenance_for_keep_sent_tables() {
         .unwrap()
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {KEEP} CASCADE"))
         .unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_troutbox"))
-            .args(["--database-url", &common::url(), "--schema", KEEP])
-            .args(["--keep-sent", "7d", "--partitions-ahead", "5"])
-            .args(args)
-            .env_remove("DATABASE_URL")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let cli = Cli::new(KEEP).options(&["--keep-sent", "7d", "--partitions-ahead", "5"]);
+    let run = |args: &[&str]| cli.ok(args);
     let maintain =
         || -> serde_json::Value { serde_json::from_str(&run(&["maintain", "--json"])).unwrap() };
     run(&["migrate"]);
-    let after_migrate = partitions(&pool, KEEP);
+    let after_migrate = partitions(&pool, KEEP, "outbox_messages");
     assert_eq!(
         after_migrate.len(),
         1 + 6,
@@ -465,7 +390,7 @@ fn maintain_runs_partition_maintenance_for_keep_sent_tables() {
         "{report}"
     );
     assert_eq!(names(&report["dropped"]), Vec::<String>::new(), "{report}");
-    let catalog = partitions(&pool, KEEP);
+    let catalog = partitions(&pool, KEEP, "outbox_messages");
     for wanted in [&furthest, &sent_slot, &pending_slot] {
         assert!(catalog.contains(wanted), "{wanted} not in {catalog:?}");
     }
@@ -492,7 +417,7 @@ fn maintain_runs_partition_maintenance_for_keep_sent_tables() {
         serde_json::json!([{"partition": pending_slot, "unsent": 1}]),
         "{report}"
     );
-    let catalog = partitions(&pool, KEEP);
+    let catalog = partitions(&pool, KEEP, "outbox_messages");
     assert!(!catalog.contains(&sent_slot), "{catalog:?}");
     assert!(catalog.contains(&pending_slot), "{catalog:?}");
     let keys: Vec<String> = conn
@@ -510,7 +435,7 @@ fn maintain_runs_partition_maintenance_for_keep_sent_tables() {
 
     // maintain on a delete-on-send table (read from the table) says there is nothing to do.
     common::store("cli_maintain_plain", &pool);
-    let out = troutbox_in("cli_maintain_plain", &["maintain"]);
+    let out = Cli::new("cli_maintain_plain").output(&["maintain"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no partition to maintain"),

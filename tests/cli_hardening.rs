@@ -4,21 +4,14 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
+use common::cli::Cli;
 use common::{pool, store};
 use troutbox::Outbox;
 
 const SCHEMA: &str = "cli_hardening";
 
-fn troutbox(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_troutbox"))
-        .args(["--database-url", &common::url(), "--schema", SCHEMA])
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .output()
-        .unwrap()
-}
+/// The command line on this file's schema.
+const CLI: Cli = Cli::new(SCHEMA);
 
 #[test]
 fn hostile_input_and_absurd_options_are_errors_not_panics() {
@@ -37,7 +30,7 @@ fn hostile_input_and_absurd_options_are_errors_not_panics() {
         ))
         .unwrap();
 
-    let out = troutbox(&["dead", "list"]);
+    let out = CLI.output(&["dead", "list"]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
@@ -45,7 +38,7 @@ fn hostile_input_and_absurd_options_are_errors_not_panics() {
     assert!(text.contains("\\u{1b}[2J\\nID"), "{text:?}");
 
     // 20,000 years before now is before the year -9999: an error, not a panic.
-    let out = troutbox(&["dead", "purge", "--older-than", "20000y"]);
+    let out = CLI.output(&["dead", "purge", "--older-than", "20000y"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -54,7 +47,7 @@ fn hostile_input_and_absurd_options_are_errors_not_panics() {
     );
 
     // Listings are bounded.
-    let out = troutbox(&["dead", "list", "--limit", "100000"]);
+    let out = CLI.output(&["dead", "list", "--limit", "100000"]);
     assert_eq!(out.status.code(), Some(2), "clap's usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("1..=1000"));
 }
@@ -69,14 +62,7 @@ fn maintain_uses_the_tables_retention() {
         .unwrap()
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {KEEP} CASCADE"))
         .unwrap();
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_troutbox"))
-            .args(["--database-url", &common::url(), "--schema", KEEP])
-            .args(args)
-            .env_remove("DATABASE_URL")
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| Cli::new(KEEP).output(args);
     assert!(run(&["--keep-sent", "30d", "migrate"]).status.success());
     let wrong = run(&["--keep-sent", "1d", "maintain"]);
     let stderr = String::from_utf8_lossy(&wrong.stderr);
@@ -121,15 +107,7 @@ fn status_thresholds_dead_show_and_json_errors() {
         .unwrap()
         .get(0);
     // --database-url after the subcommand.
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_troutbox"))
-            .args(["--schema", OPS])
-            .args(args)
-            .args(["--database-url", &common::url()])
-            .env_remove("DATABASE_URL")
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| Cli::new(OPS).url_last().output(args);
 
     let healthy = run(&["status", "--max-pending", "5", "--max-age", "1h", "--json"]);
     assert_eq!(healthy.status.code(), Some(0));

@@ -4,24 +4,16 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::{pool, PATIENCE};
-use troutbox::{Backoff, Batch, Error, Outbox, PgPool, PgStore};
+use troutbox::{Batch, Error, Outbox, PgPool, PgStore};
 
 /// Relays `store` until `n` messages were seen; the Sender fails each message's first
 /// attempt. Returns (id, dedup_key, outbox_id) per attempt.
 fn relay_failing_once(store: &PgStore, n: usize) -> Vec<(i64, String, String)> {
     let seen: Arc<Mutex<Vec<(i64, String, String)>>> = Arc::default();
     let s = seen.clone();
-    let outbox = Outbox::builder(store.clone())
-        .backoff(Backoff::exponential(
-            Duration::from_millis(5),
-            Duration::from_millis(5),
-        ))
-        .poll_interval(Duration::from_millis(5))
-        .build()
-        .unwrap();
+    let outbox = common::fast_outbox(store).build().unwrap();
     let mut handle = outbox
         .start(move |batch: &mut Batch| {
             let mut s = s.lock().unwrap();

@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{count, eventually, ids_with_key, pool, store, Deliveries, PATIENCE};
-use r2d2_postgres::PostgresConnectionManager;
-use troutbox::{Backoff, Batch, Error, NewMessage, Outbox, PgPool, PgStore, Retention};
+use troutbox::{Backoff, Batch, Error, NewMessage, Outbox, PgPool, Retention};
 
 fn fast_backoff() -> Backoff {
     Backoff::exponential(Duration::from_millis(50), Duration::from_millis(200))
@@ -286,18 +285,6 @@ fn two_relays_with_several_threads_deliver_everything_exactly_once() {
     );
 }
 
-/// A pool whose sessions carry `application_name`, so the test can find them in
-/// `pg_stat_activity`.
-fn named_pool(max_size: u32, application_name: &str) -> PgPool {
-    let mut config: postgres::Config = common::url().parse().unwrap();
-    config.application_name(application_name);
-    r2d2::Pool::builder()
-        .max_size(max_size)
-        .connection_timeout(Duration::from_secs(10))
-        .build(PostgresConnectionManager::new(config, postgres::NoTls))
-        .unwrap()
-}
-
 /// Sessions of `application_name` inside a transaction: a claim held while its Sender runs.
 fn in_transaction(pool: &PgPool, application_name: &str) -> i64 {
     pool.get()
@@ -533,7 +520,7 @@ fn dropping_the_handle_with_a_sender_stuck_for_good_returns_after_the_shutdown_t
 #[test]
 fn a_sender_stuck_past_the_shutdown_timeout_is_reported_redelivered_and_not_settled_twice() {
     const APP: &str = "delivery-stuck-past-shutdown";
-    let pool = named_pool(6, APP);
+    let pool = common::named_pool(6, APP);
     let admin = common::pool(2);
     let store = store("stuck_past_shutdown", &pool);
     let errors = Arc::new(Mutex::new(Vec::new()));
@@ -613,7 +600,7 @@ fn a_sender_stuck_past_the_shutdown_timeout_is_reported_redelivered_and_not_sett
 #[test]
 fn a_sender_outliving_the_send_timeout_releases_its_rows_and_its_dropped_outcome_is_reported() {
     const APP: &str = "delivery-send-timeout";
-    let pool = named_pool(6, APP);
+    let pool = common::named_pool(6, APP);
     let admin = common::pool(2);
     let store = store("send_timeout", &pool);
     let errors = Arc::new(Mutex::new(Vec::new()));
@@ -669,17 +656,14 @@ fn a_sender_outliving_the_send_timeout_releases_its_rows_and_its_dropped_outcome
 /// is applied on the side connection, once.
 fn late_outcome_without_a_competing_relay(schema: &str, keep: bool) {
     let app = format!("delivery-{schema}");
-    let pool = named_pool(4, &app);
+    let pool = common::named_pool(4, &app);
     let admin = common::pool(2);
-    pool.get()
-        .unwrap()
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        .unwrap();
-    let mut store = PgStore::new(pool.clone()).schema(schema);
-    if keep {
-        store = store.retention(Retention::keep_sent(Duration::from_secs(3600)));
-    }
-    store.migrate().unwrap();
+    let store = if keep {
+        let retention = Retention::keep_sent(Duration::from_secs(3600));
+        common::keep_sent_store(schema, &pool, retention)
+    } else {
+        common::store(schema, &pool)
+    };
     let errors = Arc::new(Mutex::new(Vec::new()));
     let e = errors.clone();
     let outbox = Outbox::builder(store)

@@ -3,74 +3,16 @@
 //! retention by dropped partitions, migrations, and a role with only the documented rights.
 
 mod common;
+#[path = "common/inbox.rs"]
+mod helpers;
 
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use common::{eventually, pool, PATIENCE};
+use helpers::{built, deliver, fresh_schema, inbox, TestClock, MINUTE};
 use postgres::IsolationLevel;
-use troutbox::time::OffsetDateTime;
 use troutbox::{Error, Inbox, PgPool, Received};
-
-const MINUTE: i64 = 60;
-
-/// An inbox in a fresh schema, migrated.
-fn inbox(schema: &str, pool: &PgPool, window: Option<i64>) -> Inbox {
-    fresh_schema(schema, pool);
-    let inbox = built(schema, pool, window, None);
-    inbox.migrate().unwrap();
-    inbox
-}
-
-fn fresh_schema(schema: &str, pool: &PgPool) {
-    pool.get()
-        .unwrap()
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .unwrap();
-}
-
-/// A clock a test moves by hand, shared by the inboxes built on it.
-#[derive(Clone)]
-struct TestClock(Arc<Mutex<OffsetDateTime>>);
-
-impl TestClock {
-    fn at(unix: i64) -> TestClock {
-        TestClock(Arc::new(Mutex::new(time(unix))))
-    }
-    fn set(&self, unix: i64) {
-        *self.0.lock().unwrap() = time(unix);
-    }
-    fn now(&self) -> OffsetDateTime {
-        *self.0.lock().unwrap()
-    }
-}
-
-fn time(unix: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp(unix).unwrap()
-}
-
-fn built(schema: &str, pool: &PgPool, window: Option<i64>, clock: Option<&TestClock>) -> Inbox {
-    let mut builder = Inbox::builder(pool.clone()).schema(schema);
-    builder = match window {
-        Some(secs) => builder.window(Duration::from_secs(secs as u64)),
-        None => builder.keep_forever(),
-    };
-    if let Some(clock) = clock {
-        let clock = clock.clone();
-        builder = builder.clock(move || clock.now());
-    }
-    builder.build().unwrap()
-}
-
-/// One delivery in its own transaction, committed.
-fn deliver(inbox: &Inbox, pool: &PgPool, consumer: &str, id: &str) -> Received {
-    let mut conn = pool.get().unwrap();
-    let mut tx = conn.transaction().unwrap();
-    let received = inbox.receive(&mut tx, consumer, id).unwrap();
-    tx.commit().unwrap();
-    received
-}
 
 /// One delivery in its own transaction, rolled back: it leaves no entry (a committed
 /// duplicate adds the entry of its own slot, which extends how long the message is
@@ -651,67 +593,4 @@ fn a_consumer_role_with_usage_and_insert_only_can_receive() {
         err.code(),
         Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
     );
-}
-
-#[cfg(feature = "diesel")]
-mod diesel_connection {
-    use diesel::{Connection, PgConnection, RunQueryDsl};
-
-    use super::*;
-
-    #[test]
-    fn receive_on_a_diesel_connection() {
-        let pool = pool(2);
-        let schema = "inbox_diesel";
-        let window = 10 * MINUTE;
-        fresh_schema(schema, &pool);
-        let boundary = 2_100_000_000 / window * window;
-        let before = TestClock::at(boundary - 1);
-        let early = built(schema, &pool, Some(window), Some(&before));
-        early.migrate().unwrap();
-        let plain = built(schema, &pool, Some(window), None);
-        let mut conn = PgConnection::establish(&common::url()).unwrap();
-        let receive = |conn: &mut PgConnection, inbox: &Inbox, id: &str| {
-            conn.transaction(|conn| {
-                troutbox::inbox::diesel::receive(inbox, conn, "c", id)
-                    .map_err(diesel::result::Error::from)
-            })
-            .unwrap()
-        };
-        assert_eq!(receive(&mut conn, &plain, "d1"), Received::First);
-        assert_eq!(receive(&mut conn, &plain, "d1"), Received::Duplicate);
-        // Across a boundary, with the clock given as a parameter.
-        let after = TestClock::at(boundary + 1);
-        let late = built(schema, &pool, Some(window), Some(&after));
-        assert_eq!(receive(&mut conn, &early, "d2"), Received::First);
-        assert_eq!(receive(&mut conn, &late, "d2"), Received::Duplicate);
-        // Both clients see each other's entries.
-        assert_eq!(deliver(&plain, &pool, "c", "d1"), Received::Duplicate);
-
-        // REPEATABLE READ: an entry committed after the snapshot is a retryable error,
-        // and diesel's own SerializationFailure once converted back.
-        let outcome = conn.build_transaction().repeatable_read().run(|conn| {
-            diesel::sql_query("SELECT 1").execute(conn)?; // the snapshot
-            assert_eq!(deliver(&plain, &pool, "c", "d4"), Received::First);
-            let err = troutbox::inbox::diesel::receive(&plain, conn, "c", "d4").unwrap_err();
-            assert!(err.is_retryable(), "{err}");
-            Err::<(), _>(diesel::result::Error::from(err))
-        });
-        assert!(
-            matches!(
-                outcome,
-                Err(diesel::result::Error::DatabaseError(
-                    diesel::result::DatabaseErrorKind::SerializationFailure,
-                    _
-                ))
-            ),
-            "{outcome:?}"
-        );
-
-        let err = troutbox::inbox::diesel::receive(&plain, &mut conn, "", "x").unwrap_err();
-        assert!(matches!(err, Error::InvalidMessageId { .. }), "{err}");
-        let forever = built(schema, &pool, None, None);
-        let err = troutbox::inbox::diesel::receive(&forever, &mut conn, "c", "d3").unwrap_err();
-        assert!(matches!(err, Error::InboxWindowMismatch { .. }), "{err}");
-    }
 }

@@ -6,9 +6,9 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{count, eventually, pool, Deliveries, PATIENCE};
+use common::{count, eventually, partitions, pool, Deliveries, PATIENCE};
 use time::OffsetDateTime;
-use troutbox::{Backoff, Batch, Error, Outbox, PgPool, PgStore, Retention};
+use troutbox::{Batch, Error, Outbox, PgPool, PgStore, Retention};
 
 const DAY: i64 = 86_400;
 
@@ -44,24 +44,6 @@ fn keep_store(schema: &str, pool: &PgPool, clock: &TestClock, window_days: u64) 
     store
 }
 
-/// Partition names of `schema.outbox_messages`, sorted.
-fn partitions(pool: &PgPool, schema: &str) -> Vec<String> {
-    let mut names: Vec<String> = pool
-        .get()
-        .unwrap()
-        .query(
-            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-             WHERE i.inhparent = to_regclass($1)",
-            &[&format!("\"{schema}\".outbox_messages")],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    names.sort();
-    names
-}
-
 fn slot_name(t: OffsetDateTime) -> String {
     format!(
         "outbox_messages_p{}",
@@ -77,7 +59,7 @@ fn partitions_are_made_ahead_and_dropped_once_expired_but_never_with_unsent_mess
     let store = keep_store("maint_expiry", &pool, &clock, 2);
     let day = time::Duration::days(1);
     assert_eq!(
-        partitions(&pool, "maint_expiry"),
+        partitions(&pool, "maint_expiry", "outbox_messages"),
         vec![
             "outbox_messages_default".to_string(),
             slot_name(now),
@@ -91,31 +73,14 @@ fn partitions_are_made_ahead_and_dropped_once_expired_but_never_with_unsent_mess
     );
 
     // Relay in keep mode: two sent (one after a retry), one dead; one left pending.
-    let outbox = Outbox::builder(store.clone())
-        .max_retries(0)
-        .backoff(Backoff::exponential(
-            Duration::from_millis(10),
-            Duration::from_millis(20),
-        ))
-        .poll_interval(Duration::from_millis(5))
-        .build()
-        .unwrap();
+    let outbox = common::fast_outbox(&store).max_retries(0).build().unwrap();
     let mut conn = pool.get().unwrap();
     for key in ["ok", "ok", "doomed"] {
         outbox.add_message(&mut *conn, key, b"v").unwrap();
     }
     let deliveries = Deliveries::new();
-    let d = deliveries.clone();
     let mut handle = outbox
-        .start(move |batch: &mut Batch| -> Result<(), String> {
-            d.record(batch);
-            for m in batch.iter_mut() {
-                if m.key() == "doomed" {
-                    m.mark_failed("no route");
-                }
-            }
-            Ok(())
-        })
+        .start(deliveries.sender_failing("no route", |m| m.key() == "doomed"))
         .unwrap();
     assert!(eventually(PATIENCE, || store.backlog().unwrap().dead == 1));
     handle.shutdown().unwrap();
@@ -135,7 +100,7 @@ fn partitions_are_made_ahead_and_dropped_once_expired_but_never_with_unsent_mess
     assert_eq!(report.kept, [(slot_name(now), 2)]);
     assert!(report.dropped.contains(&slot_name(now + day)));
     assert!(!report.dropped.contains(&slot_name(now)));
-    assert!(partitions(&pool, "maint_expiry").contains(&slot_name(now)));
+    assert!(partitions(&pool, "maint_expiry", "outbox_messages").contains(&slot_name(now)));
     // Its messages are still delivered and re-queueable.
     assert_eq!(store.requeue_all_dead().unwrap(), 1);
     let mut handle = outbox.start(deliveries.sender()).unwrap();
@@ -155,7 +120,7 @@ fn producers_keep_committing_when_maintenance_has_not_run_for_a_week() {
     let now = OffsetDateTime::now_utc();
     let clock = TestClock::at(now - time::Duration::days(8));
     let store = keep_store("maint_stale", &pool, &clock, 2);
-    assert!(!partitions(&pool, "maint_stale").contains(&slot_name(now)));
+    assert!(!partitions(&pool, "maint_stale", "outbox_messages").contains(&slot_name(now)));
 
     // No partition covers today: rows land in DEFAULT, and the relay still delivers.
     let outbox = Outbox::builder(store.clone())
@@ -234,7 +199,12 @@ fn one_maintainer_at_a_time_lock_released_and_taken_over_when_one_dies() {
         .unwrap();
     drop(other);
     let next = slot_name(now + time::Duration::days(3));
-    assert!(eventually(PATIENCE, || partitions(&pool, "maint_lock").contains(&next)));
+    assert!(eventually(PATIENCE, || partitions(
+        &pool,
+        "maint_lock",
+        "outbox_messages"
+    )
+    .contains(&next)));
     background.shutdown().unwrap();
     background.shutdown().unwrap();
 
@@ -374,24 +344,11 @@ fn dead_letters_are_purged_by_id_and_by_age_and_nothing_else_is() {
 fn maintenance_refuses_a_retention_other_than_the_tables() {
     const SCHEMA: &str = "maintenance_recorded_retention";
     let pool = pool(4);
-    pool.get()
-        .unwrap()
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-        .unwrap();
     let month = Duration::from_secs(30 * DAY as u64);
-    let store = PgStore::new(pool.clone())
-        .schema(SCHEMA)
-        .retention(Retention::keep_sent(month));
-    store.migrate().unwrap();
-    let partitions = || {
-        count(
-            &pool,
-            &format!(
-                "SELECT count(*) FROM pg_inherits WHERE inhparent = '{SCHEMA}.outbox_messages'::regclass"
-            ),
-        )
-    };
-    let before = partitions();
+    let store = common::keep_sent_store(SCHEMA, &pool, Retention::keep_sent(month));
+    // Names, not only their count: a refused run must neither drop nor create one.
+    let catalog = || partitions(&pool, SCHEMA, "outbox_messages");
+    let before = catalog();
     for wrong in [
         Retention::keep_sent(Duration::from_secs(DAY as u64)),
         Retention::keep_sent(month).partition_interval(Duration::from_secs(3600)),
@@ -407,7 +364,7 @@ fn maintenance_refuses_a_retention_other_than_the_tables() {
         );
         assert!(err.to_string().contains("2592000 s"), "{err}");
     }
-    assert_eq!(partitions(), before, "a refused run changed nothing");
+    assert_eq!(catalog(), before, "a refused run changed nothing");
     assert_eq!(
         store.recorded_retention().unwrap().keep_window(),
         Some(month)

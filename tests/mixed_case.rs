@@ -6,42 +6,27 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{count, eventually, pool, PATIENCE};
-use troutbox::{Backoff, Batch, Outbox, PgPool, PgStore, Retention};
+use common::cli::{names, Cli};
+use common::{count, eventually, partitions, pool, PATIENCE};
+use troutbox::{Batch, PgPool, PgStore, Retention};
 
 const SCHEMA: &str = "Mixed_Case";
 const TABLE: &str = "Orders_Outbox";
 /// The table as SQL names it.
 const QUALIFIED: &str = "\"Mixed_Case\".\"Orders_Outbox\"";
 
-/// Runs `troutbox` on the mixed-case table with keep-sent retention; stdout, or a panic
-/// with stderr.
-fn troutbox(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_troutbox"))
-        .args(["--database-url", &common::url()])
-        .args(["--schema", SCHEMA, "--table", TABLE])
-        .args(["--keep-sent", "7d", "--partitions-ahead", "2"])
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "troutbox {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    serde_json::from_str(&troutbox(&all)).unwrap()
-}
+/// The command line on the mixed-case table, with keep-sent retention.
+const CLI: Cli = Cli::new(SCHEMA).options(&[
+    "--table",
+    TABLE,
+    "--keep-sent",
+    "7d",
+    "--partitions-ahead",
+    "2",
+]);
 
 /// Names of the relations (tables, indexes) of the schema, sorted.
 fn relations(pool: &PgPool) -> Vec<String> {
@@ -56,32 +41,6 @@ fn relations(pool: &PgPool) -> Vec<String> {
         .iter()
         .map(|r| r.get(0))
         .collect()
-}
-
-/// Partitions of the table, sorted, from the catalog.
-fn partitions(pool: &PgPool) -> Vec<String> {
-    pool.get()
-        .unwrap()
-        .query(
-            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-             WHERE i.inhparent = to_regclass($1) ORDER BY 1",
-            &[&QUALIFIED],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
-fn names(v: &serde_json::Value) -> Vec<String> {
-    let mut names: Vec<String> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_str().unwrap().to_string())
-        .collect();
-    names.sort();
-    names
 }
 
 /// The catalog holds the schema and every object under their exact names: no lower-case
@@ -153,8 +112,8 @@ fn mixed_case_names_through_keep_sent_maintenance_and_the_command_line() {
         .unwrap();
 
     // Created from the command line: the keep-sent table, DEFAULT and 3 partitions.
-    assert_eq!(json(&["migrate"])["migrated"], QUALIFIED);
-    let after_migrate = partitions(&pool);
+    assert_eq!(CLI.json(&["migrate"])["migrated"], QUALIFIED);
+    let after_migrate = partitions(&pool, SCHEMA, TABLE);
     assert_eq!(after_migrate.len(), 1 + 3, "{after_migrate:?}");
     assert!(after_migrate
         .iter()
@@ -166,15 +125,7 @@ fn mixed_case_names_through_keep_sent_maintenance_and_the_command_line() {
         .schema(SCHEMA)
         .table(TABLE)
         .retention(Retention::keep_sent(Duration::from_secs(7 * 86_400)).partitions_ahead(2));
-    let outbox = Outbox::builder(store.clone())
-        .max_retries(1)
-        .backoff(Backoff::exponential(
-            Duration::from_millis(10),
-            Duration::from_millis(20),
-        ))
-        .poll_interval(Duration::from_millis(5))
-        .build()
-        .unwrap();
+    let outbox = common::fast_outbox(&store).max_retries(1).build().unwrap();
     let mut conn = pool.get().unwrap();
     for key in ["ok", "flaky", "doomed"] {
         outbox.add_message(&mut *conn, key, b"v").unwrap();
@@ -216,14 +167,14 @@ fn mixed_case_names_through_keep_sent_maintenance_and_the_command_line() {
     );
 
     // The command line sees the same rows.
-    let status = json(&["status"]);
+    let status = CLI.json(&["status"]);
     assert_eq!(status["table"], QUALIFIED);
     assert_eq!(
         (&status["pending"], &status["dead"], &status["sent"]),
         (&0.into(), &1.into(), &2.into()),
         "{status}"
     );
-    let dead = json(&["dead", "list"]);
+    let dead = CLI.json(&["dead", "list"]);
     let dead = dead.as_array().unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(
@@ -238,7 +189,7 @@ fn mixed_case_names_through_keep_sent_maintenance_and_the_command_line() {
 
     // Re-queued, then (dead again) purged from the command line.
     assert_eq!(
-        json(&["dead", "requeue", &doomed.to_string()])["requeued"],
+        CLI.json(&["dead", "requeue", &doomed.to_string()])["requeued"],
         1
     );
     assert_eq!(
@@ -252,7 +203,10 @@ fn mixed_case_names_through_keep_sent_maintenance_and_the_command_line() {
         &[&doomed],
     )
     .unwrap();
-    assert_eq!(json(&["dead", "purge", &doomed.to_string()])["purged"], 1);
+    assert_eq!(
+        CLI.json(&["dead", "purge", &doomed.to_string()])["purged"],
+        1
+    );
     assert_eq!(rows(&format!("id = {doomed}")), 0);
     assert_eq!(rows("state = 'sent'"), 2, "purge touches dead rows only");
 
@@ -286,7 +240,7 @@ fn mixed_case_names_through_keep_sent_maintenance_and_the_command_line() {
         )
     };
     assert_eq!(in_default(), 2);
-    let report = json(&["maintain"]);
+    let report = CLI.json(&["maintain"]);
     assert_eq!(report["locked_out"], false);
     let created = names(&report["created"]);
     assert!(
@@ -294,14 +248,14 @@ fn mixed_case_names_through_keep_sent_maintenance_and_the_command_line() {
         "{report}"
     );
     assert_eq!(in_default(), 0, "moved out of DEFAULT");
-    assert!(partitions(&pool).contains(&old_partition));
-    let report = json(&["maintain"]);
+    assert!(partitions(&pool, SCHEMA, TABLE).contains(&old_partition));
+    let report = CLI.json(&["maintain"]);
     assert_eq!(
         names(&report["dropped"]),
         std::slice::from_ref(&old_partition),
         "{report}"
     );
-    assert!(!partitions(&pool).contains(&old_partition));
+    assert!(!partitions(&pool, SCHEMA, TABLE).contains(&old_partition));
     assert_eq!(
         rows("true"),
         0,

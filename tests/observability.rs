@@ -7,20 +7,15 @@ mod common;
 use std::time::Duration;
 
 use common::{count, eventually, pool, store, Deliveries, PATIENCE};
-use troutbox::{Backoff, Batch, NewMessage, Outbox};
+use troutbox::{Batch, NewMessage};
 
 #[test]
 fn counters_equal_committed_row_transitions() {
     let pool = pool(4);
     let store = store("observability_counters", &pool);
-    let outbox = Outbox::builder(store.clone())
+    let outbox = common::fast_outbox(&store)
         .batch_size(20)
         .max_retries(2)
-        .backoff(Backoff::exponential(
-            Duration::from_millis(10),
-            Duration::from_millis(20),
-        ))
-        .poll_interval(Duration::from_millis(5))
         .build()
         .unwrap();
     // 100 messages: 10 fail once then succeed, 5 always fail (dead after 3 attempts).

@@ -110,13 +110,8 @@ fn metrics_spans_and_trace_context_with_in_memory_exporters() {
 
     let pool = pool(4);
     let store = store("otel", &pool);
-    let outbox = Outbox::builder(store.clone())
+    let outbox = common::fast_outbox(&store)
         .max_retries(1)
-        .backoff(Backoff::exponential(
-            Duration::from_millis(10),
-            Duration::from_millis(20),
-        ))
-        .poll_interval(Duration::from_millis(5))
         .with_meter(opentelemetry::metrics::MeterProvider::meter(
             &meter_provider,
             "troutbox",

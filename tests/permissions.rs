@@ -34,28 +34,12 @@ fn relay_failing_once(
     store: &PgStore,
     fails_first: impl Fn(&troutbox::Message) -> bool + Clone + Send + 'static,
 ) -> (troutbox::Handle, std::sync::Arc<Deliveries>) {
-    let relay = Outbox::builder(store.clone())
-        .max_retries(1)
-        .backoff(troutbox::Backoff::exponential(
-            Duration::from_millis(10),
-            Duration::from_millis(20),
-        ))
-        .poll_interval(Duration::from_millis(10))
-        .build()
-        .unwrap();
+    let relay = common::fast_outbox(store).max_retries(1).build().unwrap();
     let deliveries = Deliveries::new();
-    let d = deliveries.clone();
-    let handle = relay
-        .start(move |batch: &mut troutbox::Batch| -> Result<(), String> {
-            for m in batch.iter_mut() {
-                if fails_first(m) && m.attempts() == 0 {
-                    m.mark_failed("first attempt fails");
-                }
-            }
-            d.record(batch);
-            Ok(())
-        })
-        .unwrap();
+    let failing = deliveries.sender_failing("first attempt fails", move |m| {
+        fails_first(m) && m.attempts() == 0
+    });
+    let handle = relay.start(failing).unwrap();
     (handle, deliveries)
 }
 

@@ -67,6 +67,38 @@ fn a_refused_connection_says_why_at_once() {
     assert!(took < POOL_CONNECTION_TIMEOUT, "took {took:?}");
 }
 
+/// The other two mistakes of a first hour: a wrong password, a host that does not exist.
+/// Each comes back from the first attempt in the server's or the resolver's words.
+#[test]
+fn a_wrong_password_or_host_says_why_at_once() {
+    let mut config: postgres::Config = common::url().parse().unwrap();
+    config.password("not the password");
+    let started = Instant::now();
+    let err = troutbox::pool(config, 2).unwrap_err();
+    let took = started.elapsed();
+    println!("FIGURES pool: a wrong password reported after {took:?}: {err}");
+    assert!(
+        err.to_string().contains("password authentication failed"),
+        "{err}"
+    );
+    assert!(took < POOL_CONNECTION_TIMEOUT, "took {took:?}");
+
+    // `.invalid` never resolves (RFC 2606).
+    let config = "host=no-such-host.invalid user=app dbname=app"
+        .parse()
+        .unwrap();
+    let started = Instant::now();
+    let err = troutbox::pool(config, 2).unwrap_err();
+    let took = started.elapsed();
+    println!("FIGURES pool: an unknown host reported after {took:?}: {err}");
+    assert!(err.is_connection_error(), "{err}");
+    assert!(
+        err.to_string().contains("no-such-host.invalid") || err.to_string().contains("lookup"),
+        "the error does not say the host could not be found: {err}"
+    );
+    assert!(took < POOL_CONNECTION_TIMEOUT, "took {took:?}");
+}
+
 /// Why (issue 21, item 4): a pool smaller than the relay needs used to deliver nothing, for
 /// ever, without a word: each claim took a batch, waited for a connection to record it in
 /// the claim journal, failed, and gave it back, in a loop. The issue's case (a pool of 1,

@@ -415,7 +415,7 @@ fn ten_thousand_messages_survive_broker_restarts() {
         received.distinct(),
         received.duplicates(),
         received.redelivered.load(Ordering::SeqCst),
-        rabbit.starts - 1,
+        rabbit.starts() - 1,
         restarts.join("; "),
         failed_batches.load(Ordering::SeqCst),
         received.reconnects.load(Ordering::SeqCst),
@@ -730,7 +730,8 @@ fn a_blocked_connection_fails_the_batch_at_once_with_the_brokers_reason() {
             .contains_key(&test_key(after))),
         "the message sent after the alarm did not arrive"
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // One queue, one consumer, first in first out: had the refused batch been published,
+    // it would have arrived before the message sent after the alarm, which has arrived.
     stop_consumer.store(true, Ordering::SeqCst);
     consumer.join().unwrap();
     let by_id = received.by_id.lock().unwrap();

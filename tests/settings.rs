@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{count, eventually, pool, Deliveries, PATIENCE};
 use r2d2_postgres::PostgresConnectionManager;
-use troutbox::{Backoff, Batch, NewMessage, Outbox, PgPool, PgStore, Retention};
+use troutbox::{Backoff, NewMessage, Outbox, PgPool, PgStore, Retention};
 
 const ROLE: &str = "troutbox_test_strict";
 const PASSWORD: &str = "troutbox-test";
@@ -105,29 +105,15 @@ fn relay_everything(strict: &PgPool, store: PgStore, schema: &str) {
         tx.commit().unwrap();
     }
     let deliveries = Deliveries::new();
-    let d = deliveries.clone();
     let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let e = errors.clone();
-    let outbox = Outbox::builder(store.clone())
+    let outbox = common::fast_outbox(&store)
         .workers(2)
-        .backoff(Backoff::exponential(
-            Duration::from_millis(5),
-            Duration::from_millis(10),
-        ))
-        .poll_interval(Duration::from_millis(5))
         .error_handler(move |err| e.lock().unwrap().push(err.to_string()))
         .build()
         .unwrap();
     let mut handle = outbox
-        .start(move |batch: &mut Batch| -> Result<(), String> {
-            for m in batch.iter_mut() {
-                if m.attempts() == 0 {
-                    m.mark_failed("first attempt fails");
-                }
-            }
-            d.record(batch);
-            Ok(())
-        })
+        .start(deliveries.sender_failing("first attempt fails", |m| m.attempts() == 0))
         .unwrap();
     let pending = format!("SELECT count(*) FROM {schema}.outbox_messages WHERE state = 'pending'");
     let admin = pool(2);

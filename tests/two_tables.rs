@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
-use common::{count, eventually, pool, PATIENCE};
-use troutbox::{Backlog, Backoff, Batch, Outbox, PgPool, PgStore, Retention};
+use common::{count, eventually, partitions, pool, Deliveries, PATIENCE};
+use troutbox::{Backlog, Outbox, PgPool, PgStore, Retention};
 
 const SCHEMA: &str = "two_tables";
 
@@ -61,30 +61,14 @@ fn map(pairs: &[(&str, i64)]) -> BTreeMap<String, i64> {
     pairs.iter().map(|(s, n)| (s.to_string(), *n)).collect()
 }
 
-/// A relay of `store` that fails keys starting with "bad" and records every key it sees.
-fn relay(store: &PgStore, seen: &Arc<Mutex<Vec<String>>>) -> (Outbox, troutbox::Handle) {
-    let outbox = Outbox::builder(store.clone())
-        .max_retries(0)
-        .backoff(Backoff::exponential(
-            Duration::from_millis(10),
-            Duration::from_millis(20),
-        ))
-        .poll_interval(Duration::from_millis(5))
-        .build()
-        .unwrap();
-    let seen = seen.clone();
-    let handle = outbox
-        .start(move |batch: &mut Batch| -> Result<(), String> {
-            for m in batch.iter_mut() {
-                seen.lock().unwrap().push(m.key().to_string());
-                if m.key().starts_with("bad") {
-                    m.mark_failed("no route");
-                }
-            }
-            Ok(())
-        })
-        .unwrap();
-    (outbox, handle)
+/// A relay of `store` that fails keys starting with "bad" (no retry) and records every
+/// delivery.
+fn relay(store: &PgStore) -> (Outbox, troutbox::Handle, Arc<Deliveries>) {
+    let outbox = common::fast_outbox(store).max_retries(0).build().unwrap();
+    let deliveries = Deliveries::new();
+    let failing = deliveries.sender_failing("no route", |m| m.key().starts_with("bad"));
+    let handle = outbox.start(failing).unwrap();
+    (outbox, handle, deliveries)
 }
 
 fn add(store: &PgStore, pool: &PgPool, keys: &[&str]) {
@@ -175,13 +159,10 @@ fn two_tables_in_one_schema_touch_only_their_own_rows() {
     assert_eq!(pending_dead(&beta.backlog().unwrap()), (4, 0));
 
     // Alpha's relay alone: it drains alpha, and beta's rows wait untouched.
-    let alpha_seen = Arc::new(Mutex::new(Vec::new()));
-    let (_alpha_outbox, mut alpha_handle) = relay(&alpha, &alpha_seen);
+    let (_alpha_outbox, mut alpha_handle, alpha_seen) = relay(&alpha);
     assert!(eventually(PATIENCE, || states(&pool, "alpha") == map(&[("dead", 2)])));
     alpha_handle.shutdown().unwrap();
-    let mut seen = alpha_seen.lock().unwrap().clone();
-    seen.sort();
-    assert_eq!(seen, ["a-1", "a-2", "a-3", "bad-a4", "bad-a5"]);
+    assert_eq!(alpha_seen.keys(), ["a-1", "a-2", "a-3", "bad-a4", "bad-a5"]);
     assert_eq!(states(&pool, "beta"), map(&[("pending", 4)]));
     assert_eq!(
         count(
@@ -195,13 +176,10 @@ fn two_tables_in_one_schema_touch_only_their_own_rows() {
     assert_eq!(pending_dead(&beta.backlog().unwrap()), (4, 0));
 
     // Beta's relay: drains beta, leaves alpha's dead rows as they are.
-    let beta_seen = Arc::new(Mutex::new(Vec::new()));
-    let (_beta_outbox, mut beta_handle) = relay(&beta, &beta_seen);
+    let (_beta_outbox, mut beta_handle, beta_seen) = relay(&beta);
     assert!(eventually(PATIENCE, || states(&pool, "beta") == map(&[("dead", 1)])));
     beta_handle.shutdown().unwrap();
-    let mut seen = beta_seen.lock().unwrap().clone();
-    seen.sort();
-    assert_eq!(seen, ["b-1", "b-2", "b-3", "bad-b4"]);
+    assert_eq!(beta_seen.keys(), ["b-1", "b-2", "b-3", "bad-b4"]);
     assert_eq!(ids(&pool, "alpha", "dead"), vec![4, 5]);
     assert_eq!(ids(&pool, "beta", "dead"), vec![4]);
     assert_eq!(pending_dead(&alpha.backlog().unwrap()), (0, 2));
@@ -248,14 +226,12 @@ fn two_tables_in_one_schema_touch_only_their_own_rows() {
     // partition, which gamma's maintenance locks to create a partition: the run waits
     // 100 ms, puts the step off and holds nothing meanwhile, while delta's run does its
     // work (their furthest partitions ahead were dropped); gamma's next run does it.
-    let mut furthest = |table: &str| -> String {
-        conn.query_one(
-            "SELECT max(c.relname::text) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-             WHERE i.inhparent = to_regclass($1) AND c.relname::text <> $2",
-            &[&format!("{SCHEMA}.{table}"), &format!("{table}_default")],
-        )
-        .unwrap()
-        .get(0)
+    let furthest = |table: &str| -> String {
+        partitions(&pool, SCHEMA, table)
+            .into_iter()
+            .filter(|p| *p != format!("{table}_default"))
+            .max()
+            .unwrap()
     };
     let (gamma_ahead, delta_ahead) = (furthest("gamma"), furthest("delta"));
     conn.batch_execute(&format!(
@@ -303,4 +279,89 @@ fn two_tables_in_one_schema_touch_only_their_own_rows() {
     assert!(!delta.run_maintenance_once().unwrap().locked_out);
     other_tx.rollback().unwrap();
     assert!(!gamma.run_maintenance_once().unwrap().locked_out);
+}
+
+/// What the server said to this process's connections (tokio-postgres logs notices at info
+/// level), counted by a logger of this test binary.
+fn server_notices() -> Vec<String> {
+    static NOTICES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    struct Recorder;
+    impl log::Log for Recorder {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record) {
+            let target = record.target();
+            if target.starts_with("postgres") || target.starts_with("tokio_postgres") {
+                NOTICES.lock().unwrap().push(record.args().to_string());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        static RECORDER: Recorder = Recorder;
+        log::set_logger(&RECORDER).expect("the only logger of this binary");
+        log::set_max_level(log::LevelFilter::Info);
+    });
+    NOTICES.lock().unwrap().clone()
+}
+
+#[test]
+fn migrating_a_second_table_and_again_makes_the_server_say_nothing() {
+    let pool = pool(2);
+    // The recorder sees the server's notices: a control.
+    let before = server_notices().len();
+    pool.get()
+        .unwrap()
+        .batch_execute("DROP TABLE IF EXISTS two_tables_quiet_control")
+        .unwrap();
+    assert!(
+        server_notices()[before..]
+            .iter()
+            .any(|n| n.contains("two_tables_quiet_control")),
+        "a notice went unrecorded"
+    );
+    let before = server_notices();
+    // Each kind of table, twice: plain, keeping sent messages in partitions, ordered.
+    for _ in 0..2 {
+        let store = |table| {
+            PgStore::new(pool.clone())
+                .schema("two_tables_quiet")
+                .table(table)
+        };
+        store("quiet_plain").migrate().unwrap();
+        store("quiet_kept")
+            .retention(Retention::keep_sent(Duration::from_secs(3600)))
+            .migrate()
+            .unwrap();
+        Outbox::builder(store("quiet_ordered"))
+            .per_key_ordering(true)
+            .build()
+            .unwrap()
+            .migrate()
+            .unwrap();
+    }
+    let notices: Vec<String> = server_notices().into_iter().skip(before.len()).collect();
+    // Other tests of this binary run meanwhile (their schemas dropped with CASCADE make
+    // notices): only what a migration can say counts, about these tables or the registry
+    // of tables every migration updates (it said `column "outbox_id" of relation
+    // "troutbox_tables" already exists, skipping` at each migration before).
+    let ours: Vec<&String> = notices
+        .iter()
+        .filter(|n| {
+            [
+                "two_tables_quiet",
+                "quiet_",
+                "troutbox_tables",
+                "already exists",
+            ]
+            .iter()
+            .any(|word| n.contains(word))
+        })
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "the server's notices were logged: {ours:?}"
+    );
 }

@@ -41,18 +41,20 @@ struct Cli {
     #[arg(long, default_value = troutbox::DEFAULT_TABLE, global = true)]
     table: String,
 
+    // The retention options are given before the command, and only here: they concern
+    // `migrate` and `maintain`, so the other commands' help does not list them.
     /// The table keeps sent messages this long, in partitions (Retention::keep_sent). Give it
-    /// to `migrate` to create such a table; `maintain` reads it from the table when it is
-    /// not given, and refuses a value other than the table's.
-    #[arg(long, value_parser = humantime::parse_duration, global = true)]
+    /// before `migrate` to create such a table; `maintain` reads it from the table when it is
+    /// not given, and refuses a value other than the table's. Other commands ignore it.
+    #[arg(long, value_parser = humantime::parse_duration)]
     keep_sent: Option<Duration>,
 
-    /// Width of one partition, with --keep-sent.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1d", global = true)]
+    /// Width of one partition, with --keep-sent (migrate).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1d")]
     partition_interval: Duration,
 
-    /// Partitions kept ready beyond the current one, with --keep-sent.
-    #[arg(long, default_value_t = troutbox::DEFAULT_PARTITIONS_AHEAD, global = true)]
+    /// Partitions kept ready beyond the current one, with --keep-sent (migrate, maintain).
+    #[arg(long, default_value_t = troutbox::DEFAULT_PARTITIONS_AHEAD)]
     partitions_ahead: u32,
 
     /// Print JSON instead of a table.

@@ -28,7 +28,7 @@ impl<T: MakeTls> PgStore<T> {
         let context = "listing dead messages";
         let mut conn = self.connection(context)?;
         let rows = conn
-            .query(&sql.dead_list, &[&i64::from(limit), &before_id])
+            .query(&sql.dead.list, &[&i64::from(limit), &before_id])
             .map_err(self.db_error(context))?;
         let outbox = self.dead_outbox_id(&mut conn)?;
         Ok(rows
@@ -49,7 +49,7 @@ impl<T: MakeTls> PgStore<T> {
         let context = "listing dead messages";
         let mut conn = self.connection(context)?;
         let rows = conn
-            .query(&sql.dead_summaries, &[&i64::from(limit), &before_id])
+            .query(&sql.dead.summaries, &[&i64::from(limit), &before_id])
             .map_err(self.db_error(context))?;
         let outbox = self.dead_outbox_id(&mut conn)?;
         Ok(rows
@@ -65,7 +65,7 @@ impl<T: MakeTls> PgStore<T> {
         let context = "reading a dead message";
         let mut conn = self.connection(context)?;
         let row = conn
-            .query_opt(&sql.dead_one, &[&id])
+            .query_opt(&sql.dead.one, &[&id])
             .map_err(self.db_error(context))?;
         let outbox = self.dead_outbox_id(&mut conn)?;
         Ok(row.as_ref().map(|row| dead_message_from_row(row, &outbox)))
@@ -87,7 +87,7 @@ impl<T: MakeTls> PgStore<T> {
         let sql = self.sql()?;
         let context = "re-queueing dead messages";
         self.connection(context)?
-            .execute(&sql.requeue_dead_ids, &[&ids])
+            .execute(&sql.dead.requeue_ids, &[&ids])
             .map_err(self.db_error(context))
     }
 
@@ -96,7 +96,7 @@ impl<T: MakeTls> PgStore<T> {
         let sql = self.sql()?;
         let context = "re-queueing dead messages";
         self.connection(context)?
-            .execute(&sql.requeue_dead_all, &[])
+            .execute(&sql.dead.requeue_all, &[])
             .map_err(self.db_error(context))
     }
 
@@ -106,7 +106,7 @@ impl<T: MakeTls> PgStore<T> {
         let sql = self.sql()?;
         let context = "purging dead messages";
         self.connection(context)?
-            .execute(&sql.purge_dead_ids, &[&ids])
+            .execute(&sql.dead.purge_ids, &[&ids])
             .map_err(self.db_error(context))
     }
 
@@ -116,7 +116,7 @@ impl<T: MakeTls> PgStore<T> {
         let sql = self.sql()?;
         let context = "purging dead messages";
         self.connection(context)?
-            .execute(&sql.purge_dead_before, &[&before])
+            .execute(&sql.dead.purge_before, &[&before])
             .map_err(self.db_error(context))
     }
 }

@@ -63,7 +63,7 @@ impl<T: MakeTls> PgStore<T> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .connection(context)?
-            .query(&sql.blocked_keys, &[&limit])
+            .query(&sql.ordering.blocked_keys, &[&limit])
             .map_err(self.db_error(context))?;
         let read = |row: &postgres::Row| -> Result<BlockedKey, postgres::Error> {
             let attempts: i32 = row.try_get(2)?;
@@ -92,7 +92,7 @@ impl<T: MakeTls> PgStore<T> {
         let context = "counting blocked keys";
         let row = self
             .connection(context)?
-            .query_one(&sql.blocked_summary, &[])
+            .query_one(&sql.ordering.blocked_summary, &[])
             .map_err(self.db_error(context))?;
         let read = |row: &postgres::Row| -> Result<(i64, f64), postgres::Error> {
             Ok((row.try_get(0)?, row.try_get(1)?))
@@ -115,7 +115,7 @@ impl<T: MakeTls> PgStore<T> {
         let context = "skipping a message";
         let rows = self
             .connection(context)?
-            .query(&sql.skip, &[&id])
+            .query(&sql.ordering.skip, &[&id])
             .map_err(self.db_error(context))?;
         Ok(!rows.is_empty())
     }

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use crate::backoff::Backoff;
-use crate::config::MAX_ERROR_TEXT;
 use crate::message::Status;
 use crate::relay::batch::Batch;
+use crate::store::storable_text;
 use crate::store::{Returned, Settlement};
 
 /// Decides every message of `batch`. `failure` is the text of the Sender's error or panic,
@@ -81,22 +81,10 @@ pub(crate) fn decide(
     settlement
 }
 
-/// Error text as it can be stored: NUL bytes replaced (PostgreSQL text cannot hold them),
-/// cut to [`MAX_ERROR_TEXT`] bytes on a character boundary.
-pub(crate) fn storable_text(text: &str) -> String {
-    let mut out = String::with_capacity(text.len().min(MAX_ERROR_TEXT));
-    for c in text.chars().map(|c| if c == '\0' { '\u{FFFD}' } else { c }) {
-        if out.len() + c.len_utf8() > MAX_ERROR_TEXT {
-            break;
-        }
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::MAX_ERROR_TEXT;
     use crate::message::Message;
 
     fn message(id: i64, attempts: u32) -> Message {

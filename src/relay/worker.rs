@@ -323,7 +323,7 @@ impl<S: RelayStore, F: Sender + Clone> Worker<S, F> {
         batch.ordered = self.ordered;
         let batch_size = batch.len();
         #[cfg(feature = "tracing")]
-        let span = crate::observability::tracing::batch_span(&batch);
+        let span = crate::observability::tracing::batch_span(batch.messages(), batch.ordered);
         let sender = &mut self.sender;
         let result = {
             #[cfg(feature = "tracing")]

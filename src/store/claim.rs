@@ -72,7 +72,7 @@ use super::sql::{self, ClaimKind, Sql};
 use super::vigil::{self, Vigil};
 use super::{Claimed, RelaySession, RelayStore, Returned, SettleReport, Settlement};
 use crate::message::Message;
-use crate::relay::outcome::storable_text;
+use crate::store::storable_text;
 use crate::Error;
 
 /// How long a session may resume after its position before it claims from the head of the
@@ -196,7 +196,7 @@ impl<T: MakeTls> SideConnection<T> {
     /// Deletes claim `claim_id`'s journal row: the claim is given back before any Sender saw
     /// it, and must not be charged.
     fn forget(&self, claim_id: i32) -> Result<(), Error> {
-        let statement = self.sql.journal_forget.clone();
+        let statement = self.sql.claims.journal_forget.clone();
         self.run("forgetting a claim given back before its Sender", |c| {
             c.execute(&statement, &[&claim_id]).map(|_| ())
         })
@@ -302,7 +302,7 @@ impl<T: MakeTls> SideConnection<T> {
             None => {
                 let connected = self.store.relay_connection(context).and_then(|mut client| {
                     let record = client
-                        .prepare_typed(&self.sql.journal_insert, &[Type::INT4, Type::TEXT])
+                        .prepare_typed(&self.sql.claims.journal_insert, &[Type::INT4, Type::TEXT])
                         .map_err(self.store.db_error(context))?;
                     Ok(Side { client, record })
                 });
@@ -488,20 +488,23 @@ impl<T: MakeTls> PgSession<T> {
             let map = self.store.db_error(context);
             let ordered = self.ordered;
             let prepared = (|| {
-                let claim_head = client.prepare(&self.sql.claim(
+                let claim_head = client.prepare(&self.sql.claims.claim(
                     self.limit,
                     ClaimKind::Head,
                     ordered,
                     self.max_bytes,
                 ))?;
                 let claim_after = client.prepare_typed(
-                    &self
-                        .sql
-                        .claim(self.limit, ClaimKind::AfterMark, ordered, self.max_bytes),
+                    &self.sql.claims.claim(
+                        self.limit,
+                        ClaimKind::AfterMark,
+                        ordered,
+                        self.max_bytes,
+                    ),
                     &[Type::TIMESTAMPTZ, Type::INT8],
                 )?;
                 let claim_one = client.prepare_typed(
-                    &self.sql.claim(1, ClaimKind::One, ordered, None),
+                    &self.sql.claims.claim(1, ClaimKind::One, ordered, None),
                     &[Type::INT8],
                 )?;
                 Ok((claim_head, claim_after, claim_one))
@@ -569,13 +572,13 @@ impl<T: MakeTls> PgSession<T> {
         let result = self.side.run("charging abandoned claims", |c| {
             c.batch_execute(sql::BEGIN_SIDE)?;
             if let Some(marker) = marker {
-                c.execute(&sql.journal_marker, &[&marker])?;
+                c.execute(&sql.claims.journal_marker, &[&marker])?;
             }
-            let row = c.query_one(&sql.recover, &[])?;
+            let row = c.query_one(&sql.claims.recover, &[])?;
             let charged: i64 = row.try_get(0)?;
             let markers: Vec<i32> = row.try_get(1)?;
             if cleanup {
-                c.execute(&sql.charges_cleanup, &[])?;
+                c.execute(&sql.claims.charges_cleanup, &[])?;
             }
             c.batch_execute(sql::COMMIT)?;
             Ok((charged, markers))
@@ -685,7 +688,7 @@ impl<T: MakeTls> PgSession<T> {
         for (id, why) in bad {
             fault_point!(crate::fault::SET_ASIDE);
             let reason = storable_text(&why.to_string());
-            let statement = self.sql.set_aside.clone();
+            let statement = self.sql.claims.set_aside.clone();
             let result = self.side.run("setting an undecodable message aside", |c| {
                 c.batch_execute(sql::BEGIN_SIDE)?;
                 let n: i64 = c.query_one(&statement, &[&id, &reason])?.try_get(0)?;
@@ -707,7 +710,7 @@ impl<T: MakeTls> PgSession<T> {
     /// Sets aside every pending row that breaks the table's CHECK (rows from before
     /// migration 2), after a keep-mode claim, which updates the rows it takes, failed on one.
     fn set_aside_unchecked(&self, claimed: &mut Claimed) -> Result<(), Error> {
-        let statement = self.sql.set_aside_unchecked.clone();
+        let statement = self.sql.claims.set_aside_unchecked.clone();
         let ids = self
             .side
             .run("setting aside rows that break the CHECK", |c| {
@@ -889,7 +892,7 @@ impl<T: MakeTls> PgSession<T> {
         let context = "recording a batch outcome after its transaction was lost";
         self.side.run(context, |c| {
             c.batch_execute(sql::BEGIN_SIDE)?;
-            let Some(row) = c.query_opt(&sql.journal_take, &[&claim_id])? else {
+            let Some(row) = c.query_opt(&sql.claims.journal_take, &[&claim_id])? else {
                 // Settled after all (the COMMIT went through, its answer was lost), or
                 // charged by a recovery meanwhile: either way nothing is to be applied.
                 c.batch_execute(sql::COMMIT)?;
@@ -899,7 +902,7 @@ impl<T: MakeTls> PgSession<T> {
             // With per-key ordering, only the messages of keys no other claim holds.
             let free: Option<std::collections::HashSet<i64>> = if ordered {
                 let ids: Vec<i64> = all_sent.iter().chain(&all_failed).copied().collect();
-                let rows = c.query(&sql.late_free_keys, &[&ids])?;
+                let rows = c.query(&sql.claims.late_free_keys, &[&ids])?;
                 Some(
                     rows.iter()
                         .map(|r| r.try_get(0))
@@ -924,19 +927,19 @@ impl<T: MakeTls> PgSession<T> {
             let mut report = SettleReport::default();
             let mut done: Vec<i64> = Vec::new();
             if !sent.is_empty() {
-                for row in c.query(&sql.late_mark_sent, &[&sent])? {
+                for row in c.query(&sql.claims.late_mark_sent, &[&sent])? {
                     done.push(row.try_get(0)?);
                     report.sent += 1;
                 }
                 if !done.is_empty() {
-                    c.execute(&sql.charges_forget, &[&done])?;
+                    c.execute(&sql.claims.charges_forget, &[&done])?;
                 }
             }
             if failed.iter().any(Option::is_some) {
                 // Deletes the charges it counts itself.
                 let params: [&(dyn ToSql + Sync); 6] =
                     [&failed, &delays, &errors, &max_retries, &increments, &read];
-                for row in c.query(&sql.late_record_failed, &params)? {
+                for row in c.query(&sql.claims.late_record_failed, &params)? {
                     done.push(row.try_get(0)?);
                     if row.try_get::<_, &str>(1)? == "dead" {
                         report.dead += 1;
@@ -948,7 +951,7 @@ impl<T: MakeTls> PgSession<T> {
             fault_point!(crate::fault::LATE_SETTLE_MID);
             let held: Vec<i64> = ours.into_iter().filter(|id| !done.contains(id)).collect();
             if !held.is_empty() {
-                c.execute(&sql.charges_add, &[&held, &claim_id])?;
+                c.execute(&sql.claims.charges_add, &[&held, &claim_id])?;
             }
             c.batch_execute(sql::COMMIT)?;
             Ok((report, held.len()))
@@ -1023,7 +1026,7 @@ fn return_failed(
     if keep {
         return client
             .execute(
-                &sql.return_failed,
+                &sql.claims.return_failed,
                 &[&ids, &created, &attempts, &delays, &states, &errors],
             )
             .map(|_| ());
@@ -1043,7 +1046,7 @@ fn return_failed(
         .collect();
     client
         .execute(
-            &sql.return_failed,
+            &sql.claims.return_failed,
             &[
                 &ids, &keys, &values, &headers, &created, &attempts, &delays, &states, &errors,
             ],
@@ -1216,6 +1219,7 @@ impl<T: MakeTls> RelaySession for PgSession<T> {
         let journaled = self.journaled;
         let forget = self
             .sql
+            .claims
             .journal_settled(journaled.then_some(settling), &self.charged);
         let end = if claims_next {
             format!("{forget}{}; {}", sql::COMMIT, self.begin_next())
@@ -1378,19 +1382,19 @@ mod tests {
             client
                 .batch_execute(&format!(
                     "PREPARE claim_after(timestamptz, int8) AS {}",
-                    sql.claim(100, ClaimKind::AfterMark, false, None)
+                    sql.claims.claim(100, ClaimKind::AfterMark, false, None)
                 ))
                 .unwrap();
             let mut text = String::new();
             for query in [
                 format!(
                     "EXPLAIN (COSTS OFF) {}",
-                    sql.claim(100, ClaimKind::Head, false, None)
+                    sql.claims.claim(100, ClaimKind::Head, false, None)
                 ),
                 "EXPLAIN (COSTS OFF) EXECUTE claim_after(now() - interval '1 day', 0)".into(),
                 format!(
                     "EXPLAIN (COSTS OFF) {}",
-                    sql.claim(1, ClaimKind::One, false, None)
+                    sql.claims.claim(1, ClaimKind::One, false, None)
                 )
                 .replace("$1", "7"),
             ] {
@@ -1447,7 +1451,7 @@ mod tests {
             .query(
                 &format!(
                     "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {}",
-                    sql.claim(100, ClaimKind::Head, true, None)
+                    sql.claims.claim(100, ClaimKind::Head, true, None)
                 ),
                 &[],
             )
@@ -1488,7 +1492,9 @@ mod bounded_plan {
     fn explain_bounded_claim(client: &mut Client, store: &PgStore, limit: usize) -> String {
         let sql = store.sql().unwrap();
         client.batch_execute(&sql::begin_claim(10_000, 1)).unwrap();
-        let claim = sql.claim(limit, ClaimKind::Head, false, Some(64 << 20));
+        let claim = sql
+            .claims
+            .claim(limit, ClaimKind::Head, false, Some(64 << 20));
         let plan = explain(client, &format!("(ANALYZE, COSTS OFF, TIMING OFF) {claim}"));
         client.batch_execute("ROLLBACK").unwrap();
         plan
@@ -1523,7 +1529,7 @@ mod bounded_plan {
         client.batch_execute(sql::BEGIN_SIDE).unwrap();
         let plan = explain(
             &mut client,
-            &format!("(ANALYZE, TIMING OFF) {}", sql.recover),
+            &format!("(ANALYZE, TIMING OFF) {}", sql.claims.recover),
         );
         client
             .batch_execute("ROLLBACK; RESET jit; RESET jit_above_cost")

@@ -48,7 +48,7 @@ pub(crate) fn column<'a, V: postgres::types::FromSql<'a>>(
 /// `outbox` is the table's identity (see [`Message::dedup_key`]).
 pub(crate) fn message(row: &Row, outbox: &Arc<str>) -> Result<Message, Undecodable> {
     let flat: Vec<Option<String>> = column(row, 3, "headers")?;
-    if !flat.len().is_multiple_of(2) {
+    if flat.len() % 2 != 0 {
         return Err(Undecodable {
             column: "headers",
             reason: format!("{} elements, expected (name, value) pairs", flat.len()),

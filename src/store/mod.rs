@@ -16,7 +16,6 @@
 pub(crate) mod claim;
 pub(crate) mod decode;
 pub(crate) mod ident;
-pub(crate) mod inbox;
 #[cfg(test)]
 pub(crate) mod memory;
 pub(crate) mod pg;
@@ -167,4 +166,17 @@ pub(crate) trait RelaySession: Send {
 
     /// True when the session cannot be used any more and a new one must be opened.
     fn is_broken(&self) -> bool;
+}
+
+/// Error text as it can be stored: NUL bytes replaced (PostgreSQL text cannot hold them),
+/// cut to [`MAX_ERROR_TEXT`](crate::MAX_ERROR_TEXT) bytes on a character boundary.
+pub(crate) fn storable_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(crate::MAX_ERROR_TEXT));
+    for c in text.chars().map(|c| if c == '\0' { '\u{FFFD}' } else { c }) {
+        if out.len() + c.len_utf8() > crate::MAX_ERROR_TEXT {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }

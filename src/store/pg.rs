@@ -271,7 +271,8 @@ impl<T: MakeTls> PgStore<T> {
                 .and_then(|row| row.try_get::<_, bool>(0))
         };
         if !exists(&mut tx, sql::SCHEMA_EXISTS, &[&self.schema]).map_err(map)? {
-            tx.batch_execute(&sql.create_schema).map_err(map)?;
+            tx.batch_execute(&sql.migrations.create_schema)
+                .map_err(map)?;
         }
         if !exists(
             &mut tx,
@@ -280,10 +281,11 @@ impl<T: MakeTls> PgStore<T> {
         )
         .map_err(map)?
         {
-            tx.batch_execute(&sql.create_migrations).map_err(map)?;
+            tx.batch_execute(&sql.migrations.create_migrations)
+                .map_err(map)?;
         }
         let version: i32 = tx
-            .query_one(&sql.current_version, &[&self.table])
+            .query_one(&sql.migrations.current_version, &[&self.table])
             .and_then(|row| row.try_get(0))
             .map_err(map)?;
         if version > SCHEMA_VERSION {
@@ -294,16 +296,18 @@ impl<T: MakeTls> PgStore<T> {
             });
         }
         if version < 1 {
-            tx.batch_execute(&sql.migration_v1).map_err(map)?;
-            tx.execute(&sql.record_version, &[&self.table, &1i32])
+            tx.batch_execute(&sql.migrations.migration_v1)
+                .map_err(map)?;
+            tx.execute(&sql.migrations.record_version, &[&self.table, &1i32])
                 .map_err(map)?;
             log::info!("created outbox table {}", self.qualified_table());
         } else {
             self.check_table_kind(&mut tx)?;
         }
         if version < 2 {
-            tx.batch_execute(&sql.migration_v2).map_err(map)?;
-            tx.execute(&sql.record_version, &[&self.table, &2i32])
+            tx.batch_execute(&sql.migrations.migration_v2)
+                .map_err(map)?;
+            tx.execute(&sql.migrations.record_version, &[&self.table, &2i32])
                 .map_err(map)?;
         }
         if version < 3 {
@@ -314,17 +318,22 @@ impl<T: MakeTls> PgStore<T> {
             )
             .map_err(map)?
             {
-                tx.batch_execute(&sql.create_tables).map_err(map)?;
+                tx.batch_execute(&sql.migrations.create_tables)
+                    .map_err(map)?;
             }
             let (keep, interval) = self.retention_secs();
-            tx.execute(&sql.migration_v3, &[&self.table, &keep, &interval])
-                .map_err(map)?;
-            tx.execute(&sql.record_version, &[&self.table, &3i32])
+            tx.execute(
+                &sql.migrations.migration_v3,
+                &[&self.table, &keep, &interval],
+            )
+            .map_err(map)?;
+            tx.execute(&sql.migrations.record_version, &[&self.table, &3i32])
                 .map_err(map)?;
         }
         if version < 4 {
-            tx.batch_execute(&sql.migration_v4).map_err(map)?;
-            tx.execute(&sql.record_version, &[&self.table, &4i32])
+            tx.batch_execute(&sql.migrations.migration_v4)
+                .map_err(map)?;
+            tx.execute(&sql.migrations.record_version, &[&self.table, &4i32])
                 .map_err(map)?;
         }
         if let Some(declared) = ordering {
@@ -335,8 +344,9 @@ impl<T: MakeTls> PgStore<T> {
             if declared && !recorded {
                 // Converting: the messages already pending keep their id order, which is
                 // all an unordered producer promised about them.
-                tx.batch_execute(&sql.key_index).map_err(map)?;
-                tx.execute(&sql.set_ordered, &[&self.table]).map_err(map)?;
+                tx.batch_execute(&sql.migrations.key_index).map_err(map)?;
+                tx.execute(&sql.migrations.set_ordered, &[&self.table])
+                    .map_err(map)?;
                 log::info!(
                     "outbox table {} is now relayed with per-key ordering",
                     self.qualified_table()
@@ -373,7 +383,7 @@ impl<T: MakeTls> PgStore<T> {
         let sql = self.sql()?;
         let context = "reading the outbox table's retention";
         let Some(row) = client
-            .query_opt(&sql.recorded_retention, &[&self.table])
+            .query_opt(&sql.migrations.recorded_retention, &[&self.table])
             .map_err(self.db_error(context))?
         else {
             return Err(Error::OutdatedSchema {
@@ -406,7 +416,7 @@ impl<T: MakeTls> PgStore<T> {
         let context = "reading the outbox table's retention";
         let mut conn = self.connection(context)?;
         let row = conn
-            .query_opt(&sql.recorded_retention, &[&self.table])
+            .query_opt(&sql.migrations.recorded_retention, &[&self.table])
             .map_err(self.db_error(context))?
             .ok_or_else(|| Error::OutdatedSchema {
                 table: self.qualified_table(),
@@ -427,18 +437,18 @@ impl<T: MakeTls> PgStore<T> {
         let sql = self.sql()?;
         let context = "reading the outbox table's ordering mode";
         let row = client
-            .query_opt(&sql.mode, &[&self.table])
+            .query_opt(&sql.migrations.mode, &[&self.table])
             .map_err(self.db_error(context))?;
         match row {
             Some(row) => row.try_get(0).map_err(self.db_error(context)),
             None => {
                 // No mode recorded: a table from before migration 3, or no table at all.
                 let exists: bool = client
-                    .query_one(&sql.table_exists, &[])
+                    .query_one(&sql.migrations.table_exists, &[])
                     .and_then(|row| row.try_get(0))
                     .map_err(self.db_error(context))?;
                 if !exists {
-                    if let Err(e) = client.query(&sql.probe_table, &[]) {
+                    if let Err(e) = client.query(&sql.migrations.probe_table, &[]) {
                         return Err(self.db_error(context)(e));
                     }
                 }
@@ -456,7 +466,7 @@ impl<T: MakeTls> PgStore<T> {
         let outdated = || Error::OutdatedSchema {
             table: self.qualified_table(),
         };
-        match client.query_opt(&sql.outbox_id, &[&self.table]) {
+        match client.query_opt(&sql.migrations.outbox_id, &[&self.table]) {
             Ok(Some(row)) => row
                 .try_get::<_, String>(0)
                 .map(Arc::from)

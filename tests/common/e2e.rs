@@ -285,7 +285,7 @@ pub fn supervise(
     };
     let consumer = std::thread::spawn(move || {
         let mut log = Vec::new();
-        let mut round = 0u64;
+        let mut round = 0usize;
         let consumer_kills = |k: &Kills| {
             k.consumer_before.load(Ordering::SeqCst) + k.consumer_after.load(Ordering::SeqCst)
         };
@@ -300,11 +300,8 @@ pub fn supervise(
                     break;
                 }
             }
-            let at = if round.is_multiple_of(2) {
-                "before"
-            } else {
-                "after"
-            };
+            // Alternately before and after the database commit.
+            let at = ["before", "after"][round & 1];
             round += 1;
             let mut env = env.clone();
             env.push((STOP_AFTER, (1 + random_below(15)).to_string()));

@@ -10,13 +10,15 @@
 
 #![allow(dead_code)]
 
+#[path = "broker.rs"]
+mod broker;
+
 use std::fs;
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use broker::{free_port, unique, BrokerProcess};
 
 /// The one line printed when the broker cannot be had.
 pub const INSTALL_HINT: &str = "no rabbitmq-server found (looked in /usr/lib/rabbitmq/bin and on PATH): install it (Debian/Ubuntu: apt-get install rabbitmq-server; nothing needs to be running)";
@@ -25,19 +27,12 @@ pub const INSTALL_HINT: &str = "no rabbitmq-server found (looked in /usr/lib/rab
 const PATIENCE: Duration = Duration::from_secs(90);
 
 pub struct TempRabbit {
-    dir: PathBuf,
-    program: PathBuf,
+    /// The `rabbitmq-server` script (the Erlang VM and its helpers are in its process
+    /// group), its directory and its watchdog.
+    process: BrokerProcess,
     port: u16,
     dist_port: u16,
     node: String,
-    /// The `rabbitmq-server` script, leader of its own process group (the Erlang VM and its
-    /// helpers are in that group too), while the broker runs.
-    server: Option<Child>,
-    /// A shell that, when our end of its stdin closes (drop or death of this process), kills
-    /// the broker's process group and removes the directory.
-    watchdog: Option<(Child, ChildStdin)>,
-    /// How many times the broker was started.
-    pub starts: usize,
 }
 
 impl TempRabbit {
@@ -50,12 +45,7 @@ impl TempRabbit {
     /// `max_message_size = 1048576`) added to its configuration.
     pub fn start_with(config: &str) -> Result<TempRabbit, String> {
         let program = find_server().ok_or_else(|| INSTALL_HINT.to_string())?;
-        let dir = std::env::temp_dir().join(format!(
-            "troutbox-rabbit-{}-{}",
-            std::process::id(),
-            unique()
-        ));
-        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let process = BrokerProcess::new("rabbitmq-server", program, "console.log", PATIENCE)?;
         let port = free_port()?;
         let dist_port = free_port()?;
         let node = format!("troutbox{}x{}@localhost", std::process::id(), unique());
@@ -69,18 +59,14 @@ impl TempRabbit {
             ),
         ];
         for (name, text) in files {
-            fs::write(dir.join(name), text).map_err(|e| format!("cannot write {name}: {e}"))?;
+            fs::write(process.dir().join(name), text)
+                .map_err(|e| format!("cannot write {name}: {e}"))?;
         }
-        let watchdog = spawn_watchdog(&dir)?;
         let mut rabbit = TempRabbit {
-            dir,
-            program,
+            process,
             port,
             dist_port,
             node,
-            server: None,
-            watchdog: Some(watchdog),
-            starts: 0,
         };
         rabbit.start_again()?;
         Ok(rabbit)
@@ -96,20 +82,20 @@ impl TempRabbit {
         self.port
     }
 
+    /// How many times the broker was started.
+    pub fn starts(&self) -> usize {
+        self.process.starts()
+    }
+
     /// Starts the broker (again), on the same port, with the same node and data, and waits
     /// until it accepts connections.
     pub fn start_again(&mut self) -> Result<(), String> {
-        if self.server.is_some() {
+        if self.process.is_running() {
             return Ok(());
         }
-        let console = fs::File::create(self.dir.join("console.log"))
-            .map_err(|e| format!("cannot create console.log: {e}"))?;
-        let console_err = console
-            .try_clone()
-            .map_err(|e| format!("cannot open console.log: {e}"))?;
-        let d = &self.dir;
-        let child = Command::new(&self.program)
-            .current_dir(d)
+        let d = self.process.dir();
+        let mut command = Command::new(self.process.program());
+        command
             // The Erlang cookie goes to $HOME: keep it in the directory.
             .env("HOME", d)
             .env("RABBITMQ_CONF_ENV_FILE", d.join("env.conf"))
@@ -123,61 +109,25 @@ impl TempRabbit {
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
-            .env_remove("RABBITMQ_ALLOW_INPUT")
-            .stdin(Stdio::null())
-            .stdout(console)
-            .stderr(console_err)
-            // Its own process group, so that one signal reaches the script and the VM.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.program.display()))?;
-        self.guard(Some(child.id()));
-        self.server = Some(child);
-        self.starts += 1;
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            // The AMQP listener opens once the broker has booted.
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self
-                .server
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.server = None;
-                return Err(format!(
-                    "rabbitmq-server exited during start-up ({status}): {}",
-                    self.log_tail()
-                ));
-            }
-            if Instant::now() > deadline {
-                let _ = self.kill();
-                return Err(format!(
-                    "rabbitmq-server did not listen on port {} within {PATIENCE:?}: {}",
-                    self.port,
-                    self.log_tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            .env_remove("RABBITMQ_ALLOW_INPUT");
+        self.process.start(command, self.port)
     }
 
     /// Stops the broker gracefully (SIGTERM: queues are closed cleanly) and waits for it.
     pub fn stop(&mut self) -> Result<(), String> {
-        self.signal("TERM")
+        self.process.stop("TERM", self.port)
     }
 
     /// Kills the broker (SIGKILL: no chance to flush anything) and waits for it.
     pub fn kill(&mut self) -> Result<(), String> {
-        self.signal("KILL")
+        self.process.stop("KILL", self.port)
     }
 
     /// Runs `rabbitmqctl` against this broker (for example
     /// `["set_vm_memory_high_watermark", "0"]`), returning its output or why it failed.
     pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
-        let program = self.program.with_file_name("rabbitmqctl");
-        let d = &self.dir;
+        let program = self.process.program().with_file_name("rabbitmqctl");
+        let d = self.process.dir();
         let output = Command::new(&program)
             .current_dir(d)
             // The Erlang cookie the broker wrote to its $HOME.
@@ -206,119 +156,18 @@ impl TempRabbit {
 
     /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
     pub fn pause(&self) {
-        self.signal_group("STOP");
+        self.process.signal_group("STOP");
     }
 
     /// Thaws a broker frozen by [`pause`](Self::pause).
     pub fn resume(&self) {
-        self.signal_group("CONT");
-    }
-
-    fn signal_group(&self, signal: &str) -> bool {
-        let Some(child) = &self.server else {
-            return false;
-        };
-        Command::new("kill")
-            .args([&format!("-{signal}"), "--", &format!("-{}", child.id())])
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
-    fn signal(&mut self, signal: &str) -> Result<(), String> {
-        let Some(mut child) = self.server.take() else {
-            return Ok(());
-        };
-        let group = format!("-{}", child.id());
-        let sent = Command::new("kill")
-            .args([&format!("-{signal}"), "--", &group])
-            .status()
-            .map_err(|e| format!("cannot run kill: {e}"))?;
-        if !sent.success() {
-            return Err(format!("kill -{signal} -- {group} failed"));
-        }
-        // A frozen broker ignores SIGTERM until it runs again.
-        let _ = Command::new("kill").args(["-CONT", "--", &group]).status();
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => {
-                    return Err(format!(
-                        "rabbitmq-server still running {PATIENCE:?} after SIG{signal}"
-                    ))
-                }
-                Err(e) => return Err(format!("waiting for rabbitmq-server: {e}")),
-            }
-        }
-        // The VM is the script's child: wait until the port is free again, so that the next
-        // start cannot fail on it.
-        let deadline = Instant::now() + PATIENCE;
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "port {} still open after the broker stopped",
-                    self.port
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.guard(None);
-        Ok(())
-    }
-
-    /// Tells the watchdog which process group to kill if we die.
-    fn guard(&mut self, group: Option<u32>) {
-        if let Some((_, stdin)) = &mut self.watchdog {
-            let line = group.map_or("-".to_string(), |g| g.to_string());
-            let _ = writeln!(stdin, "{line}");
-        }
+        self.process.signal_group("CONT");
     }
 
     /// The last lines the broker printed, for error messages.
     pub fn log_tail(&self) -> String {
-        let text = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().rev().take(8).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        self.process.log_tail()
     }
-}
-
-impl Drop for TempRabbit {
-    fn drop(&mut self) {
-        let _ = self.kill();
-        // Closing its stdin makes the watchdog remove the directory.
-        if let Some((mut watchdog, stdin)) = self.watchdog.take() {
-            drop(stdin);
-            let _ = watchdog.wait();
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn spawn_watchdog(dir: &Path) -> Result<(Child, ChildStdin), String> {
-    // Each line names the broker's current process group ("-" for none); end of input means
-    // the test process is done or dead.
-    let script = r#"
-        group=-
-        while read -r line; do group=$line; done
-        [ "$group" != - ] && kill -KILL -- "-$group" 2>/dev/null
-        rm -rf "$RABBIT_DIR"
-    "#;
-    let mut child = Command::new("sh")
-        .args(["-c", script])
-        .env("RABBIT_DIR", dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start the cleanup watchdog: {e}"))?;
-    let stdin = child
-        .stdin
-        .take()
-        .ok_or_else(|| "the watchdog has no stdin".to_string())?;
-    Ok((child, stdin))
 }
 
 /// Debian keeps the real script in /usr/lib/rabbitmq/bin; the one on PATH there re-runs it
@@ -333,19 +182,6 @@ fn find_server() -> Option<PathBuf> {
             .map(|d| d.join("rabbitmq-server"))
             .find(|p| p.is_file())
     })
-}
-
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free port: {e}"))
-}
-
-fn unique() -> usize {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// A blocking AMQP client for tests and examples: a lapin connection and channel, driven by a

@@ -13,16 +13,19 @@
 
 #![allow(dead_code)]
 
-use std::fs;
+#[path = "broker.rs"]
+mod broker;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use broker::{free_port, BrokerProcess};
 
 /// The one line printed when the broker cannot be had.
 pub const INSTALL_HINT: &str = "no tansu broker found (looked at $TANSU, on PATH, in $CARGO_HOME/bin and ~/.cargo/bin): install it with `cargo install tansu --locked --features dynostore` (about 25 minutes on 2 cores), or point TANSU at the binary";
@@ -31,40 +34,24 @@ pub const INSTALL_HINT: &str = "no tansu broker found (looked at $TANSU, on PATH
 const PATIENCE: Duration = Duration::from_secs(60);
 
 pub struct TempTansu {
-    dir: PathBuf,
-    program: PathBuf,
+    /// The broker, its directory and its watchdog.
+    process: BrokerProcess,
     /// Where the broker listens; clients go through `gate` instead.
     port: u16,
     gate: Gate,
-    broker: Option<Child>,
-    /// A shell that, when our end of its stdin closes (drop or death of this process), kills
-    /// the broker and removes the directory.
-    watchdog: Option<(Child, ChildStdin)>,
-    /// How many times the broker was started.
-    pub starts: usize,
 }
 
 impl TempTansu {
     /// Starts a broker, or says in one line why it cannot.
     pub fn start() -> Result<TempTansu, String> {
         let program = find_tansu().ok_or_else(|| INSTALL_HINT.to_string())?;
-        let dir = std::env::temp_dir().join(format!(
-            "troutbox-tansu-{}-{}",
-            std::process::id(),
-            unique()
-        ));
-        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let process = BrokerProcess::new("tansu", program, "tansu.log", PATIENCE)?;
         let port = free_port()?;
         let gate = Gate::open(port)?;
-        let watchdog = spawn_watchdog(&dir)?;
         let mut tansu = TempTansu {
-            dir,
-            program,
+            process,
             port,
             gate,
-            broker: None,
-            watchdog: Some(watchdog),
-            starts: 0,
         };
         tansu.start_again()?;
         Ok(tansu)
@@ -80,71 +67,30 @@ impl TempTansu {
         &self.gate
     }
 
+    /// How many times the broker was started.
+    pub fn starts(&self) -> usize {
+        self.process.starts()
+    }
+
     /// Starts the broker (again) on the same port, and waits until it accepts connections.
     /// With memory storage a restarted broker is empty: topics must be created again.
     pub fn start_again(&mut self) -> Result<(), String> {
-        if self.broker.is_some() {
-            return Ok(());
-        }
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("tansu.log"))
-            .map_err(|e| format!("cannot open tansu.log: {e}"))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| format!("cannot open tansu.log: {e}"))?;
-        let child = Command::new(&self.program)
-            .current_dir(&self.dir)
-            .args([
-                "broker",
-                "--listener-url",
-                &format!("tcp://127.0.0.1:{}", self.port),
-                "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{}", self.gate.port),
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.program.display()))?;
-        self.guard(Some(child.id()));
-        self.broker = Some(child);
-        self.starts += 1;
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self
-                .broker
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.broker = None;
-                return Err(format!(
-                    "tansu exited during start-up ({status}): {}",
-                    self.log_tail()
-                ));
-            }
-            if Instant::now() > deadline {
-                let _ = self.kill();
-                return Err(format!(
-                    "tansu did not listen on port {} within {PATIENCE:?}: {}",
-                    self.port,
-                    self.log_tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut command = Command::new(self.process.program());
+        command.args([
+            "broker",
+            "--listener-url",
+            &format!("tcp://127.0.0.1:{}", self.port),
+            "--advertised-listener-url",
+            &format!("tcp://127.0.0.1:{}", self.gate.port),
+            "--storage-engine",
+            "memory://tansu/",
+        ]);
+        self.process.start(command, self.port)
     }
 
     /// Creates `topic` with `partitions` partitions through the `tansu topic` command.
     pub fn create_topic(&self, topic: &str, partitions: u32) -> Result<(), String> {
-        let out = Command::new(&self.program)
+        let out = Command::new(self.process.program())
             .args([
                 "topic",
                 "create",
@@ -169,64 +115,25 @@ impl TempTansu {
         }
     }
 
-    /// Kills the broker (SIGKILL) and waits for it; its in-memory data is gone.
+    /// Kills the broker (SIGKILL) and waits for it and for its port to be free; its
+    /// in-memory data is gone.
     pub fn kill(&mut self) -> Result<(), String> {
-        let Some(mut child) = self.broker.take() else {
-            return Ok(());
-        };
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", child.id())])
-            .status();
-        child
-            .wait()
-            .map_err(|e| format!("waiting for tansu: {e}"))?;
-        self.guard(None);
-        Ok(())
+        self.process.stop("KILL", self.port)
     }
 
     /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
     pub fn pause(&self) {
-        self.signal_group("STOP");
+        self.process.signal_group("STOP");
     }
 
     /// Thaws a broker frozen by [`pause`](Self::pause).
     pub fn resume(&self) {
-        self.signal_group("CONT");
-    }
-
-    fn signal_group(&self, signal: &str) {
-        if let Some(child) = &self.broker {
-            let _ = Command::new("kill")
-                .args([&format!("-{signal}"), "--", &format!("-{}", child.id())])
-                .status();
-        }
-    }
-
-    /// Tells the watchdog which process group to kill if we die.
-    fn guard(&mut self, group: Option<u32>) {
-        if let Some((_, stdin)) = &mut self.watchdog {
-            let line = group.map_or("-".to_string(), |g| g.to_string());
-            let _ = writeln!(stdin, "{line}");
-        }
+        self.process.signal_group("CONT");
     }
 
     /// The last lines the broker printed, for error messages.
     pub fn log_tail(&self) -> String {
-        let text = fs::read_to_string(self.dir.join("tansu.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().rev().take(8).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
-    }
-}
-
-impl Drop for TempTansu {
-    fn drop(&mut self) {
-        self.resume();
-        let _ = self.kill();
-        if let Some((mut watchdog, stdin)) = self.watchdog.take() {
-            drop(stdin);
-            let _ = watchdog.wait();
-        }
-        let _ = fs::remove_dir_all(&self.dir);
+        self.process.log_tail()
     }
 }
 
@@ -352,30 +259,6 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
     let _ = from.shutdown(Shutdown::Both);
 }
 
-fn spawn_watchdog(dir: &Path) -> Result<(Child, ChildStdin), String> {
-    // Each line names the broker's current process group ("-" for none); end of input means
-    // the test process is done or dead.
-    let script = r#"
-        group=-
-        while read -r line; do group=$line; done
-        [ "$group" != - ] && kill -KILL -- "-$group" 2>/dev/null
-        rm -rf "$TANSU_DIR"
-    "#;
-    let mut child = Command::new("sh")
-        .args(["-c", script])
-        .env("TANSU_DIR", dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start the cleanup watchdog: {e}"))?;
-    let stdin = child
-        .stdin
-        .take()
-        .ok_or_else(|| "the watchdog has no stdin".to_string())?;
-    Ok((child, stdin))
-}
-
 /// `$TANSU`, then `tansu` on PATH, then `$CARGO_HOME/bin/tansu`, then `~/.cargo/bin/tansu`
 /// (where `cargo install` puts it).
 pub fn find_tansu() -> Option<PathBuf> {
@@ -395,17 +278,4 @@ pub fn find_tansu() -> Option<PathBuf> {
         .chain(cargo_home)
         .chain(home)
         .find(|p| p.is_file())
-}
-
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free port: {e}"))
-}
-
-fn unique() -> usize {
-    use std::sync::atomic::AtomicUsize;
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }

@@ -8,8 +8,8 @@
 //! per first delivery, and why that makes uniqueness hold across partitions, is in the
 //! [`inbox`](crate::inbox) module's documentation.
 
-use super::ident::Ident;
-use super::sql::PartitionSql;
+use super::partitions::PartitionSql;
+use crate::store::ident::Ident;
 
 /// The table that records, per schema, each inbox table's schema version and window.
 pub(crate) const INBOXES_TABLE: &str = "troutbox_inboxes";

@@ -1,14 +1,15 @@
-//! The producer side: adding messages inside the caller's own transaction.
+//! The producer side: adding messages inside the caller's own transaction. The calls are
+//! `Outbox`'s (in `outbox/mod.rs`); the work they do is here.
 
 use std::sync::atomic::Ordering;
 
 use postgres::types::{ToSql, Type};
 use postgres::{GenericClient, NoTls, Statement};
 
+use super::Outbox;
 use crate::config::{
     MAX_BYTES_PER_CALL, MAX_HEADERS, MAX_HEADER_BYTES, MAX_KEY_LEN, MAX_MESSAGES_PER_CALL,
 };
-use crate::outbox::Outbox;
 use crate::store::pg::MakeTls;
 use crate::store::sql::encode_headers;
 use crate::{Error, PgStore};
@@ -124,49 +125,9 @@ impl<'a> NewMessage<'a> {
     }
 }
 
+// The work behind `Outbox`'s producer calls (add_message, add, add_messages, prepare, in
+// outbox/mod.rs where a reader looks for them): validation, the INSERTs, the signal.
 impl<T: MakeTls> Outbox<T> {
-    /// Adds a message to the outbox through `client`, normally the caller's own
-    /// [`postgres::Transaction`]: the message exists for the relay if and only if that
-    /// transaction commits.
-    ///
-    /// `client` can be anything implementing [`GenericClient`]: a `Transaction`, a `Client`
-    /// or a pooled connection (`&mut *conn`), so the producer never needs a second
-    /// connection. One round trip, no locks beyond the new row, and the only privilege it
-    /// needs is INSERT on the outbox table (which is why it does not return the new id: that
-    /// would need SELECT too; the Sender sees it as [`Message::id`](crate::Message::id)).
-    ///
-    /// Rejected before anything reaches the database, leaving the transaction usable: a key
-    /// with a NUL byte ([`Error::KeyContainsNul`]) or over [`MAX_KEY_LEN`] bytes
-    /// ([`Error::KeyTooLong`]), a value over the configured `max_value_size`
-    /// ([`Error::ValueTooLarge`]). The empty key is accepted: it is a key like any other
-    /// (with per-key ordering, every message with an empty key is in one order).
-    ///
-    /// ```no_run
-    /// # fn f(outbox: &troutbox::Outbox, client: &mut postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
-    /// let mut tx = client.transaction()?;
-    /// tx.execute("UPDATE orders SET state = 'paid' WHERE id = $1", &[&42i64])?;
-    /// outbox.add_message(&mut tx, "order-42", b"{\"paid\":true}")?;
-    /// tx.commit()?;
-    /// # Ok(()) }
-    /// ```
-    pub fn add_message<C: GenericClient>(
-        &self,
-        client: &mut C,
-        key: &str,
-        value: &[u8],
-    ) -> Result<(), Error> {
-        self.add(client, &NewMessage::new(key, value))
-    }
-
-    /// Adds one message with headers; otherwise like [`add_message`](Self::add_message).
-    pub fn add<C: GenericClient>(
-        &self,
-        client: &mut C,
-        message: &NewMessage<'_>,
-    ) -> Result<(), Error> {
-        self.insert_one(&mut PgConn::new(client, None), message)
-    }
-
     /// The single-message INSERT: checked, then run on `conn`.
     fn insert_one(&self, conn: &mut impl Conn<T>, message: &NewMessage<'_>) -> Result<(), Error> {
         message.validate(self.inner.config.max_value_size)?;
@@ -183,28 +144,6 @@ impl<T: MakeTls> Outbox<T> {
         conn.insert(self, self.should_notify(), rows)?;
         self.nudge_relay();
         Ok(())
-    }
-
-    /// Adds many messages in one statement and one round trip; their ids are drawn in the
-    /// order given. Returns how many were added. All are validated first: if one is invalid,
-    /// none is added.
-    ///
-    /// ```no_run
-    /// # fn f(outbox: &troutbox::Outbox, tx: &mut postgres::Transaction<'_>) -> Result<(), troutbox::Error> {
-    /// use troutbox::NewMessage;
-    /// let added = outbox.add_messages(tx, [
-    ///     NewMessage::new("order-1", b"created"),
-    ///     NewMessage::new("order-2", b"created").header("traceparent", "00-...-01"),
-    /// ])?;
-    /// assert_eq!(added, 2);
-    /// # Ok(()) }
-    /// ```
-    pub fn add_messages<'m, C, I>(&self, client: &mut C, messages: I) -> Result<u64, Error>
-    where
-        C: GenericClient,
-        I: IntoIterator<Item = NewMessage<'m>>,
-    {
-        self.insert_many(&mut PgConn::new(client, None), messages)
     }
 
     /// The many-message INSERT: all checked, then run on `conn` in one statement.
@@ -256,26 +195,33 @@ impl<T: MakeTls> Outbox<T> {
         Ok(added)
     }
 
-    /// Prepares the producer's statements on `client`'s connection, for producers that add
-    /// messages on the same connection again and again (a connection-per-thread server, a
-    /// batch job): the server then parses and plans the INSERT once instead of at every
-    /// call, which BENCHMARKS.md measures at 5 to 20 % of a one-INSERT transaction.
-    ///
-    /// Use the returned [`PreparedProducer`] only with that connection and the transactions
-    /// opened on it; on another connection the database answers that the prepared statement
-    /// does not exist ([`Error::Database`]). Preparing costs one round trip per statement (three).
-    ///
-    /// ```no_run
-    /// # fn f(outbox: &troutbox::Outbox, client: &mut postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
-    /// let producer = outbox.prepare(client)?;
-    /// for i in 0..1000 {
-    ///     let mut tx = client.transaction()?;
-    ///     producer.add_message(&mut tx, &format!("order-{i}"), b"created")?;
-    ///     tx.commit()?;
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn prepare<C: GenericClient>(&self, client: &mut C) -> Result<PreparedProducer<T>, Error> {
+    /// [`Outbox::add`]'s work on a `postgres` client.
+    pub(super) fn add_on<C: GenericClient>(
+        &self,
+        client: &mut C,
+        message: &NewMessage<'_>,
+    ) -> Result<(), Error> {
+        self.insert_one(&mut PgConn::new(client, None), message)
+    }
+
+    /// [`Outbox::add_messages`]'s work on a `postgres` client.
+    pub(super) fn add_messages_on<'m, C, I>(
+        &self,
+        client: &mut C,
+        messages: I,
+    ) -> Result<u64, Error>
+    where
+        C: GenericClient,
+        I: IntoIterator<Item = NewMessage<'m>>,
+    {
+        self.insert_many(&mut PgConn::new(client, None), messages)
+    }
+
+    /// [`Outbox::prepare`]'s work: the producer's statements prepared on `client`.
+    pub(super) fn prepare_on<C: GenericClient>(
+        &self,
+        client: &mut C,
+    ) -> Result<PreparedProducer<T>, Error> {
         let map = || {
             self.inner
                 .store
@@ -283,7 +229,11 @@ impl<T: MakeTls> Outbox<T> {
         };
         self.check_mode(&mut PgConn::new(client, None))?;
         let mut prepare = |notify: bool| -> Result<PreparedInserts, Error> {
-            let (one, many, many_plain) = self.inner.sql.inserts(notify, self.inner.config.ordered);
+            let (one, many, many_plain) = self
+                .inner
+                .sql
+                .produce
+                .inserts(notify, self.inner.config.ordered);
             let text = [Type::TEXT, Type::BYTEA, Type::TEXT_ARRAY];
             let arrays = [Type::TEXT_ARRAY, Type::BYTEA_ARRAY, Type::TEXT_ARRAY];
             Ok(PreparedInserts {
@@ -403,6 +353,7 @@ impl Rows<'_> {
             outbox
                 .inner
                 .sql
+                .produce
                 .inserts(notify, outbox.inner.config.ordered),
         )
     }

@@ -240,7 +240,7 @@ impl<T: MakeTls> Conn<T> for PgConnection {
             context: "reading the outbox table's ordering mode",
             source,
         };
-        let migrated = ::diesel::sql_query(&sql.migrated)
+        let migrated = ::diesel::sql_query(&sql.migrations.migrated)
             .get_result::<Migrated>(self)
             .map_err(map)?;
         if !migrated.migrated {
@@ -249,7 +249,7 @@ impl<T: MakeTls> Conn<T> for PgConnection {
                 source: None,
             });
         }
-        match ::diesel::sql_query(&sql.mode)
+        match ::diesel::sql_query(&sql.migrations.mode)
             .bind::<Text, _>(store.table_name())
             .get_result::<Mode>(self)
             .optional()
@@ -326,7 +326,7 @@ mod tests {
         let mut sent = Vec::new();
         for notify in [false, true] {
             for ordered in [false, true] {
-                let (one, many, many_plain) = sql.inserts(notify, ordered);
+                let (one, many, many_plain) = sql.produce.inserts(notify, ordered);
                 sent.extend([one, many, many_plain].map(normalize));
             }
         }
@@ -355,13 +355,13 @@ mod tests {
                 "documented but not sent: {statement}\nsent:\n{sent:#?}"
             );
         }
-        let (one, many, many_plain) = sql.inserts(false, false);
+        let (one, many, many_plain) = sql.produce.inserts(false, false);
         for plain in [one, many, many_plain].map(normalize) {
             assert!(documented.contains(&plain), "not documented: {plain}");
         }
         // The mode query as documented.
         assert_eq!(
-            normalize(&sql.mode),
+            normalize(&sql.migrations.mode),
             "SELECT per_key_ordering FROM \"public\".\"troutbox_tables\" WHERE table_name = $1"
         );
     }
