@@ -9,7 +9,9 @@ say so in FEATURE_NEEDS (and in the README). This checks, on a copy of the repos
 1. cargo's MSRV-aware resolver (`incompatible-rust-versions = "fallback"`, cargo 1.84+)
    resolves the dependency graph for the declared version, the way a user on that toolchain
    gets it. The only crate pinned by hand is the one that declares no `rust-version` of its
-   own but needs more (PINS): the resolver cannot know to avoid it.
+   own but needs more (PINS): the resolver cannot know to avoid it. The result is committed
+   as `.ci/msrv.Cargo.lock`, so that CI does not change with what crates.io publishes;
+   `python3 .ci/msrv.py --update` resolves again (after a dependency change, say).
 2. In that graph, no crate a user compiles (normal and build dependencies, for this host)
    declares a `rust-version` above ours, with the default features and with each feature
    alone, except what FEATURE_NEEDS allows for that feature.
@@ -39,6 +41,9 @@ PINS = {"scheduled-thread-pool": "0.2.7"}  # 0.2.8 needs parking_lot 0.13 (Rust 
 CHECKED_FEATURES = "cli,diesel,opentelemetry,tracing,serde,testing,failpoints"
 
 root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The graph resolved for the declared rust-version, committed (`--update` resolves it again).
+MSRV_LOCK = os.path.join(root_dir, ".ci", "msrv.Cargo.lock")
+UPDATE = "--update" in sys.argv[1:]
 
 
 def run(args, cwd, env=None):
@@ -90,10 +95,22 @@ def main():
         shutil.copytree(root_dir, os.path.join(work, "repo"),
                         ignore=shutil.ignore_patterns("target", ".git"))
         repo = os.path.join(work, "repo")
-        env = dict(os.environ, CARGO_RESOLVER_INCOMPATIBLE_RUST_VERSIONS="fallback")
-        run(["cargo", "update", "--quiet"], repo, env)
-        for crate, precise in PINS.items():
-            run(["cargo", "update", "--quiet", "-p", crate, "--precise", precise], repo, env)
+        if UPDATE or not os.path.exists(MSRV_LOCK):
+            env = dict(os.environ, CARGO_RESOLVER_INCOMPATIBLE_RUST_VERSIONS="fallback")
+            run(["cargo", "update", "--quiet"], repo, env)
+            for crate, precise in PINS.items():
+                run(["cargo", "update", "--quiet", "-p", crate, "--precise", precise], repo, env)
+            shutil.copyfile(os.path.join(repo, "Cargo.lock"), MSRV_LOCK)
+            print(f"resolved for the declared rust-version and wrote {os.path.relpath(MSRV_LOCK, root_dir)}")
+        else:
+            # The graph resolved earlier, committed: CI does not change with what crates.io
+            # publishes meanwhile. A Cargo.toml it no longer satisfies fails `--locked` below.
+            shutil.copyfile(MSRV_LOCK, os.path.join(repo, "Cargo.lock"))
+            stale = subprocess.run(["cargo", "metadata", "--format-version", "1", "--locked"],
+                                   capture_output=True, text=True, cwd=repo)
+            if stale.returncode != 0:
+                sys.exit(f"{os.path.relpath(MSRV_LOCK, root_dir)} no longer matches Cargo.toml: "
+                         f"run `python3 .ci/msrv.py --update` and commit it\n{stale.stderr}")
 
         meta = json.loads(run(["cargo", "metadata", "--format-version", "1", "--no-deps"], repo))
         package = meta["packages"][0]
