@@ -9,12 +9,11 @@ mod e2e;
 #[path = "common/tansu.rs"]
 mod tansu;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{count, eventually, PATIENCE};
-use e2e::{Kills, StopAt};
+use e2e::StopAt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -118,39 +117,12 @@ fn kafka_exactly_once_through_relay_and_consumer_kills() {
     let pool = e2e::pool_for(&url, 6);
     let outbox = e2e::setup(&pool, SCHEMA);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let kills = Arc::new(Kills::default());
     let env = vec![
         ("DATABASE_URL", url.clone()),
         (e2e::SCHEMA, SCHEMA.to_owned()),
         (e2e::BROKER, brokers.clone()),
     ];
-    let supervisors = e2e::supervise(ENTRY, env, stop.clone(), MIN_KILLS, kills.clone());
-
-    // Producers commit while the children are killed around them, in slices, so that
-    // the relay children have work all along.
-    for slice in 0..10 {
-        e2e::produce(
-            &outbox,
-            &pool,
-            slice * MESSAGES / 10,
-            (slice + 1) * MESSAGES / 10,
-        );
-        // Each slice waits for a relay child and a consumer child to be killed.
-        let (relay_kills, consumer_kills) = (
-            kills.relay.load(Ordering::SeqCst),
-            kills.consumer.load(Ordering::SeqCst),
-        );
-        assert!(eventually(PATIENCE * 2, || {
-            kills.relay.load(Ordering::SeqCst) > relay_kills
-                && kills.consumer.load(Ordering::SeqCst) > consumer_kills
-        }));
-    }
-    stop.store(true, Ordering::SeqCst);
-    let mut logs = Vec::new();
-    for s in supervisors {
-        logs.extend(s.join().unwrap());
-    }
+    let (kills, logs) = e2e::produce_under_kills(ENTRY, env, &outbox, &pool, MESSAGES, MIN_KILLS);
 
     // Afterwards, without faults: a relay drains what is left, a consumer applies the rest.
     let relayed_by_children = MESSAGES

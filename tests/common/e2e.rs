@@ -325,6 +325,48 @@ pub fn supervise(
     vec![relay, consumer]
 }
 
+/// The faulty phase of an end-to-end run: relay and consumer children of `entry` killed
+/// again and again (see [`supervise`]) while `messages` are committed through `outbox` in
+/// ten slices, each slice waiting for a relay and a consumer child to be killed, so that
+/// the children have work all along. Returns the kills and the children's output.
+pub fn produce_under_kills(
+    entry: &'static str,
+    env: Vec<(&'static str, String)>,
+    outbox: &Outbox,
+    pool: &PgPool,
+    messages: i64,
+    min_kills: usize,
+) -> (Arc<Kills>, Vec<String>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let kills = Arc::new(Kills::default());
+    let supervisors = supervise(entry, env, stop.clone(), min_kills, kills.clone());
+    for slice in 0..10 {
+        produce(
+            outbox,
+            pool,
+            slice * messages / 10,
+            (slice + 1) * messages / 10,
+        );
+        let (relay_kills, consumer_kills) = (
+            kills.relay.load(Ordering::SeqCst),
+            kills.consumer.load(Ordering::SeqCst),
+        );
+        assert!(crate::common::eventually(
+            crate::common::PATIENCE * 2,
+            || {
+                kills.relay.load(Ordering::SeqCst) > relay_kills
+                    && kills.consumer.load(Ordering::SeqCst) > consumer_kills
+            }
+        ));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut logs = Vec::new();
+    for s in supervisors {
+        logs.extend(s.join().unwrap());
+    }
+    (kills, logs)
+}
+
 /// The verdict: (applied exactly once, missing, applied more than once).
 pub fn verdict(pool: &PgPool, schema: &str, committed: i64) -> (i64, i64, i64) {
     let once = crate::common::count(
