@@ -696,7 +696,16 @@ impl Link {
             Ok(Err(Stop::Blocked(reason))) => Err(RabbitError::Blocked { reason }),
             Ok(Err(Stop::Client(error))) => {
                 let text = redact(&error.to_string(), &config.url);
-                if self.connection.status().connected() {
+                // A channel-level (soft) AMQP error is the broker closing the channel, even
+                // if the connection is no longer up by the time it is read here: seen once
+                // in CI for a body over max_message_size, where the connection's end follows
+                // the channel's close and the cause is the close.
+                let channel_closed = matches!(
+                    error.kind(),
+                    lapin::ErrorKind::ProtocolError(amqp)
+                        if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
+                );
+                if channel_closed || self.connection.status().connected() {
                     // The broker closed the channel (an exchange that does not exist, a body
                     // over its max_message_size): its reason says which.
                     fail_unmarked(&format!(
