@@ -10,10 +10,9 @@ mod e2e;
 #[path = "common/rabbit.rs"]
 mod rabbit;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{count, eventually, PATIENCE};
+use common::PATIENCE;
 use e2e::StopAt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
@@ -155,51 +154,20 @@ fn rabbitmq_exactly_once_through_relay_and_consumer_kills() {
     let amqp_url = broker.url();
     declare(&amqp_url);
     let url = common::url();
-    let pool = e2e::pool_for(&url, 6);
-    let outbox = e2e::setup(&pool, SCHEMA);
-
     let env = vec![
         ("DATABASE_URL", url.clone()),
         (e2e::SCHEMA, SCHEMA.to_owned()),
         (e2e::BROKER, amqp_url.clone()),
     ];
-    let (kills, logs) = e2e::produce_under_kills(ENTRY, env, &outbox, &pool, MESSAGES, MIN_KILLS);
-
-    // Afterwards, without faults: a relay drains what is left, a consumer applies the rest.
-    let outbox_left = format!("SELECT count(*) FROM {SCHEMA}.outbox_messages");
-    let relayed_by_children = MESSAGES - count(&pool, &outbox_left);
-    let applied_by_children = e2e::applied(&pool, SCHEMA);
-    let mut relay = e2e::outbox(&pool, SCHEMA).start(sender(&amqp_url)).unwrap();
-    assert!(eventually(PATIENCE * 4, || count(&pool, &outbox_left) == 0));
-    relay.shutdown().unwrap();
-    let check = e2e::pool_for(&url, 1);
-    let final_duplicates = consume(&amqp_url, SCHEMA, None, &|| {
-        e2e::applied(&check, SCHEMA) >= MESSAGES
-    });
-
-    let (once, missing, more) = e2e::verdict(&pool, SCHEMA, MESSAGES);
-    let absorbed = kills.duplicates.load(Ordering::SeqCst) + final_duplicates;
-    println!(
-        "FIGURES inbox_e2e_rabbitmq: committed={MESSAGES} applied_once={once} missing={missing} applied_more_than_once={more} \
-         relay_kills={} (ready {}) consumer_kills_before_db_commit={} consumer_kills_after_db_commit={} consumer_kills_elsewhere={} \
-         relayed_by_killed_relays={relayed_by_children} applied_by_killed_consumers={applied_by_children} duplicates_absorbed_by_inbox={absorbed}",
-        kills.relay.load(Ordering::SeqCst),
-        kills.relay_ready.load(Ordering::SeqCst),
-        kills.consumer_before.load(Ordering::SeqCst),
-        kills.consumer_after.load(Ordering::SeqCst),
-        kills.consumer_unstopped.load(Ordering::SeqCst),
+    e2e::exactly_once_through_kills(
+        "inbox_e2e_rabbitmq",
+        ENTRY,
+        env,
+        &url,
+        SCHEMA,
+        MESSAGES,
+        MIN_KILLS,
+        |outbox| outbox.start(sender(&amqp_url)).unwrap(),
+        |done| consume(&amqp_url, SCHEMA, None, done),
     );
-    let tail: Vec<_> = logs.iter().rev().take(20).collect();
-    assert_eq!(
-        (once, missing, more),
-        (MESSAGES, 0, 0),
-        "children's last lines: {tail:?}"
-    );
-    assert!(
-        relayed_by_children > 0 && applied_by_children > 0,
-        "{tail:?}"
-    );
-    assert!(kills.consumer_before.load(Ordering::SeqCst) > 0);
-    assert!(kills.consumer_after.load(Ordering::SeqCst) > 0);
-    assert!(absorbed > 0, "no duplicate reached the inbox");
 }

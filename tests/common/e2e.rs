@@ -367,6 +367,69 @@ pub fn produce_under_kills(
     (kills, logs)
 }
 
+/// The rest of an end-to-end run, the same for every broker: children killed while the
+/// messages are committed ([`produce_under_kills`]); then, without faults, a relay started by
+/// `start_relay` drains the outbox and `consume_rest` applies what is left (it returns the
+/// duplicates it met, and stops when `done` says everything is applied). Asserts every
+/// committed message applied exactly once, and that the faults were real: killed children
+/// relayed and applied, consumers died before and after their commit, and the broker carried
+/// duplicates that the inbox absorbed. Prints the figures as `FIGURES {name}: ...`.
+#[allow(clippy::too_many_arguments)]
+pub fn exactly_once_through_kills(
+    name: &str,
+    entry: &'static str,
+    env: Vec<(&'static str, String)>,
+    url: &str,
+    schema: &str,
+    messages: i64,
+    min_kills: usize,
+    start_relay: impl FnOnce(&Outbox) -> troutbox::Handle,
+    consume_rest: impl FnOnce(&dyn Fn() -> bool) -> usize,
+) {
+    let pool = pool_for(url, 6);
+    let outbox = setup(&pool, schema);
+    let (kills, logs) = produce_under_kills(entry, env, &outbox, &pool, messages, min_kills);
+
+    // Afterwards, without faults: a relay drains what is left, a consumer applies the rest.
+    let outbox_left = format!("SELECT count(*) FROM {schema}.outbox_messages");
+    let relayed_by_children = messages - crate::common::count(&pool, &outbox_left);
+    let applied_by_children = applied(&pool, schema);
+    let mut relay = start_relay(&self::outbox(&pool, schema));
+    assert!(crate::common::eventually(
+        crate::common::PATIENCE * 4,
+        || crate::common::count(&pool, &outbox_left) == 0
+    ));
+    relay.shutdown().unwrap();
+    let check = pool_for(url, 1);
+    let final_duplicates = consume_rest(&|| applied(&check, schema) >= messages);
+
+    let (once, missing, more) = verdict(&pool, schema, messages);
+    let absorbed = kills.duplicates.load(Ordering::SeqCst) + final_duplicates;
+    println!(
+        "FIGURES {name}: committed={messages} applied_once={once} missing={missing} applied_more_than_once={more} \
+         relay_kills={} (ready {}) consumer_kills_before_db_commit={} consumer_kills_after_db_commit={} consumer_kills_elsewhere={} \
+         relayed_by_killed_relays={relayed_by_children} applied_by_killed_consumers={applied_by_children} duplicates_absorbed_by_inbox={absorbed}",
+        kills.relay.load(Ordering::SeqCst),
+        kills.relay_ready.load(Ordering::SeqCst),
+        kills.consumer_before.load(Ordering::SeqCst),
+        kills.consumer_after.load(Ordering::SeqCst),
+        kills.consumer_unstopped.load(Ordering::SeqCst),
+    );
+    let tail: Vec<_> = logs.iter().rev().take(20).collect();
+    assert_eq!(
+        (once, missing, more),
+        (messages, 0, 0),
+        "children's last lines: {tail:?}"
+    );
+    assert!(
+        relayed_by_children > 0 && applied_by_children > 0,
+        "{tail:?}"
+    );
+    assert!(kills.consumer_before.load(Ordering::SeqCst) > 0);
+    assert!(kills.consumer_after.load(Ordering::SeqCst) > 0);
+    assert!(absorbed > 0, "no duplicate reached the inbox");
+}
+
 /// The verdict: (applied exactly once, missing, applied more than once).
 pub fn verdict(pool: &PgPool, schema: &str, committed: i64) -> (i64, i64, i64) {
     let once = crate::common::count(
