@@ -50,15 +50,7 @@ fn producer_with_insert_only_and_relay_with_minimal_grants() {
     let mut admin = owner.get().unwrap();
     // Roles are cluster-wide: create them once, (re)grant on this run's fresh schema.
     for role in [PRODUCER, RELAY] {
-        admin
-            .batch_execute(&format!(
-                "DO $$ BEGIN
-                   -- Both tests create it, in parallel: the loser of a race is fine.
-                   CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}';
-                 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
-                 END $$"
-            ))
-            .unwrap();
+        common::login_role(&owner, role, PASSWORD);
     }
     admin
         .batch_execute(&format!(
@@ -159,15 +151,11 @@ fn keep_sent_relay_grants_and_maintenance_by_the_owner() {
         .schema(KEEP)
         .retention(retention);
     owner_store.migrate().unwrap();
+    common::login_role(&owner, RELAY, PASSWORD);
     let mut admin = owner.get().unwrap();
     admin
         .batch_execute(&format!(
-            "DO $$ BEGIN
-               -- Both tests create it, in parallel: the loser of a race is fine.
-               CREATE ROLE {RELAY} LOGIN PASSWORD '{PASSWORD}';
-             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
-             END $$;
-             GRANT USAGE ON SCHEMA {KEEP} TO {RELAY};
+            "GRANT USAGE ON SCHEMA {KEEP} TO {RELAY};
              -- relay, keep_sent: exactly what docs/permissions.md documents
              GRANT SELECT, UPDATE ON {KEEP}.outbox_messages TO {RELAY};
              GRANT SELECT, INSERT, DELETE ON {KEEP}.outbox_messages_claims, {KEEP}.outbox_messages_charges TO {RELAY};

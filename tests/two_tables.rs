@@ -120,11 +120,11 @@ fn two_tables_in_one_schema_touch_only_their_own_rows() {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    let each = |t: &str| (t.to_string(), 4, 4);
+    let each = |t: &str| (t.to_string(), 5, 5);
     assert_eq!(
         versions,
         vec![each("alpha"), each("beta"), each("delta"), each("gamma")],
-        "each table's versions 1 to 4, each applied once"
+        "each table's versions 1 to 5, each applied once"
     );
     let kinds: Vec<(String, String)> = conn
         .query(

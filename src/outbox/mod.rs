@@ -130,10 +130,20 @@ impl<T: MakeTls> Outbox<T> {
     /// returns [`Error::OrderingMismatch`]. Producers and relays check the mode once (per
     /// `Outbox` and per relay session): stop the unordered ones before converting a table,
     /// or their messages are added and relayed without the order.
+    ///
+    /// It also records, for the table's SQL producer function (`<table>_add`, for clients in
+    /// other languages; see docs/sql-producer.md), this outbox's
+    /// [`max_value_size`](OutboxBuilder::max_value_size), which the function then applies,
+    /// and, with [`notify(true)`](OutboxBuilder::notify), that the function signals the
+    /// relays: the function cannot see any builder, so the outbox that migrates speaks for
+    /// it. `notify` is only ever turned on this way (a relay elsewhere may depend on the
+    /// signal); the size limit is the last migrating outbox's.
     pub fn migrate(&self) -> Result<(), Error> {
-        self.inner
-            .store
-            .migrate_with(Some(self.inner.config.ordered))
+        let config = &self.inner.config;
+        self.inner.store.migrate_for(
+            Some(config.ordered),
+            Some((config.notify, config.max_value_size)),
+        )
     }
 
     /// Starts the relay: `workers` threads that claim batches of committed, due messages and

@@ -248,6 +248,17 @@ impl<T: MakeTls> PgStore<T> {
     /// makes it ordered (creating the key index; a table created unordered is converted),
     /// `false` checks that it is not. Used by [`Outbox::migrate`](crate::Outbox::migrate).
     pub(crate) fn migrate_with(&self, ordering: Option<bool>) -> Result<(), Error> {
+        self.migrate_for(ordering, None)
+    }
+
+    /// [`migrate_with`](Self::migrate_with), then, with `sql_producer` (an outbox's `notify`
+    /// and `max_value_size`), records those for the SQL producer function: `notify` only
+    /// ever turned on, the size limit replaced. Used by [`Outbox::migrate`](crate::Outbox::migrate).
+    pub(crate) fn migrate_for(
+        &self,
+        ordering: Option<bool>,
+        sql_producer: Option<(bool, usize)>,
+    ) -> Result<(), Error> {
         let sql = self.sql()?;
         let mut conn = self.connection("migrating the outbox schema")?;
         let map = |e| Error::Database {
@@ -335,6 +346,29 @@ impl<T: MakeTls> PgStore<T> {
                 .map_err(map)?;
             tx.execute(&sql.migrations.record_version, &[&self.table, &4i32])
                 .map_err(map)?;
+        }
+        if version < 5 {
+            tx.batch_execute(&sql.migrations.migration_v5)
+                .map_err(map)?;
+            tx.batch_execute(&sql.produce.add_function).map_err(map)?;
+            tx.execute(&sql.migrations.record_version, &[&self.table, &5i32])
+                .map_err(map)?;
+        }
+        if let Some((notify, max_value_size)) = sql_producer {
+            // Within the builder's range, which `build()` checked: at most 512 MiB.
+            let max = i32::try_from(max_value_size).unwrap_or(i32::MAX);
+            let changed = tx
+                .execute(
+                    &sql.migrations.record_sql_producer,
+                    &[&self.table, &notify, &max],
+                )
+                .map_err(map)?;
+            if changed > 0 {
+                log::info!(
+                    "the SQL producer function of {} now applies notify {notify} (or on, if it was), max_value_size {max_value_size}",
+                    self.qualified_table()
+                );
+            }
         }
         if let Some(declared) = ordering {
             let recorded = self.recorded_ordering(&mut tx)?;

@@ -100,6 +100,20 @@ pub fn partitions(pool: &PgPool, schema: &str, table: &str) -> Vec<String> {
     names
 }
 
+/// Creates the login role `role` with `password` unless it exists. Roles are cluster-wide
+/// and the tests of a binary run in parallel: the loser of a race to create one is fine.
+pub fn login_role(pool: &PgPool, role: &str, password: &str) {
+    pool.get()
+        .unwrap()
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+               CREATE ROLE {role} LOGIN PASSWORD '{password}';
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+             END $$"
+        ))
+        .unwrap();
+}
+
 /// Runs a query returning one bigint.
 pub fn count(pool: &PgPool, sql: &str) -> i64 {
     pool.get().unwrap().query_one(sql, &[]).unwrap().get(0)

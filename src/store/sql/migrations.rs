@@ -1,6 +1,8 @@
 //! Migrations: the versioned schema of an outbox table (its table, indexes, claim journal
-//! and charges, the schema's tables of versions and of modes) and what reads it back.
+//! and charges, the schema's tables of versions and of modes, the SQL producer function)
+//! and what reads it back.
 
+use crate::config::DEFAULT_MAX_VALUE_SIZE;
 use crate::store::ident::Ident;
 use crate::store::retention::Retention;
 
@@ -9,7 +11,7 @@ use crate::store::retention::Retention;
 pub(crate) const MIGRATIONS_TABLE: &str = "troutbox_migrations";
 
 /// The schema version this build of the crate creates and expects.
-pub(crate) const SCHEMA_VERSION: i32 = 4;
+pub(crate) const SCHEMA_VERSION: i32 = 5;
 
 /// Name of the table that records, per outbox table of a schema, the mode producers and relays
 /// must agree on (migration 3): whether the table is relayed with per-key ordering.
@@ -86,6 +88,11 @@ pub(crate) struct MigrationSql {
     pub(crate) migration_v3: String,
     /// Migration 4: each table's identity, for [`Message::dedup_key`](crate::Message::dedup_key).
     pub(crate) migration_v4: String,
+    /// Migration 5: what the SQL producer function reads (see [`MigrationSql::new`]); the
+    /// function itself is the producer's SQL (`ProduceSql::add_function`).
+    pub(crate) migration_v5: String,
+    /// Records an `Outbox`'s `notify` and `max_value_size` for the SQL producer function.
+    pub(crate) record_sql_producer: String,
     pub(crate) outbox_id: String,
     pub(crate) recorded_retention: String,
     pub(crate) mode: String,
@@ -191,6 +198,28 @@ impl MigrationSql {
             migration_v4: format!(
                 "ALTER TABLE {s}.\"{TABLES_TABLE}\"
                  ADD COLUMN IF NOT EXISTS outbox_id uuid NOT NULL DEFAULT gen_random_uuid()"
+            ),
+            // Migration 5: the options of the SQL producer function, which the Rust producers
+            // hold in their builder but a client in another language cannot: whether its
+            // INSERTs signal the table's channel (`notify`), and the value size limit. Columns
+            // of the schema's table of modes, one row per table, read by the function on each
+            // call; added by the first table's migration, a no-op for the others. The defaults
+            // are the builder's; `Outbox::migrate` records its own (record_sql_producer).
+            migration_v5: format!(
+                "ALTER TABLE {s}.\"{TABLES_TABLE}\"
+                 ADD COLUMN IF NOT EXISTS sql_notify boolean NOT NULL DEFAULT false,
+                 ADD COLUMN IF NOT EXISTS sql_max_value_size integer NOT NULL
+                     DEFAULT {DEFAULT_MAX_VALUE_SIZE}"
+            ),
+            // notify is only ever turned on here: a relay elsewhere may rely on the signal
+            // (its poll interval set long), and an outbox that does not notify only means it
+            // does not listen. The value limit is the last migrating outbox's.
+            record_sql_producer: format!(
+                "UPDATE {s}.\"{TABLES_TABLE}\"
+                 SET sql_notify = sql_notify OR $2, sql_max_value_size = $3
+                 WHERE table_name = $1
+                   AND (sql_notify IS DISTINCT FROM (sql_notify OR $2)
+                        OR sql_max_value_size IS DISTINCT FROM $3)"
             ),
             outbox_id: format!(
                 "SELECT outbox_id::text FROM {s}.\"{TABLES_TABLE}\" WHERE table_name = $1"

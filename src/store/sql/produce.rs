@@ -1,8 +1,11 @@
 //! Producing: the INSERTs `add_message`, `add` and `add_messages` run (plain, with the
-//! notification signal, with per-key ordering), and the notification channel.
+//! notification signal, with per-key ordering), the notification channel, and the SQL
+//! producer function that clients in any language call (migration 5).
 
+use crate::config::{MAX_HEADERS, MAX_HEADER_BYTES, MAX_KEY_LEN};
 use crate::store::ident::Ident;
 use crate::store::retention::Retention;
+use crate::store::sql::TABLES_TABLE;
 
 /// The producer's three INSERT statements, as [`ProduceSql::inserts`] chooses them.
 #[derive(Debug)]
@@ -144,6 +147,114 @@ pub(crate) struct ProduceSql {
     ordered_notify_inserts: Inserts,
     /// The name of the table's notification channel (see [`ProduceSql::inserts`]).
     pub(crate) notify_channel: String,
+    /// Creates (or replaces) the table's SQL producer function (see [`add_function`]).
+    pub(crate) add_function: String,
+}
+
+/// The suffix of the SQL producer function's name: table `orders_outbox` has the function
+/// `orders_outbox_add` in its schema. Named per table because a schema may hold several
+/// outbox tables (each with its own mode, limit and grants); the suffix is shorter than the
+/// index suffixes the table name already leaves room for (see `ident::DERIVED_SUFFIX_LEN`).
+pub(crate) const ADD_FUNCTION_SUFFIX: &str = "_add";
+
+/// The SQL producer function of table `t` (schema `s`, plain table name `table`), for
+/// clients that cannot link this crate: `<table>_add(key text, value bytea, headers text[]
+/// DEFAULT '{}')`, called inside the client's own transaction. It does what
+/// `Outbox::add` does, in the same order: the same checks with the same limits (the
+/// value's from the table's row in the schema's table of modes, where `Outbox::migrate`
+/// records it), the per-key lock with the Rust producers' `order_seed` when the table is
+/// recorded as ordered (so Rust and SQL producers of one key queue behind each other), the
+/// INSERT of the three producer columns, and the `notify` signal when the table is recorded
+/// as notifying.
+///
+/// SECURITY DEFINER, owned by the role that migrates: a producer role needs only USAGE on
+/// the schema and EXECUTE on the function, and can neither read the table nor choose the
+/// columns the relay relies on. Hence the fixed `search_path` (every name in the body is
+/// schema-qualified anyway) and the REVOKE from PUBLIC, which PostgreSQL grants EXECUTE on
+/// every new function by default. Not STRICT: a NULL argument is an error, never a silently
+/// skipped message. The mode is read on every call (one primary-key probe) rather than
+/// compiled into the body: converting a table to ordered, or recording notify, then needs
+/// no DDL, and a call never acts on a stale mode.
+fn add_function(s: &str, table: &Ident, t: &str, notify: &str, order_seed: &str) -> String {
+    let name = table.as_str();
+    let f = format!("{s}.\"{name}{ADD_FUNCTION_SUFFIX}\"");
+    format!(
+        r#"CREATE OR REPLACE FUNCTION {f}(key text, value bytea, headers text[] DEFAULT '{{}}')
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $troutbox$
+DECLARE
+    ordered boolean;
+    notifies boolean;
+    max_value integer;
+    n integer;
+BEGIN
+    SELECT per_key_ordering, sql_notify, sql_max_value_size INTO ordered, notifies, max_value
+    FROM {s}."{TABLES_TABLE}" WHERE table_name = '{name}';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'troutbox: outbox table {name} has no recorded mode'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'run the migration (Outbox::migrate, or troutbox migrate) again';
+    END IF;
+    IF $1 IS NULL OR $2 IS NULL OR $3 IS NULL THEN
+        RAISE EXCEPTION 'troutbox: the message''s % is NULL',
+            CASE WHEN $1 IS NULL THEN 'key' WHEN $2 IS NULL THEN 'value' ELSE 'headers' END
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'give a key (it may be empty), a value, and headers as an array of name, value pairs (or leave them out)';
+    END IF;
+    IF octet_length($1) > {MAX_KEY_LEN} THEN
+        RAISE EXCEPTION 'troutbox: the key is % bytes long, the limit is {MAX_KEY_LEN}', octet_length($1)
+            USING ERRCODE = 'program_limit_exceeded',
+                  HINT = 'use a shorter key, for example an id or a hash of the long one';
+    END IF;
+    IF octet_length($2) > max_value THEN
+        RAISE EXCEPTION 'troutbox: the value is % bytes, over this outbox''s max_value_size of % bytes', octet_length($2), max_value
+            USING ERRCODE = 'program_limit_exceeded',
+                  HINT = 'send a smaller value (or a reference to it), or raise the limit: Outbox::builder(..).max_value_size(n) then migrate()';
+    END IF;
+    IF coalesce(array_ndims($3), 1) <> 1 OR coalesce(array_lower($3, 1), 1) <> 1 THEN
+        RAISE EXCEPTION 'troutbox: headers must be a one-dimensional array from index 1, name then value for each header'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'for example ARRAY[''traceparent'', ''00-...'']';
+    END IF;
+    n := coalesce(array_length($3, 1), 0);
+    IF n % 2 <> 0 THEN
+        RAISE EXCEPTION 'troutbox: headers have % elements, an odd number: each header is a name followed by its value', n
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'give the headers as ARRAY[name1, value1, name2, value2, ...]';
+    END IF;
+    IF n / 2 > {MAX_HEADERS} THEN
+        RAISE EXCEPTION 'troutbox: the message has % headers, more than MAX_HEADERS ({MAX_HEADERS})', n / 2
+            USING ERRCODE = 'program_limit_exceeded',
+                  HINT = 'send fewer headers, or move the data into the value';
+    END IF;
+    IF array_position($3, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'troutbox: header element % is NULL', array_position($3, NULL)
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'give every header a name and a value (an empty string if need be)';
+    END IF;
+    IF (SELECT sum(octet_length(h)) FROM unnest($3) AS h) > {MAX_HEADER_BYTES} THEN
+        RAISE EXCEPTION 'troutbox: the headers hold more than MAX_HEADER_BYTES ({MAX_HEADER_BYTES} bytes), names and values together'
+            USING ERRCODE = 'program_limit_exceeded',
+                  HINT = 'send smaller headers, or move the data into the value';
+    END IF;
+    IF EXISTS (SELECT FROM unnest($3) WITH ORDINALITY AS u(h, i) WHERE i % 2 = 1 AND h = '') THEN
+        RAISE EXCEPTION 'troutbox: a header name is empty'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'give every header a non-empty name';
+    END IF;
+    -- Per-key ordering: the key's lock before the id is drawn, as the Rust producers do.
+    IF ordered THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended($1, {order_seed}));
+    END IF;
+    INSERT INTO {t} (key, value, headers) VALUES ($1, $2, $3);
+    IF notifies THEN
+        PERFORM {notify};
+    END IF;
+END
+$troutbox$;
+REVOKE ALL ON FUNCTION {f}(text, bytea, text[]) FROM PUBLIC;"#
+    )
 }
 
 impl ProduceSql {
@@ -171,6 +282,7 @@ impl ProduceSql {
             ordered_inserts: inserts(&t, None, Some(&order_seed)),
             ordered_notify_inserts: inserts(&t, Some(&notify), Some(&order_seed)),
             notify_channel: format!("SELECT {channel}"),
+            add_function: add_function(&s, table, &t, &notify, &order_seed),
         }
     }
 }
