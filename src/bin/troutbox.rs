@@ -7,8 +7,14 @@
 //! troutbox dead purge --older-than 30d
 //! troutbox blocked                   # per-key ordering: keys waiting on a failed message
 //! troutbox skip 17                   # give up on message 17 (dead, reason "skipped")
+//! troutbox relay --config relay.toml  # the relay service (docs/relay-service.md)
 //! ```
 
+// In a folder of its own so that cargo does not take it for a second binary.
+#[path = "troutbox/relay.rs"]
+mod relay;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -107,6 +113,17 @@ enum Command {
         /// Id of the message.
         id: i64,
     },
+    /// Run the relay service: relay the sources of a configuration file to its sink until
+    /// SIGTERM or SIGINT (docs/relay-service.md). Ignores the other options: everything is
+    /// in the file, secrets by environment variable or file.
+    Relay {
+        /// The configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// How log lines (standard error) look: one line per event.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: relay::LogFormat,
+    },
 }
 
 #[derive(Subcommand)]
@@ -152,6 +169,9 @@ const UNHEALTHY: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Relay { config, log_format } = &cli.command {
+        return relay::main(config, *log_format);
+    }
     match run(&cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(UNHEALTHY),
@@ -411,6 +431,8 @@ fn run(cli: &Cli) -> Result<bool> {
                 format!("message {id} skipped: it is dead with the reason \"skipped\""),
             )?;
         }
+        // Run by `main` before the database options are read.
+        Command::Relay { .. } => unreachable!("handled in main"),
     }
     Ok(true)
 }

@@ -1,0 +1,172 @@
+//! `/healthz` and `/metrics` over HTTP (`[service] listen`), on a thread of its own with a
+//! small synchronous server (tiny_http): the supervisors' last snapshots, never a database
+//! query per request.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use serde_json::json;
+use tiny_http::{Header, Response, Server};
+
+use super::{Phase, SourceState};
+
+/// Starts serving on `address`; an error when it cannot listen there.
+pub fn serve(address: &str, states: Vec<Arc<SourceState>>) -> Result<(), String> {
+    let server = Server::http(address).map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let (status, content_type, body) = match request.url() {
+                    "/healthz" => healthz(&states),
+                    "/metrics" => (200, "text/plain; version=0.0.4", metrics(&states)),
+                    _ => (
+                        404,
+                        "text/plain",
+                        "not found: try /healthz or /metrics\n".into(),
+                    ),
+                };
+                let header =
+                    Header::from_bytes("Content-Type", content_type).expect("a valid header");
+                let _ = request.respond(
+                    Response::from_string(body)
+                        .with_status_code(status)
+                        .with_header(header),
+                );
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// 200 when every source runs with healthy workers, else 503; per source its phase, the
+/// reason it is down, and its workers' health.
+fn healthz(states: &[Arc<SourceState>]) -> (u16, &'static str, String) {
+    let mut all = true;
+    let sources: Vec<serde_json::Value> = states
+        .iter()
+        .map(|state| {
+            let s = state.snapshot.lock().unwrap().clone();
+            let healthy =
+                s.phase == Phase::Running && s.health.as_ref().is_some_and(|h| h.is_healthy());
+            all &= healthy;
+            let (phase, error) = match &s.phase {
+                Phase::Starting => ("starting", None),
+                Phase::Running => ("running", None),
+                Phase::Down(e) => ("down", Some(e.clone())),
+                Phase::Stopping => ("stopping", None),
+                Phase::Stopped => ("stopped", None),
+            };
+            json!({
+                "name": state.name,
+                "healthy": healthy,
+                "phase": phase,
+                "error": error,
+                "workers": s.health.as_ref().map(|h| h.workers),
+                "failing_workers": s.health.as_ref().map(|h| h.failing),
+                "consecutive_failures": s.health.as_ref().map(|h| h.consecutive_failures),
+                "pending": s.backlog.as_ref().map(|b| b.pending),
+                "dead": s.backlog.as_ref().map(|b| b.dead),
+            })
+        })
+        .collect();
+    let body = json!({ "healthy": all, "sources": sources }).to_string() + "\n";
+    (if all { 200 } else { 503 }, "application/json", body)
+}
+
+/// The OpenTelemetry feature's counters and gauges in the Prometheus text format, labelled
+/// by source.
+fn metrics(states: &[Arc<SourceState>]) -> String {
+    let snapshots: Vec<_> = states
+        .iter()
+        .map(|s| (s.name.clone(), s.snapshot.lock().unwrap().clone()))
+        .collect();
+    let mut out = String::new();
+    let mut family =
+        |name: &str, kind: &str, help: &str, value: &dyn Fn(&super::Snapshot) -> Option<f64>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (source, snapshot) in &snapshots {
+                if let Some(v) = value(snapshot) {
+                    let _ = writeln!(out, "{name}{{source=\"{}\"}} {v}", label(source));
+                }
+            }
+        };
+    let stat = |f: fn(&troutbox::Stats) -> u64| {
+        move |s: &super::Snapshot| s.stats.as_ref().map(|x| f(x) as f64)
+    };
+    family(
+        "outbox_messages_sent_total",
+        "counter",
+        "Messages delivered and removed from the outbox",
+        &stat(|s| s.sent),
+    );
+    family(
+        "outbox_messages_failed_total",
+        "counter",
+        "Failed send attempts",
+        &stat(|s| s.failed),
+    );
+    family(
+        "outbox_messages_retried_total",
+        "counter",
+        "Failed messages scheduled for another attempt",
+        &stat(|s| s.retried),
+    );
+    family(
+        "outbox_messages_dead_total",
+        "counter",
+        "Messages declared dead after their retries",
+        &stat(|s| s.dead),
+    );
+    family(
+        "outbox_batches_total",
+        "counter",
+        "Batches handed to the sink",
+        &stat(|s| s.batches),
+    );
+    family(
+        "outbox_errors_total",
+        "counter",
+        "Errors reported by the relay",
+        &stat(|s| s.errors),
+    );
+    family(
+        "outbox_pending_messages",
+        "gauge",
+        "Messages waiting to be sent (read every 5 s)",
+        &|s| s.backlog.as_ref().map(|b| b.pending as f64),
+    );
+    family(
+        "outbox_dead_messages",
+        "gauge",
+        "Messages that used up their retries (read every 5 s)",
+        &|s| s.backlog.as_ref().map(|b| b.dead as f64),
+    );
+    family(
+        "outbox_source_up",
+        "gauge",
+        "1 while the source's relay runs, 0 while it cannot start",
+        &|s| Some(if s.phase == Phase::Running { 1.0 } else { 0.0 }),
+    );
+    family(
+        "outbox_source_start_failures_total",
+        "counter",
+        "Failed starts of the source's relay",
+        &|s| Some(s.start_failures as f64),
+    );
+    family(
+        "outbox_failing_workers",
+        "gauge",
+        "Workers in a streak of failed rounds",
+        &|s| s.health.as_ref().map(|h| h.failing as f64),
+    );
+    out
+}
+
+/// A label value, escaped as the text format wants.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
