@@ -231,12 +231,18 @@ fn supervise(
                 );
                 let store = handle_store(source);
                 let mut backlog_at = Instant::now() - BACKLOG_EVERY;
+                let mut sent_any = false;
                 loop {
+                    let stats = handle.stats();
+                    if !sent_any && stats.sent > 0 {
+                        sent_any = true;
+                        log::info!("source {}: first messages sent", source.name);
+                    }
                     {
                         let mut s = state.snapshot.lock().unwrap();
                         s.phase = Phase::Running;
                         s.health = Some(handle.health());
-                        s.stats = Some(handle.stats());
+                        s.stats = Some(stats);
                     }
                     if backlog_at.elapsed() >= BACKLOG_EVERY {
                         backlog_at = Instant::now();

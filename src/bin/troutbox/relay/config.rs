@@ -272,10 +272,14 @@ impl RelayConfig {
                 ))
             })?;
             // Options and identifiers as the library checks them, on a pool that never
-            // connects.
-            let pool = troutbox::r2d2::Pool::builder().max_size(1).build_unchecked(
-                troutbox::r2d2_postgres::PostgresConnectionManager::new(parsed, postgres::NoTls),
-            );
+            // connects (no idle connections to keep: r2d2 would open them in the background).
+            let pool = troutbox::r2d2::Pool::builder()
+                .max_size(1)
+                .min_idle(Some(0))
+                .build_unchecked(troutbox::r2d2_postgres::PostgresConnectionManager::new(
+                    parsed,
+                    postgres::NoTls,
+                ));
             source
                 .outbox(pool, self.service.shutdown_timeout)
                 .map_err(|e| ConfigError(format!("{}: {e}", source.key())))?;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::json;
 use tiny_http::{Header, Response, Server};
 
-use super::{Phase, SourceState};
+use super::{Phase, Snapshot, SourceState};
 
 /// Starts serving on `address`; an error when it cannot listen there.
 pub fn serve(address: &str, states: Vec<Arc<SourceState>>) -> Result<(), String> {
@@ -74,92 +74,104 @@ fn healthz(states: &[Arc<SourceState>]) -> (u16, &'static str, String) {
     (if all { 200 } else { 503 }, "application/json", body)
 }
 
-/// The OpenTelemetry feature's counters and gauges in the Prometheus text format, labelled
-/// by source.
+/// One metric family: name, type, help, and its value for a source (none: not shown).
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Snapshot) -> Option<f64>,
+);
+
+/// What `/metrics` shows: the OpenTelemetry feature's counters (of the source's current
+/// relay) and backlog gauges, and the service's own per-source series.
+const FAMILIES: [Family; 11] = [
+    (
+        "outbox_messages_sent_total",
+        "counter",
+        "Messages delivered and removed from the outbox",
+        |s| stat(s, |x| x.sent),
+    ),
+    (
+        "outbox_messages_failed_total",
+        "counter",
+        "Failed send attempts",
+        |s| stat(s, |x| x.failed),
+    ),
+    (
+        "outbox_messages_retried_total",
+        "counter",
+        "Failed messages scheduled for another attempt",
+        |s| stat(s, |x| x.retried),
+    ),
+    (
+        "outbox_messages_dead_total",
+        "counter",
+        "Messages declared dead after their retries",
+        |s| stat(s, |x| x.dead),
+    ),
+    (
+        "outbox_batches_total",
+        "counter",
+        "Batches handed to the sink",
+        |s| stat(s, |x| x.batches),
+    ),
+    (
+        "outbox_errors_total",
+        "counter",
+        "Errors reported by the relay",
+        |s| stat(s, |x| x.errors),
+    ),
+    (
+        "outbox_pending_messages",
+        "gauge",
+        "Messages waiting to be sent (read every 5 s)",
+        |s| s.backlog.as_ref().map(|b| b.pending as f64),
+    ),
+    (
+        "outbox_dead_messages",
+        "gauge",
+        "Messages that used up their retries (read every 5 s)",
+        |s| s.backlog.as_ref().map(|b| b.dead as f64),
+    ),
+    (
+        "outbox_source_up",
+        "gauge",
+        "1 while the source's relay runs, 0 while it cannot start",
+        |s| Some(if s.phase == Phase::Running { 1.0 } else { 0.0 }),
+    ),
+    (
+        "outbox_source_start_failures_total",
+        "counter",
+        "Failed starts of the source's relay",
+        |s| Some(s.start_failures as f64),
+    ),
+    (
+        "outbox_failing_workers",
+        "gauge",
+        "Workers in a streak of failed rounds",
+        |s| s.health.as_ref().map(|h| h.failing as f64),
+    ),
+];
+
+fn stat(s: &Snapshot, f: fn(&troutbox::Stats) -> u64) -> Option<f64> {
+    s.stats.as_ref().map(|x| f(x) as f64)
+}
+
+/// The families in the Prometheus text format, labelled by source.
 fn metrics(states: &[Arc<SourceState>]) -> String {
     let snapshots: Vec<_> = states
         .iter()
         .map(|s| (s.name.clone(), s.snapshot.lock().unwrap().clone()))
         .collect();
     let mut out = String::new();
-    let mut family =
-        |name: &str, kind: &str, help: &str, value: &dyn Fn(&super::Snapshot) -> Option<f64>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (source, snapshot) in &snapshots {
-                if let Some(v) = value(snapshot) {
-                    let _ = writeln!(out, "{name}{{source=\"{}\"}} {v}", label(source));
-                }
+    for (name, kind, help, value) in FAMILIES {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (source, snapshot) in &snapshots {
+            if let Some(v) = value(snapshot) {
+                let _ = writeln!(out, "{name}{{source=\"{}\"}} {v}", label(source));
             }
-        };
-    let stat = |f: fn(&troutbox::Stats) -> u64| {
-        move |s: &super::Snapshot| s.stats.as_ref().map(|x| f(x) as f64)
-    };
-    family(
-        "outbox_messages_sent_total",
-        "counter",
-        "Messages delivered and removed from the outbox",
-        &stat(|s| s.sent),
-    );
-    family(
-        "outbox_messages_failed_total",
-        "counter",
-        "Failed send attempts",
-        &stat(|s| s.failed),
-    );
-    family(
-        "outbox_messages_retried_total",
-        "counter",
-        "Failed messages scheduled for another attempt",
-        &stat(|s| s.retried),
-    );
-    family(
-        "outbox_messages_dead_total",
-        "counter",
-        "Messages declared dead after their retries",
-        &stat(|s| s.dead),
-    );
-    family(
-        "outbox_batches_total",
-        "counter",
-        "Batches handed to the sink",
-        &stat(|s| s.batches),
-    );
-    family(
-        "outbox_errors_total",
-        "counter",
-        "Errors reported by the relay",
-        &stat(|s| s.errors),
-    );
-    family(
-        "outbox_pending_messages",
-        "gauge",
-        "Messages waiting to be sent (read every 5 s)",
-        &|s| s.backlog.as_ref().map(|b| b.pending as f64),
-    );
-    family(
-        "outbox_dead_messages",
-        "gauge",
-        "Messages that used up their retries (read every 5 s)",
-        &|s| s.backlog.as_ref().map(|b| b.dead as f64),
-    );
-    family(
-        "outbox_source_up",
-        "gauge",
-        "1 while the source's relay runs, 0 while it cannot start",
-        &|s| Some(if s.phase == Phase::Running { 1.0 } else { 0.0 }),
-    );
-    family(
-        "outbox_source_start_failures_total",
-        "counter",
-        "Failed starts of the source's relay",
-        &|s| Some(s.start_failures as f64),
-    );
-    family(
-        "outbox_failing_workers",
-        "gauge",
-        "Workers in a streak of failed rounds",
-        &|s| s.health.as_ref().map(|h| h.failing as f64),
-    );
+        }
+    }
     out
 }
 
