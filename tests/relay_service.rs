@@ -278,9 +278,12 @@ fn a_second_signal_exits_at_once() {
     assert_eq!(PgStore::new(pool).backlog().unwrap().pending, 1);
 }
 
-/// `GET path` on the service's HTTP address: (status, body).
+/// `GET path` on the service's HTTP address: (status, body); (0, "") while nothing listens
+/// there yet.
 fn get(address: &str, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    let Ok(mut stream) = std::net::TcpStream::connect(address) else {
+        return (0, String::new());
+    };
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
@@ -473,4 +476,59 @@ fn a_database_stopped_mid_run_costs_only_its_source_and_drains_when_back() {
     stop.store(true, Ordering::SeqCst);
     let committed_b = producing_b.join().unwrap();
     assert!(eventually(PATIENCE, || count("b") >= committed_b.len()));
+}
+
+#[test]
+fn healthz_applies_the_thresholds_of_troutbox_status() {
+    let pool = fresh_database("relay_svc_thresholds", 4);
+    PgStore::new(pool.clone()).migrate().unwrap();
+    add(&pool, "v", 0..3);
+    // One message dead, as if it had used up its retries.
+    pool.get()
+        .unwrap()
+        .batch_execute(
+            "UPDATE public.outbox_messages SET state = 'dead', last_error = 'gave up'
+             WHERE id = (SELECT min(id) FROM public.outbox_messages)",
+        )
+        .unwrap();
+    let address = format!("127.0.0.1:{}", broker::free_port().unwrap());
+    // Two sources on one table (relays share a table safely), with other thresholds.
+    let config = config_file(
+        "thresholds",
+        &format!(
+            "[sink.discard]
+             [service]
+             listen = \"{address}\"
+             [[source]]
+             name = \"strict\"
+             database_url_env = \"SOURCE_URL\"
+             max_dead = 0
+             [[source]]
+             name = \"lenient\"
+             database_url_env = \"SOURCE_URL\"
+             max_dead = 1
+             max_pending = 1000
+             max_age = \"1h\""
+        ),
+    );
+    let service = Service::start(&config, &[("SOURCE_URL", url_of("relay_svc_thresholds"))]);
+    let (mut status, mut health) = (0, serde_json::Value::Null);
+    assert!(
+        eventually(PATIENCE, || {
+            let (s, body) = get(&address, "/healthz");
+            status = s;
+            health = serde_json::from_str(&body).unwrap_or_default();
+            health["sources"][0]["dead"] == 1 && health["sources"][1]["pending"] == 0
+        }),
+        "{health}\n{}",
+        service.log()
+    );
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(
+        health["sources"][0]["exceeded"],
+        serde_json::json!(["dead"])
+    );
+    assert_eq!(health["sources"][0]["healthy"], false);
+    assert_eq!(health["sources"][1]["exceeded"], serde_json::json!([]));
+    assert_eq!(health["sources"][1]["healthy"], true, "{health}");
 }

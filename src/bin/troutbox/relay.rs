@@ -62,6 +62,33 @@ pub enum Phase {
 pub struct SourceState {
     pub name: String,
     pub snapshot: Mutex<Snapshot>,
+    /// The source's `troutbox status` thresholds: pending, dead, age of the oldest pending.
+    pub thresholds: (Option<i64>, Option<i64>, Option<Duration>),
+}
+
+impl SourceState {
+    /// The thresholds the last backlog reading exceeds (`pending`, `dead`, `age`), as
+    /// `troutbox status` names them.
+    pub fn exceeded(&self, backlog: Option<&Backlog>) -> Vec<&'static str> {
+        let Some(b) = backlog else {
+            return Vec::new();
+        };
+        let (max_pending, max_dead, max_age) = self.thresholds;
+        let mut exceeded = Vec::new();
+        if max_pending.is_some_and(|max| b.pending > max) {
+            exceeded.push("pending");
+        }
+        if max_dead.is_some_and(|max| b.dead > max) {
+            exceeded.push("dead");
+        }
+        if let (Some(max), Some(oldest)) = (max_age, b.oldest_pending) {
+            let age = time::OffsetDateTime::now_utc() - oldest;
+            if age > max {
+                exceeded.push("age");
+            }
+        }
+        exceeded
+    }
 }
 
 #[derive(Clone)]
@@ -119,6 +146,7 @@ pub fn main(path: &Path, format: LogFormat) -> ExitCode {
         .map(|s| {
             Arc::new(SourceState {
                 name: s.name.clone(),
+                thresholds: (s.max_pending, s.max_dead, s.max_age),
                 snapshot: Mutex::new(Snapshot {
                     phase: Phase::Starting,
                     health: None,

@@ -162,6 +162,14 @@ pub struct Source {
     pub maintenance: bool,
     #[serde(default, deserialize_with = "some_duration")]
     pub maintenance_interval: Option<Duration>,
+    /// `/healthz` reports the source unhealthy above this many pending messages (the
+    /// thresholds of `troutbox status`).
+    pub max_pending: Option<i64>,
+    /// ... above this many dead messages.
+    pub max_dead: Option<i64>,
+    /// ... when the oldest pending message is older than this.
+    #[serde(default, deserialize_with = "some_duration")]
+    pub max_age: Option<Duration>,
     /// Connections of the source's pool. Defaults to what its relay needs: workers + 1
     /// (the claim journal), + 1 with notify, + 1 with maintenance.
     pub pool_size: Option<u32>,

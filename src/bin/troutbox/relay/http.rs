@@ -39,16 +39,19 @@ pub fn serve(address: &str, states: Vec<Arc<SourceState>>) -> Result<(), String>
     Ok(())
 }
 
-/// 200 when every source runs with healthy workers, else 503; per source its phase, the
-/// reason it is down, and its workers' health.
+/// 200 when every source runs with healthy workers and within its thresholds, else 503;
+/// per source its phase, the reason it is down, its workers' health, the thresholds its
+/// backlog exceeds.
 fn healthz(states: &[Arc<SourceState>]) -> (u16, &'static str, String) {
     let mut all = true;
     let sources: Vec<serde_json::Value> = states
         .iter()
         .map(|state| {
             let s = state.snapshot.lock().unwrap().clone();
-            let healthy =
-                s.phase == Phase::Running && s.health.as_ref().is_some_and(|h| h.is_healthy());
+            let exceeded = state.exceeded(s.backlog.as_ref());
+            let healthy = s.phase == Phase::Running
+                && s.health.as_ref().is_some_and(|h| h.is_healthy())
+                && exceeded.is_empty();
             all &= healthy;
             let (phase, error) = match &s.phase {
                 Phase::Starting => ("starting", None),
@@ -65,6 +68,7 @@ fn healthz(states: &[Arc<SourceState>]) -> (u16, &'static str, String) {
                 "workers": s.health.as_ref().map(|h| h.workers),
                 "failing_workers": s.health.as_ref().map(|h| h.failing),
                 "consecutive_failures": s.health.as_ref().map(|h| h.consecutive_failures),
+                "exceeded": exceeded,
                 "pending": s.backlog.as_ref().map(|b| b.pending),
                 "dead": s.backlog.as_ref().map(|b| b.dead),
             })
