@@ -39,7 +39,8 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How often a running source's health, counters and backlog are read for `/healthz` and
-/// `/metrics` (the backlog, one scan of the table, every [`BACKLOG_EVERY`]).
+/// `/metrics` (the backlog, one scan of the table, every [`BACKLOG_EVERY`], the first one
+/// that long after the start).
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -258,7 +259,10 @@ fn supervise(
                     source.table
                 );
                 let store = handle_store(source);
-                let mut backlog_at = Instant::now() - BACKLOG_EVERY;
+                // The first reading after BACKLOG_EVERY, not while the relay starts draining:
+                // it is a scan of the whole table (the drain benchmark's median went from
+                // 0.76x to 0.90x of the in-process relay's without it, on a loaded machine).
+                let mut backlog_at = Instant::now();
                 let mut sent_any = false;
                 loop {
                     let stats = handle.stats();
