@@ -118,6 +118,7 @@ fn two_databases_relayed_through_kills_lose_nothing_and_keep_order() {
         "relaying",
         6,
         PATIENCE,
+        false,
     );
     let service::KillRun {
         delivered,

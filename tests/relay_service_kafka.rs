@@ -1,8 +1,8 @@
 //! `troutbox relay` with its Kafka sink, against a private tansu broker and real PostgreSQL
 //! databases (`cargo test --features cli,kafka --test relay_service_kafka`): two databases,
-//! producers calling the SQL producer function, the service SIGKILLed and restarted, then
-//! everything read back from the topic with a real consumer; and a broker that is not there
-//! at start.
+//! producers calling the SQL producer function (in one of them `examples/sql_producer.py`,
+//! Python with psycopg), the service SIGKILLed and restarted, then everything read back from
+//! the topic with a real consumer; and a broker that is not there at start.
 
 mod common;
 #[path = "common/kafka_records.rs"]
@@ -34,6 +34,8 @@ fn two_databases_to_tansu_through_kills_lose_nothing_and_keep_order() {
         "first messages sent",
         4,
         Duration::from_secs(120),
+        // Database b's producer is the Python program of docs/sql-producer.md.
+        true,
     );
     let service::KillRun {
         committed_a,

@@ -249,6 +249,68 @@ pub fn produce(
     })
 }
 
+/// A Python interpreter that has psycopg (Debian's `python3-psycopg` goes with the system's
+/// `/usr/bin/python3`, which may not be the first `python3` on `PATH`).
+pub fn python() -> &'static str {
+    ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|p| {
+            Command::new(p)
+                .args(["-c", "import psycopg"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .unwrap_or_else(|| {
+            panic!("no python3 with psycopg: install it (Debian: apt-get install python3-psycopg)")
+        })
+}
+
+/// `examples/sql_producer.py`, the Python producer of docs/sql-producer.md, into database
+/// `db`: values `<prefix>-<n>`, a transaction every `pace`, until `stop` (then SIGTERM, which
+/// it handles by finishing its transaction). Joining the handle gives the committed values,
+/// as it printed them after each COMMIT.
+pub fn produce_python(
+    db: &str,
+    prefix: &str,
+    pace: Duration,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    let mut child = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/sql_producer.py"
+        ))
+        .args(["--count", "100000000", "--prefix", prefix])
+        .args(["--pace-ms", &pace.as_millis().to_string()])
+        .env("DATABASE_URL", url_of(db))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python starts");
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    let stop = stop.clone();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the Python producer exited early"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "the Python producer failed: {status}");
+        reader.join().unwrap()
+    })
+}
+
 /// A pseudo-random number below `n`, from the clock (no dependency for one number).
 pub fn random_below(n: u64) -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -307,7 +369,8 @@ pub struct KillRun {
 
 /// The service relaying two fresh databases `a` (ordered, migrated by the service itself,
 /// `migrate = true`) and `b` (migrated beforehand) of the test server to `sink` (its TOML
-/// table), while producers call the SQL producer function in both; `kills` runs SIGKILLed
+/// table), while producers call the SQL producer function in both (in `b`, with
+/// `python_in_b`, `examples/sql_producer.py`); `kills` runs SIGKILLed
 /// 0-450 ms after both sources logged `ready`, then a last run that drains both and must
 /// stop with status 0 on SIGTERM.
 pub fn two_databases_through_kills(
@@ -316,6 +379,7 @@ pub fn two_databases_through_kills(
     ready: &str,
     kills: usize,
     drain_patience: Duration,
+    python_in_b: bool,
 ) -> KillRun {
     let (db_a, db_b) = (format!("{name}_a"), format!("{name}_b"));
     let a = fresh_database(&db_a, 4);
@@ -359,7 +423,11 @@ pub fn two_databases_through_kills(
     let stop = Arc::new(AtomicBool::new(false));
     let pace = Duration::from_millis(2);
     let producing_a = produce(&a, "a", 2, pace, &stop);
-    let producing_b = produce(&b, "b", 2, pace, &stop);
+    let producing_b = if python_in_b {
+        produce_python(&db_b, "b", pace, &stop)
+    } else {
+        produce(&b, "b", 2, pace, &stop)
+    };
     let (printed, delivering) = kill_repeatedly(&config, &env, &["a", "b"], ready, kills);
     delivered.extend(printed);
     stop.store(true, Ordering::SeqCst);
