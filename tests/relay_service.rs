@@ -98,6 +98,12 @@ fn bad_configurations_are_refused_at_start_with_one_error_naming_the_key() {
             "source[1].name: \"a\" names another source too",
         ),
         (
+            "pool_too_small",
+            source("workers = 3\npool_size = 3"),
+            vec![],
+            "source \"a\".pool_size: 3 is too small: this source needs at least 4",
+        ),
+        (
             "maintenance_without_keep_sent",
             source("maintenance = true"),
             vec![],

@@ -203,8 +203,12 @@ pub fn main(path: &Path, format: LogFormat) -> ExitCode {
                 failed = true;
                 log::error!("source {name}: did not stop cleanly: {e}");
             }
-            Err(_) => {
+            Err(RecvTimeoutError::Timeout) => {
                 log::error!("stop past its bound: exiting with sources still running");
+                return ExitCode::FAILURE;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                log::error!("a source's thread ended without reporting how it stopped (a bug)");
                 return ExitCode::FAILURE;
             }
         }

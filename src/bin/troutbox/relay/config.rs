@@ -291,6 +291,14 @@ impl RelayConfig {
             source
                 .outbox(pool, self.service.shutdown_timeout)
                 .map_err(|e| ConfigError(format!("{}: {e}", source.key())))?;
+            let needed = source.pool_needed();
+            if source.pool_size.is_some_and(|size| size < needed) {
+                return err(format!(
+                    "{}.pool_size: {} is too small: this source needs at least {needed} (workers + 1 for the claim journal, + 1 with notify, + 1 with maintenance)",
+                    source.key(),
+                    source.pool_size.unwrap_or(0)
+                ));
+            }
             if source.maintenance && source.keep_sent.is_none() {
                 return err(format!(
                     "{}.maintenance: only tables with keep_sent have maintenance to run; remove it or set keep_sent",
@@ -331,12 +339,18 @@ impl Source {
         }
     }
 
-    /// The pool size the source needs (see [`Source::pool_size`]).
+    /// The pool size the source gets: `pool_size`, or what it needs.
     pub fn pool_size(&self) -> u32 {
-        self.pool_size.unwrap_or_else(|| {
-            let workers = u32::try_from(self.workers.unwrap_or(1)).unwrap_or(64);
-            workers + 1 + u32::from(self.notify) + u32::from(self.maintenance)
-        })
+        self.pool_size.unwrap_or_else(|| self.pool_needed())
+    }
+
+    /// The connections the source's relay and maintenance hold at once.
+    fn pool_needed(&self) -> u32 {
+        let workers = u32::try_from(self.workers.unwrap_or(1)).unwrap_or(u32::MAX);
+        workers
+            .saturating_add(1)
+            .saturating_add(u32::from(self.notify))
+            .saturating_add(u32::from(self.maintenance))
     }
 
     /// The source's outbox on `pool`, with the file's options, validated by `build`; its
