@@ -23,7 +23,7 @@ use troutbox::rabbitmq::{RabbitError, RabbitSender};
 use troutbox::{Backoff, Batch, Message, NewMessage, Outbox, PgStore, Sender, Status};
 
 use common::{count, eventually, pool, store, PATIENCE};
-use rabbit::{next, Amqp, TempRabbit};
+use rabbit::{next, ready, Amqp, TempRabbit};
 
 const EXCHANGE: &str = "troutbox.test";
 
@@ -70,23 +70,6 @@ fn declare(url: &str, queues: &[(&str, FieldTable)]) {
         .unwrap();
     }
     amqp.close();
-}
-
-/// Ready messages in `queue` (not counting delivered, unacknowledged ones).
-fn ready(url: &str, queue: &str) -> u32 {
-    let amqp = Amqp::connect(url, PATIENCE).unwrap();
-    let declared = amqp
-        .block_on(amqp.channel.queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        ))
-        .unwrap();
-    amqp.close();
-    declared.message_count()
 }
 
 /// message-id -> (deliveries, body, headers of the first delivery).

@@ -279,3 +279,27 @@ impl Drop for Amqp {
 pub async fn next<S: futures_core::Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
     std::future::poll_fn(|cx| std::pin::Pin::new(&mut *stream).poll_next(cx)).await
 }
+
+/// Ready messages in `queue` (not counting delivered, unacknowledged ones), which must exist.
+pub fn ready(url: &str, queue: &str) -> u32 {
+    queue_count(url, queue, true)
+}
+
+/// Messages ready in `queue`; with `passive` it must exist, else it is declared (durable)
+/// if it does not.
+pub fn queue_count(url: &str, queue: &str, passive: bool) -> u32 {
+    let amqp = Amqp::connect(url, PATIENCE).unwrap();
+    let declared = amqp
+        .block_on(amqp.channel.queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive,
+                durable: !passive,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        ))
+        .unwrap();
+    amqp.close();
+    declared.message_count()
+}
