@@ -13,8 +13,9 @@ use crate::observability::Telemetry;
 use crate::relay::handle::Handle;
 use crate::relay::listener::Listener;
 use crate::relay::sender::Sender;
-use crate::store::claim::PgRelay;
+use crate::store::claim::PgClaims;
 use crate::store::pg::{MakeTls, PgStore};
+use crate::store::protocol::ProtocolRelay;
 use crate::store::sql::Sql;
 use crate::Error;
 use producer::{NewMessage, PreparedProducer};
@@ -176,12 +177,12 @@ impl<T: MakeTls> Outbox<T> {
             .send_timeout
             .max(self.inner.store.pool().connection_timeout())
             + STUCK_MARGIN;
-        let relay = PgRelay::new(
+        let claims = PgClaims::new(
             self.inner.store.clone(),
             self.inner.sql.clone(),
-            &self.inner.config,
             stuck_after,
         );
+        let relay = ProtocolRelay::new(claims, &self.inner.config);
         let telemetry = Telemetry {
             #[cfg(feature = "opentelemetry")]
             otel: Some(self.inner.otel.clone()),

@@ -2,8 +2,9 @@
 //!
 //! - [`pg`]: the store's configuration and migrations; [`pool`]: a connection pool with
 //!   safe settings;
-//! - [`claim`]: the claim strategy, the protocol by which a relay takes, holds and settles
-//!   batches (claim, journal, settle, late settle), all in one file;
+//! - [`protocol`]: the claim protocol by which a relay takes, holds and settles batches
+//!   (claim, journal, settle, late settle, recover, set aside, resume), backend-free, over
+//!   a narrow trait of primitives; [`claim`]: PostgreSQL's primitives;
 //! - [`sql`]: every statement; [`decode`]: rows to messages, fallibly; [`ident`]: names;
 //!   [`retention`]: what happens to sent messages.
 //!
@@ -20,6 +21,7 @@ pub(crate) mod ident;
 pub(crate) mod memory;
 pub(crate) mod pg;
 pub(crate) mod pool;
+pub(crate) mod protocol;
 pub(crate) mod retention;
 pub(crate) mod sql;
 pub(crate) mod vigil;
