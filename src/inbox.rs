@@ -111,10 +111,10 @@ use postgres::{GenericClient, IsolationLevel, NoTls};
 use time::OffsetDateTime;
 
 use crate::maintenance::partitions::{maintain, spawn_maintenance, Partitioned};
-use crate::store::ident::Ident;
-use crate::store::pg::{MakeTls, PgPool};
-use crate::store::sql;
-use crate::store::sql::inbox::{window_check_name, InboxSql, INBOX_VERSION};
+use crate::store::postgres::ident::Ident;
+use crate::store::postgres::sql;
+use crate::store::postgres::sql::inbox::{window_check_name, InboxSql, INBOX_VERSION};
+use crate::store::postgres::{MakeTls, PgPool};
 use crate::{Error, MaintenanceHandle, MaintenanceReport};
 
 mod builder;
@@ -284,7 +284,7 @@ impl<T: MakeTls> Inbox<T> {
         if !exists(&mut tx, sql::SCHEMA_EXISTS, &[&inner.schema.as_str()]).map_err(map)? {
             tx.batch_execute(&inner.sql.create_schema).map_err(map)?;
         }
-        let inboxes = crate::store::sql::inbox::INBOXES_TABLE;
+        let inboxes = crate::store::postgres::sql::inbox::INBOXES_TABLE;
         if !exists(
             &mut tx,
             sql::TABLE_EXISTS,

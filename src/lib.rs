@@ -142,8 +142,8 @@ pub use relay::batch::Outcome;
 pub use relay::handle::Handle;
 pub use relay::health::Health;
 pub use relay::sender::Sender;
-pub use store::pg::{MakeTls, PgPool, PgStore, DEFAULT_SCHEMA, DEFAULT_TABLE};
-pub use store::pool::{pool, pool_with_tls, POOL_CONNECTION_TIMEOUT};
+pub use store::postgres::pool::{pool, pool_with_tls, POOL_CONNECTION_TIMEOUT};
+pub use store::postgres::{MakeTls, PgPool, PgStore, DEFAULT_SCHEMA, DEFAULT_TABLE};
 pub use store::retention::{Retention, DEFAULT_PARTITIONS_AHEAD, DEFAULT_PARTITION_INTERVAL};
 
 /// The examples of docs/usage.md (dead letters and backlog), compiled as doctests too.

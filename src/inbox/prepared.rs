@@ -3,7 +3,7 @@
 use postgres::{GenericClient, NoTls};
 
 use super::{check_input, Inbox, Received};
-use crate::store::pg::MakeTls;
+use crate::store::postgres::MakeTls;
 use crate::Error;
 
 /// An [`Inbox`] with its receive statement prepared on one connection, from

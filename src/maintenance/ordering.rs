@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::store::pg::{MakeTls, PgStore};
+use crate::store::postgres::{MakeTls, PgStore};
 use crate::Error;
 
 /// A key whose oldest pending message (its head) has failed at least once, so that the

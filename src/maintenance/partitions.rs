@@ -11,8 +11,8 @@ use std::time::Duration;
 use crossbeam_channel::{select, Sender as ChannelSender};
 
 use crate::error::panic_message;
-use crate::store::pg::{MakeTls, PgPool, PgStore};
-use crate::store::sql::{self, PartitionSql};
+use crate::store::postgres::sql::{self, PartitionSql};
+use crate::store::postgres::{MakeTls, PgPool, PgStore};
 use crate::Error;
 
 /// What one maintenance run did, from [`PgStore::run_maintenance_once`].

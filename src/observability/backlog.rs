@@ -2,7 +2,7 @@
 
 use time::OffsetDateTime;
 
-use crate::store::pg::{MakeTls, PgStore};
+use crate::store::postgres::{MakeTls, PgStore};
 use crate::Error;
 
 /// A snapshot of the outbox table, from [`PgStore::backlog`].

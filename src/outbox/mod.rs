@@ -13,10 +13,10 @@ use crate::observability::Telemetry;
 use crate::relay::handle::Handle;
 use crate::relay::listener::Listener;
 use crate::relay::sender::Sender;
-use crate::store::claim::PgClaims;
-use crate::store::pg::{MakeTls, PgStore};
+use crate::store::postgres::claims::PgClaims;
+use crate::store::postgres::sql::Sql;
+use crate::store::postgres::{MakeTls, PgStore};
 use crate::store::protocol::ProtocolRelay;
-use crate::store::sql::Sql;
 use crate::Error;
 use producer::{NewMessage, PreparedProducer};
 
@@ -168,7 +168,7 @@ impl<T: MakeTls> Outbox<T> {
             });
         }
         // A database call of the relay waits for a pool checkout (bounded by the pool's
-        // connection timeout, see `store::pool::checkout`) or for statements the server
+        // connection timeout, see `store::postgres::pool::checkout`) or for statements the server
         // bounds by the send timeout; one that has not returned 8 s after the longer of
         // the two is on a dead connection.
         let stuck_after = self

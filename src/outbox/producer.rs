@@ -10,8 +10,8 @@ use super::Outbox;
 use crate::config::{
     MAX_BYTES_PER_CALL, MAX_HEADERS, MAX_HEADER_BYTES, MAX_KEY_LEN, MAX_MESSAGES_PER_CALL,
 };
-use crate::store::pg::MakeTls;
-use crate::store::sql::encode_headers;
+use crate::store::postgres::sql::encode_headers;
+use crate::store::postgres::MakeTls;
 use crate::{Error, PgStore};
 
 #[cfg(feature = "diesel")]
@@ -347,7 +347,7 @@ impl Rows<'_> {
         }
     }
 
-    /// The SQL text of the INSERT the rows need (see [`Sql::inserts`](crate::store::sql::Sql::inserts)).
+    /// The SQL text of the INSERT the rows need (see [`Sql::inserts`](crate::store::postgres::sql::Sql::inserts)).
     fn statement<'s, T: MakeTls>(&self, outbox: &'s Outbox<T>, notify: bool) -> &'s str {
         self.pick(
             outbox

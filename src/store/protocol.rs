@@ -2,7 +2,7 @@
 //! runs, and settles it, so that every claim is accounted for. The policy lives here; each
 //! storage backend supplies the primitives ([`ClaimBackend`], [`ClaimConnection`],
 //! [`LateSettlement`]), one statement or one round trip each, and nothing else. The
-//! PostgreSQL primitives are in `store::claim`.
+//! PostgreSQL primitives are in `store::postgres::claims`.
 //!
 //! # The protocol (unordered strategy)
 //!

@@ -144,7 +144,7 @@ use ::diesel::sql_types::{Array, Bool, Bytea, Text};
 use ::diesel::{OptionalExtension, PgConnection, QueryableByName, RunQueryDsl};
 
 use super::{Conn, NewMessage, Rows};
-use crate::store::pg::MakeTls;
+use crate::store::postgres::MakeTls;
 use crate::{Error, Outbox, PgStore};
 
 /// Adds a message to the outbox through `conn`, normally inside a diesel transaction: the
@@ -216,14 +216,14 @@ impl From<Error> for DieselError {
     }
 }
 
-/// The answer of [`Sql::migrated`](crate::store::sql::Sql).
+/// The answer of [`Sql::migrated`](crate::store::postgres::sql::Sql).
 #[derive(QueryableByName)]
 struct Migrated {
     #[diesel(sql_type = Bool)]
     migrated: bool,
 }
 
-/// The answer of [`Sql::mode`](crate::store::sql::Sql).
+/// The answer of [`Sql::mode`](crate::store::postgres::sql::Sql).
 #[derive(QueryableByName)]
 struct Mode {
     #[diesel(sql_type = Bool)]
@@ -301,9 +301,9 @@ impl<T: MakeTls> Conn<T> for PgConnection {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::ident::Ident;
+    use crate::store::postgres::ident::Ident;
+    use crate::store::postgres::sql::Sql;
     use crate::store::retention::Retention;
-    use crate::store::sql::Sql;
     use crate::{DEFAULT_SCHEMA, DEFAULT_TABLE};
 
     /// Words separated by single spaces, and no space inside parentheses' edges, so that the

@@ -1,7 +1,7 @@
 //! Migrations: the versioned schema of an outbox table (its table, indexes, claim journal
 //! and charges, the schema's tables of versions and of modes) and what reads it back.
 
-use crate::store::ident::Ident;
+use crate::store::postgres::ident::Ident;
 use crate::store::retention::Retention;
 
 /// Name of the table that records applied migrations, one per schema, shared by every outbox

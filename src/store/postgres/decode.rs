@@ -7,8 +7,8 @@ use std::sync::Arc;
 use postgres::Row;
 use time::OffsetDateTime;
 
-use super::protocol::Undecodable;
 use crate::message::{Message, Status};
+use crate::store::protocol::Undecodable;
 
 /// Reads column `index` (called `column` in errors) as a `V`.
 pub(crate) fn column<'a, V: postgres::types::FromSql<'a>>(

@@ -1,4 +1,12 @@
-//! The PostgreSQL store: configuration, migrations, and the relay's sessions.
+//! The PostgreSQL backend: the store's configuration and migrations (here), its pool
+//! ([`pool`]), the claim protocol's primitives ([`claims`]), every statement by concern
+//! ([`sql`]), rows to messages ([`decode`]), and validated, quoted names ([`ident`]).
+
+pub(crate) mod claims;
+pub(crate) mod decode;
+pub(crate) mod ident;
+pub(crate) mod pool;
+pub(crate) mod sql;
 
 use std::sync::{Arc, OnceLock};
 
@@ -9,10 +17,9 @@ use r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 use time::OffsetDateTime;
 
-use super::decode;
-use super::ident::{Ident, DERIVED_SUFFIX_LEN, MAX_IDENT_LEN};
+use self::ident::{Ident, DERIVED_SUFFIX_LEN, MAX_IDENT_LEN};
+use self::sql::{Sql, SCHEMA_VERSION};
 use super::retention::Retention;
-use super::sql::{self, Sql, SCHEMA_VERSION};
 use crate::Error;
 
 /// The TLS connectors troutbox works with: anything `r2d2_postgres` can pool, such as
@@ -201,12 +208,12 @@ impl<T: MakeTls> PgStore<T> {
     }
 
     /// A connection for the relay's threads, checked to answer in bounded time (see
-    /// [`pool::checkout`](super::pool::checkout)).
+    /// [`pool::checkout`](self::pool::checkout)).
     pub(crate) fn relay_connection(
         &self,
         context: &'static str,
     ) -> Result<PooledConnection<PostgresConnectionManager<T>>, Error> {
-        super::pool::checkout(&self.pool, context)
+        self::pool::checkout(&self.pool, context)
     }
 
     /// The table's unqualified name, as the schema's table of modes records it.

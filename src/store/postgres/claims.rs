@@ -24,13 +24,13 @@ use r2d2_postgres::PostgresConnectionManager;
 use time::OffsetDateTime;
 
 use super::decode;
-use super::pg::{MakeTls, PgStore};
-use super::protocol::{
+use super::sql::{self, ClaimKind, Sql};
+use super::{MakeTls, PgStore};
+use crate::store::protocol::{
     attempts_i32, millis, ClaimBackend, ClaimConnection, ClaimSpec, ClaimedRow, LateFailed,
     LateSettlement, Recovered, Take,
 };
-use super::sql::{self, ClaimKind, Sql};
-use super::Returned;
+use crate::store::Returned;
 use crate::Error;
 
 /// The PostgreSQL primitives of the claim protocol for one relay: its store, its statements,
@@ -382,7 +382,7 @@ pub(crate) struct PgClaimConn<T: MakeTls> {
     client: Pooled<T>,
     /// Claims from the head of the pending index.
     claim_head: Statement,
-    /// Claims past the session's position (see [`Sql::claim`]).
+    /// Claims past the session's position (see [`ClaimSql::claim`](sql::ClaimSql::claim)).
     claim_after: Statement,
     /// Claims one given message.
     claim_one: Statement,

@@ -1,7 +1,7 @@
 //! Producing: the INSERTs `add_message`, `add` and `add_messages` run (plain, with the
 //! notification signal, with per-key ordering), and the notification channel.
 
-use crate::store::ident::Ident;
+use crate::store::postgres::ident::Ident;
 use crate::store::retention::Retention;
 
 /// The producer's three INSERT statements, as [`ProduceSql::inserts`] chooses them.
