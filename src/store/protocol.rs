@@ -544,7 +544,7 @@ impl<B: ClaimBackend> ProtocolSession<B> {
         self.claim_started = Instant::now();
         let rows = if one {
             let id = *self.suspects.front().expect("a suspect to claim");
-            self.claim(Take::One(id))
+            self.take(Take::One(id))
         } else {
             let shared = self
                 .shared_mark
@@ -556,20 +556,20 @@ impl<B: ClaimBackend> ProtocolSession<B> {
                 .max(shared)
                 .filter(|_| self.last_head_claim.elapsed() < HEAD_CLAIM_EVERY);
             let mut rows = match mark {
-                Some(at) => self.claim(Take::After(at)),
+                Some(at) => self.take(Take::After(at)),
                 None => Ok(Vec::new()),
             };
             // Nothing past the position (or no position): claim from the head.
             if matches!(&rows, Ok(r) if r.is_empty()) {
                 self.last_head_claim = Instant::now();
-                rows = self.claim(Take::Head);
+                rows = self.take(Take::Head);
             }
             rows
         };
         rows.map_err(|e| self.fail(e))
     }
 
-    fn claim(&mut self, take: Take) -> Result<Vec<ClaimedRow>, Error> {
+    fn take(&mut self, take: Take) -> Result<Vec<ClaimedRow>, Error> {
         let conn = self.conn.as_mut().expect("connected by claim_rows");
         conn.claim(take, &self.outbox_id)
     }
@@ -1123,5 +1123,72 @@ impl<B: ClaimBackend> Drop for ProtocolSession<B> {
                 conn.rollback(true);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::store::memory::MemoryStore;
+
+    /// The policy alone, on the in-memory primitives (tests/claims.rs has the same against
+    /// PostgreSQL, with processes killed): a message that crashes the relay at every claim is
+    /// isolated from its batch, charged once per crash, and set aside dead in its claim after
+    /// `max_retries + 1` attempts, without reaching the Sender again; the others go through.
+    #[test]
+    fn a_crash_looping_message_is_isolated_charged_and_set_aside_without_its_batch() {
+        let store = MemoryStore::new();
+        let (a, poison, c) = (store.add("a"), store.add("poison"), store.add("c"));
+        let config = Config {
+            max_retries: 2,
+            batch_size: 10,
+            ..Config::default()
+        };
+        let relay = ProtocolRelay::new(store.clone(), &config);
+        let mut poison_seen = 0;
+        let mut delivered = Vec::new();
+        for _ in 0..20 {
+            let mut session = relay.open_session().expect("a session");
+            let claimed = session.claim(config.batch_size).expect("a claim");
+            if claimed.messages.is_empty() {
+                break;
+            }
+            let ids: Vec<i64> = claimed.messages.iter().map(|m| m.id).collect();
+            if ids.contains(&poison) {
+                poison_seen += 1;
+                if poison_seen > 1 {
+                    assert_eq!(ids, [poison], "after its first crash it is claimed alone");
+                }
+                drop(session); // the Sender crashed the process: no settlement
+                continue;
+            }
+            delivered.extend(&ids);
+            let (report, error) = session.settle(Settlement {
+                sent: ids,
+                returned: Vec::new(),
+            });
+            assert!(error.is_none());
+            assert_eq!(report.sent as usize, claimed.messages.len());
+        }
+        let state = store.state();
+        assert!(
+            delivered.contains(&a) && delivered.contains(&c),
+            "{delivered:?}"
+        );
+        assert!(!delivered.contains(&poison));
+        let row = &state.rows[&poison];
+        assert!(row.dead, "the poison is set aside");
+        assert_eq!(row.message.attempts, config.max_retries + 1);
+        assert_eq!(
+            poison_seen, 3,
+            "the first crash (whole batch) and two alone"
+        );
+        assert!(
+            state.charges.is_empty(),
+            "every charge consumed: {:?}",
+            state.charges
+        );
+        assert!(state.journal.is_empty(), "no claim left unaccounted for");
     }
 }
