@@ -110,8 +110,9 @@ use postgres::types::Type;
 use postgres::{GenericClient, IsolationLevel, NoTls};
 use time::OffsetDateTime;
 
-use crate::maintenance::partitions::{maintain, spawn_maintenance, Partitioned};
+use crate::maintenance::scheduler::spawn_maintenance;
 use crate::store::postgres::ident::Ident;
+use crate::store::postgres::partitions::{maintain, Partitioned};
 use crate::store::postgres::sql;
 use crate::store::postgres::sql::inbox::{window_check_name, InboxSql, INBOX_VERSION};
 use crate::store::postgres::{MakeTls, PgPool};

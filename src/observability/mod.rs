@@ -1,7 +1,6 @@
 //! Observability: counters and timings of the relay ([`Stats`](crate::Stats)), the backlog
 //! ([`Backlog`](crate::Backlog)), and with the `opentelemetry` feature, metrics and traces.
 
-pub(crate) mod backlog;
 #[cfg(feature = "opentelemetry")]
 pub(crate) mod otel;
 pub(crate) mod stats;

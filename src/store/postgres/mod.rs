@@ -2,9 +2,14 @@
 //! ([`pool`]), the claim protocol's primitives ([`claims`]), every statement by concern
 //! ([`sql`]), rows to messages ([`decode`]), and validated, quoted names ([`ident`]).
 
+pub(crate) mod backlog;
 pub(crate) mod claims;
+pub(crate) mod dead_letters;
 pub(crate) mod decode;
 pub(crate) mod ident;
+pub(crate) mod listener;
+pub(crate) mod ordering;
+pub(crate) mod partitions;
 pub(crate) mod pool;
 pub(crate) mod sql;
 
