@@ -1,13 +1,13 @@
 //! What the operator API reports, as plain data a backend produces: the backlog
-//! ([`PgStore::backlog`](crate::PgStore::backlog)), blocked keys
-//! ([`PgStore::blocked_keys`](crate::PgStore::blocked_keys)) and what a maintenance run did
-//! ([`PgStore::run_maintenance_once`](crate::PgStore::run_maintenance_once)).
+//! ([`PgStore::backlog`](crate::PgStore::backlog)(crate::PgStore::backlog)), blocked keys
+//! ([`PgStore::blocked_keys`](crate::PgStore::blocked_keys)(crate::PgStore::blocked_keys)) and what a maintenance run did
+//! ([`PgStore::run_maintenance_once`](crate::PgStore::run_maintenance_once)(crate::PgStore::run_maintenance_once)).
 
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
-/// A snapshot of the outbox table, from [`PgStore::backlog`].
+/// A snapshot of the outbox table, from [`PgStore::backlog`](crate::PgStore::backlog).
 ///
 /// With the `serde` feature it implements `Serialize`: `{"pending": 5, "dead": 0, "sent": 0,
 /// "oldest_pending": "2025-01-31T12:00:00.123456Z"}` (RFC 3339, or `null`).
@@ -32,7 +32,7 @@ pub struct Backlog {
 }
 
 /// A key whose oldest pending message (its head) has failed at least once, so that the
-/// key's later messages wait for it (per-key ordering). From [`PgStore::blocked_keys`].
+/// key's later messages wait for it (per-key ordering). From [`PgStore::blocked_keys`](crate::PgStore::blocked_keys).
 ///
 /// With the `serde` feature it implements `Serialize`, as an object of its fields,
 /// `next_attempt_at` in RFC 3339 and `blocked_for` as `blocked_for_seconds` (a float).
@@ -65,7 +65,7 @@ pub struct BlockedKey {
     pub waiting: u64,
 }
 
-/// What one maintenance run did, from [`PgStore::run_maintenance_once`].
+/// What one maintenance run did, from [`PgStore::run_maintenance_once`](crate::PgStore::run_maintenance_once).
 ///
 /// With the `serde` feature it implements `Serialize`, as an object of its fields, each
 /// `kept` entry as `{"partition": name, "unsent": count}`.
