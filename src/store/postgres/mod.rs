@@ -7,10 +7,12 @@ pub(crate) mod claims;
 pub(crate) mod dead_letters;
 pub(crate) mod decode;
 pub(crate) mod ident;
+pub(crate) mod inbox;
 pub(crate) mod listener;
 pub(crate) mod ordering;
 pub(crate) mod partitions;
 pub(crate) mod pool;
+pub(crate) mod producer;
 pub(crate) mod sql;
 
 use std::sync::{Arc, OnceLock};
@@ -266,22 +268,7 @@ impl<T: MakeTls> PgStore<T> {
             context: "migrating the outbox schema",
             error: e,
         };
-        // Stated, not inherited: under a database default of REPEATABLE READ or SERIALIZABLE
-        // the snapshot would be taken before the lock below, and concurrent migrations fail.
-        let mut tx = conn
-            .build_transaction()
-            .isolation_level(IsolationLevel::ReadCommitted)
-            .start()
-            .map_err(map)?;
-        tx.batch_execute(sql::MIGRATION_TIMEOUTS).map_err(map)?;
-        let lock_key = format!("troutbox:migrate:{}", self.schema);
-        tx.execute(sql::MIGRATION_LOCK, &[&lock_key]).map_err(map)?;
-        let exists = |tx: &mut postgres::Transaction<'_>,
-                      sql: &str,
-                      params: &[&(dyn postgres::types::ToSql + Sync)]| {
-            tx.query_one(sql, params)
-                .and_then(|row| row.try_get::<_, bool>(0))
-        };
+        let mut tx = begin_migration(&mut conn, &self.schema).map_err(map)?;
         if !exists(&mut tx, sql::SCHEMA_EXISTS, &[&self.schema]).map_err(map)? {
             tx.batch_execute(&sql.migrations.create_schema)
                 .map_err(map)?;
@@ -573,6 +560,35 @@ impl<T: MakeTls> PgStore<T> {
         }
         Ok(())
     }
+}
+
+/// Opens a migration's transaction on `conn`, for the schema `schema`: `READ COMMITTED`
+/// stated, not inherited (under a database default of REPEATABLE READ or SERIALIZABLE the
+/// snapshot would be taken before the lock, and concurrent migrations fail), the migration
+/// timeouts, and the schema's migration lock, which serializes every migration of the schema
+/// (the outbox tables' and the inboxes') across processes until this transaction ends.
+pub(crate) fn begin_migration<'c>(
+    conn: &'c mut postgres::Client,
+    schema: &str,
+) -> Result<postgres::Transaction<'c>, postgres::Error> {
+    let mut tx = conn
+        .build_transaction()
+        .isolation_level(IsolationLevel::ReadCommitted)
+        .start()?;
+    tx.batch_execute(sql::MIGRATION_TIMEOUTS)?;
+    let lock_key = format!("troutbox:migrate:{schema}");
+    tx.execute(sql::MIGRATION_LOCK, &[&lock_key])?;
+    Ok(tx)
+}
+
+/// Runs an `EXISTS` query (`sql::SCHEMA_EXISTS`, `sql::TABLE_EXISTS`) in a migration.
+pub(crate) fn exists(
+    tx: &mut postgres::Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+) -> Result<bool, postgres::Error> {
+    tx.query_one(sql, params)
+        .and_then(|row| row.try_get::<_, bool>(0))
 }
 
 /// Builds a [`Message`](crate::Message) from a dead row of the table `outbox`, leniently (see
