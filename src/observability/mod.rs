@@ -1,5 +1,6 @@
-//! Observability: counters and timings of the relay ([`Stats`](crate::Stats)), the backlog
-//! ([`Backlog`](crate::Backlog)), and with the `opentelemetry` feature, metrics and traces.
+//! Observability: counters and timings of the relay ([`Stats`](crate::Stats)), and with the
+//! `opentelemetry` feature, metrics and traces (the backlog gauge among them reads
+//! [`PgStore::backlog`](crate::PgStore::backlog); the `tracing` feature adds a span per batch).
 
 #[cfg(feature = "opentelemetry")]
 pub(crate) mod otel;
