@@ -13,10 +13,9 @@ use crate::observability::Telemetry;
 use crate::relay::handle::Handle;
 use crate::relay::sender::Sender;
 use crate::store::postgres::claims::PgClaims;
-use crate::store::postgres::listener::Listener;
 use crate::store::postgres::sql::Sql;
 use crate::store::postgres::{MakeTls, PgStore};
-use crate::store::protocol::ProtocolRelay;
+use crate::store::protocol::{ClaimBackend, ProtocolRelay};
 use crate::Error;
 use producer::{NewMessage, PreparedProducer};
 
@@ -182,7 +181,14 @@ impl<T: MakeTls> Outbox<T> {
             self.inner.sql.clone(),
             stuck_after,
         );
-        let relay = ProtocolRelay::new(claims, &self.inner.config);
+        let relay = Arc::new(ProtocolRelay::new(claims, &self.inner.config));
+        // Wake-ups from other processes' commits (`notify(true)`), if the backend has them.
+        let wake_ups = if config.notify {
+            let errors = config.error_handler.clone();
+            relay.backend.wake_ups(self.inner.wake_tx.clone(), errors)
+        } else {
+            None
+        };
         let telemetry = Telemetry {
             #[cfg(feature = "opentelemetry")]
             otel: Some(self.inner.otel.clone()),
@@ -191,26 +197,15 @@ impl<T: MakeTls> Outbox<T> {
         let mut config = self.inner.config.clone();
         config.stuck_after = stuck_after;
         let mut handle = crate::relay::spawn(
-            Arc::new(relay),
+            relay,
             sender,
             &config,
             Arc::new(telemetry),
             self.inner.wake_tx.clone(),
             self.inner.wake_rx.clone(),
         )?;
-        if self.inner.config.notify {
-            let listener = |stop, done| -> Box<dyn FnOnce() + Send> {
-                let listener = Listener {
-                    store: self.inner.store.clone(),
-                    channel_query: self.inner.sql.produce.notify_channel.clone(),
-                    wake: self.inner.wake_tx.clone(),
-                    stop,
-                    error_handler: self.inner.config.error_handler.clone(),
-                    _done: done,
-                };
-                Box::new(move || listener.run())
-            };
-            handle.attach("troutbox-listener", listener)?;
+        if let Some(wake_ups) = wake_ups {
+            handle.attach("troutbox-listener", wake_ups)?;
         }
         Ok(handle)
     }

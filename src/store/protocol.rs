@@ -62,10 +62,12 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender as ChannelSender};
 use time::OffsetDateTime;
 
 use super::vigil::{self, Vigil};
 use super::{Claimed, RelaySession, RelayStore, Returned, SettleReport, Settlement};
+use crate::config::ErrorHandler;
 use crate::message::Message;
 use crate::store::storable_text;
 use crate::Error;
@@ -250,7 +252,22 @@ pub(crate) trait ClaimBackend: Send + Sync + 'static {
     /// A worker was found stuck in a call that never returned: the second connection may be
     /// on the same frozen path, and must not be used again without a bounded check.
     fn reset_shared(&self);
+
+    /// Cross-process wake-ups, a capability a backend may lack (PostgreSQL has them:
+    /// `LISTEN`): the loop a thread of the relay runs, sending on `wake` whenever another
+    /// process signals committed messages, reporting its errors to `errors`, until its stop
+    /// channel disconnects. `None` without: the relay then polls, which is its correctness
+    /// path anyway (a wake-up only shortens an idle worker's sleep).
+    fn wake_ups(&self, wake: ChannelSender<()>, errors: ErrorHandler) -> Option<WakeUps> {
+        let _ = (wake, errors);
+        None
+    }
 }
+
+/// A wake-up loop (see [`ClaimBackend::wake_ups`]): given the relay's stop channel and the
+/// sender whose drop tells the relay's handle that the thread ended, the body of the thread.
+pub(crate) type WakeUps =
+    Box<dyn FnOnce(Receiver<()>, ChannelSender<()>) -> Box<dyn FnOnce() + Send> + Send>;
 
 /// A worker's connection: the claim transaction's primitives. Errors come back mapped, with
 /// what was being done; after one the protocol calls [`rollback`](Self::rollback).

@@ -17,6 +17,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Sender as ChannelSender;
 use postgres::types::{ToSql, Type};
 use postgres::{Client, Statement};
 use r2d2::PooledConnection;
@@ -24,11 +25,13 @@ use r2d2_postgres::PostgresConnectionManager;
 use time::OffsetDateTime;
 
 use super::decode;
+use super::listener::Listener;
 use super::sql::{self, ClaimKind, Sql};
 use super::{MakeTls, PgStore};
+use crate::config::ErrorHandler;
 use crate::store::protocol::{
     attempts_i32, millis, ClaimBackend, ClaimConnection, ClaimSpec, ClaimedRow, LateFailed,
-    LateSettlement, Recovered, Take,
+    LateSettlement, Recovered, Take, WakeUps,
 };
 use crate::store::Returned;
 use crate::Error;
@@ -372,6 +375,22 @@ impl<T: MakeTls> ClaimBackend for PgClaims<T> {
 
     fn reset_shared(&self) {
         self.side.reset();
+    }
+
+    fn wake_ups(&self, wake: ChannelSender<()>, errors: ErrorHandler) -> Option<WakeUps> {
+        let store = self.store.clone();
+        let channel_query = self.sql.produce.notify_channel.clone();
+        Some(Box::new(move |stop, done| {
+            let listener = Listener {
+                store,
+                channel_query,
+                wake,
+                stop,
+                error_handler: errors,
+                _done: done,
+            };
+            Box::new(move || listener.run())
+        }))
     }
 }
 
