@@ -58,6 +58,75 @@ fn emit(scenario: &str, value: f64, reference: f64) {
     );
 }
 
+/// CPU seconds used so far by this process (the relay or the reference producer, with
+/// librdkafka's threads), by the PostgreSQL server it started and by the broker it started
+/// (every process descended from this one, by name), read from `/proc`: where a run's work
+/// goes on a machine whose cores they all share. Processes of other programs do not count.
+fn cpu() -> [f64; 3] {
+    let ticks = 100.0; // USER_HZ: 100 on Linux whatever the kernel's tick rate
+    let read = |pid: &str| -> Option<(String, u32, f64)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (head, rest) = stat.rsplit_once(") ")?;
+        let comm = head.split_once(" (")?.1.to_owned();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ppid = fields.get(1)?.parse().ok()?;
+        let used: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        Some((comm, ppid, used / ticks))
+    };
+    let me = std::process::id();
+    let procs: Vec<(u32, String, u32, f64)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let pid: u32 = name.parse().ok()?;
+            let (comm, ppid, used) = read(&name)?;
+            Some((pid, comm, ppid, used))
+        })
+        .collect();
+    let descends = |mut pid: u32| {
+        for _ in 0..8 {
+            let Some(p) = procs.iter().find(|p| p.0 == pid) else {
+                return false;
+            };
+            if p.2 == me {
+                return true;
+            }
+            pid = p.2;
+        }
+        false
+    };
+    let mut out = [0.0; 3];
+    for (pid, comm, _, used) in &procs {
+        if *pid == me {
+            out[0] += used;
+        } else if descends(*pid) && comm.starts_with("postgres") {
+            out[1] += used;
+        } else if descends(*pid) && comm.starts_with("tansu") {
+            out[2] += used;
+        }
+    }
+    out
+}
+
+/// Prints the CPU time a run of `n` messages used, per message, from `before` (see [`cpu`]),
+/// and returns the total in microseconds per message.
+fn report_cpu(what: &str, n: usize, before: [f64; 3]) -> f64 {
+    let after = cpu();
+    let us = |i: usize| (after[i] - before[i]) * 1e6 / n as f64;
+    let total = us(0) + us(1) + us(2);
+    eprintln!(
+        "  {what}: CPU per message {total:.1} µs: this process {:.1}, PostgreSQL {:.1}, broker {:.1} (2 cores: at most {:.0} msg/s)",
+        us(0),
+        us(1),
+        us(2),
+        2e6 / total
+    );
+    total
+}
+
 fn key(i: usize) -> String {
     format!("customer-{}", i % 100)
 }
@@ -143,7 +212,8 @@ fn direct(brokers: &str, n: usize) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Drains `n` committed messages to Kafka through the relay; messages/s.
+/// Drains `n` committed messages to Kafka through the relay; messages/s, and the CPU time
+/// the drain used per message (µs, see [`cpu`]).
 /// With `kafka` false, the same relay with a no-op Sender (every message sent at once): what
 /// the outbox alone costs, for the diagnosis on stderr.
 fn relay(
@@ -153,7 +223,7 @@ fn relay(
     batch: usize,
     workers: usize,
     to_kafka: bool,
-) -> f64 {
+) -> (f64, f64) {
     let store = PgStore::new(pool.clone()).schema(SCHEMA);
     pool.get()
         .unwrap()
@@ -186,6 +256,7 @@ fn relay(
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
     let s = sent.clone();
     let target = n as u64;
+    let cpu_before = cpu();
     let started = Instant::now();
     let mut handle = outbox
         .start(move |batch: &mut Batch| {
@@ -210,6 +281,12 @@ fn relay(
         .unwrap();
     done_rx.recv_timeout(Duration::from_secs(300)).unwrap();
     let elapsed = started.elapsed();
+    let what = if to_kafka {
+        "outbox -> Kafka"
+    } else {
+        "no-op relay"
+    };
+    let cpu_used = report_cpu(&format!("{what}, batch {batch} x{workers}"), n, cpu_before);
     handle.shutdown().unwrap();
     let stats = handle.stats();
     eprintln!(
@@ -219,7 +296,7 @@ fn relay(
         stats.batch_duration.mean()
     );
     drop(kafka);
-    n as f64 / elapsed.as_secs_f64()
+    (n as f64 / elapsed.as_secs_f64(), cpu_used)
 }
 
 fn main() {
@@ -259,11 +336,17 @@ fn main() {
         ("kafka_outbox_batch_1000", 1000, 1),
         ("kafka_outbox_batch_1000_2_workers", 1000, 2),
     ] {
+        let before = cpu();
         let reference = direct(&brokers, n);
-        let value = relay(&pool, &brokers, n, batch, workers, true);
-        let noop = relay(&pool, &brokers, n, batch, workers, false);
+        report_cpu("librdkafka alone", n, before);
+        let (value, kafka_cpu) = relay(&pool, &brokers, n, batch, workers, true);
+        let (noop, noop_cpu) = relay(&pool, &brokers, n, batch, workers, false);
         eprintln!("{scenario}: {n} messages, outbox {value:.0} msg/s, direct {reference:.0} msg/s; the same relay with a no-op Sender {noop:.0} msg/s");
         emit(scenario, value, reference);
         emit(&format!("{scenario}_vs_noop_sender"), value, noop);
+        println!(
+            "{{\"scenario\": \"{scenario}_cpu_per_message\", \"value\": {kafka_cpu:.1}, \"unit\": \"us\", \"reference\": {noop_cpu:.1}, \"ratio\": {:.3}}}",
+            kafka_cpu / noop_cpu
+        );
     }
 }

@@ -1035,7 +1035,7 @@ impl Bench {
             "INSERT INTO {} (key, value) VALUES ($1, $2)",
             self.reference.qualified_table()
         );
-        // The library's own statement text (see src/store/sql/produce.rs), headers included, on the
+        // The library's own statement text (see src/store/postgres/sql/produce.rs), headers included, on the
         // library's table.
         let unprepared_sql = format!(
             "INSERT INTO {} (key, value, headers) VALUES ($1, $2, $3)",
@@ -1161,7 +1161,7 @@ impl Bench {
                 "INSERT INTO {t} (key, value) SELECT * FROM unnest($1::text[], $2::bytea[])"
             ),
             // The library's own statement text for messages without headers (see
-            // src/store/sql/produce.rs, `many_plain`).
+            // src/store/postgres/sql/produce.rs, `many_plain`).
             Insert::LibrarySqlPrepared => format!(
                 "INSERT INTO {t} (key, value)
                  SELECT k, v

@@ -106,15 +106,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postgres::error::SqlState;
-use postgres::types::Type;
-use postgres::{GenericClient, IsolationLevel, NoTls};
+use postgres::{GenericClient, NoTls};
+#[cfg(feature = "diesel")]
 use time::OffsetDateTime;
 
-use crate::maintenance::partitions::{maintain, spawn_maintenance, Partitioned};
-use crate::store::ident::Ident;
-use crate::store::pg::{MakeTls, PgPool};
-use crate::store::sql;
-use crate::store::sql::inbox::{window_check_name, InboxSql, INBOX_VERSION};
+use crate::maintenance::scheduler::spawn_maintenance;
+use crate::store::postgres::ident::Ident;
+use crate::store::postgres::inbox::{self as pg_inbox, Recorded};
+use crate::store::postgres::partitions::{maintain, Partitioned};
+use crate::store::postgres::sql::inbox::{window_check_name, InboxSql, INBOX_VERSION};
+use crate::store::postgres::{Clock, MakeTls, PgPool};
 use crate::{Error, MaintenanceHandle, MaintenanceReport};
 
 mod builder;
@@ -176,9 +177,6 @@ impl Received {
         self == Received::Duplicate
     }
 }
-
-/// A clock injected with [`InboxBuilder::clock`].
-pub(crate) type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 
 struct Inner<T: MakeTls> {
     pool: PgPool<T>,
@@ -263,72 +261,36 @@ impl<T: MakeTls> Inbox<T> {
     /// another window ([`Error::InboxWindowMismatch`]).
     pub fn migrate(&self) -> Result<(), Error> {
         let inner = &*self.inner;
-        let context = "migrating the inbox table";
-        let map = |error| Error::Database { context, error };
-        let mut conn = inner.pool.get().map_err(Error::pool(context))?;
-        // READ COMMITTED stated, not inherited: the snapshot must come after the lock.
-        let mut tx = conn
-            .build_transaction()
-            .isolation_level(IsolationLevel::ReadCommitted)
-            .start()
-            .map_err(map)?;
-        tx.batch_execute(sql::MIGRATION_TIMEOUTS).map_err(map)?;
-        let lock_key = format!("troutbox:migrate:{}", inner.schema.as_str());
-        tx.execute(sql::MIGRATION_LOCK, &[&lock_key]).map_err(map)?;
-        let exists = |tx: &mut postgres::Transaction<'_>,
-                      sql: &str,
-                      params: &[&(dyn postgres::types::ToSql + Sync)]| {
-            tx.query_one(sql, params)
-                .and_then(|row| row.try_get::<_, bool>(0))
-        };
-        if !exists(&mut tx, sql::SCHEMA_EXISTS, &[&inner.schema.as_str()]).map_err(map)? {
-            tx.batch_execute(&inner.sql.create_schema).map_err(map)?;
-        }
-        let inboxes = crate::store::sql::inbox::INBOXES_TABLE;
-        if !exists(
-            &mut tx,
-            sql::TABLE_EXISTS,
-            &[&inner.schema.as_str(), &inboxes],
-        )
-        .map_err(map)?
-        {
-            tx.batch_execute(&inner.sql.create_inboxes).map_err(map)?;
-        }
         let window = inner.interval.unwrap_or(0);
-        let recorded = tx
-            .query_opt(&inner.sql.recorded, &[&inner.table.as_str()])
-            .map_err(map)?;
-        match recorded {
-            None => {
-                tx.batch_execute(&inner.sql.migration_v1).map_err(map)?;
-                tx.execute(
-                    &inner.sql.record,
-                    &[&inner.table.as_str(), &INBOX_VERSION, &window],
-                )
-                .map_err(map)?;
-                log::info!("created inbox table {}", inner.qualified);
+        let check = |recorded: Recorded| {
+            if recorded.version > INBOX_VERSION {
+                return Err(Error::InboxSchemaTooNew {
+                    table: inner.qualified.clone(),
+                    found: recorded.version,
+                    supported: INBOX_VERSION,
+                });
             }
-            Some(row) => {
-                let version: i32 = row.try_get(0).map_err(map)?;
-                let recorded: i64 = row.try_get(1).map_err(map)?;
-                if version > INBOX_VERSION {
-                    return Err(Error::InboxSchemaTooNew {
-                        table: inner.qualified.clone(),
-                        found: version,
-                        supported: INBOX_VERSION,
-                    });
-                }
-                if recorded != window {
-                    return Err(Error::InboxWindowMismatch {
-                        table: inner.qualified.clone(),
-                        configured: Self::show_window(window),
-                        recorded: Self::show_window(recorded),
-                    });
-                }
+            if recorded.window != window {
+                return Err(Error::InboxWindowMismatch {
+                    table: inner.qualified.clone(),
+                    configured: Self::show_window(window),
+                    recorded: Self::show_window(recorded.window),
+                });
             }
+            Ok(())
+        };
+        let (schema, table) = (inner.schema.as_str(), inner.table.as_str());
+        if pg_inbox::migrate(
+            &inner.pool,
+            schema,
+            table,
+            &inner.sql,
+            window,
+            INBOX_VERSION,
+            check,
+        )? {
+            log::info!("created inbox table {}", inner.qualified);
         }
-        tx.commit().map_err(map)?;
-        drop(conn);
         if inner.interval.is_some() {
             // Partitions around now, so the DEFAULT partition stays a safety net.
             self.run_maintenance_once()?;
@@ -368,13 +330,9 @@ impl<T: MakeTls> Inbox<T> {
     ) -> Result<Received, Error> {
         check_input(consumer, message_id)?;
         let inner = &*self.inner;
-        let inserted = match (&inner.clock, &inner.sql.receive_at) {
-            (Some(clock), Some(receive_at)) => {
-                client.execute(receive_at, &[&consumer, &message_id, &clock()])
-            }
-            _ => client.execute(&inner.sql.receive, &[&consumer, &message_id]),
-        }
-        .map_err(|e| self.receive_error(e))?;
+        let clock = inner.clock.as_ref();
+        let inserted = pg_inbox::receive(client, &inner.sql, clock, None, consumer, message_id)
+            .map_err(|e| self.receive_error(e))?;
         Ok(self.received(inserted))
     }
 
@@ -397,15 +355,7 @@ impl<T: MakeTls> Inbox<T> {
     /// ```
     pub fn prepare(&self, client: &mut impl GenericClient) -> Result<PreparedInbox<T>, Error> {
         let inner = &*self.inner;
-        let (text, types) = match (&inner.clock, &inner.sql.receive_at) {
-            (Some(_), Some(receive_at)) => (
-                receive_at.as_str(),
-                &[Type::TEXT, Type::TEXT, Type::TIMESTAMPTZ][..],
-            ),
-            _ => (inner.sql.receive.as_str(), &[Type::TEXT, Type::TEXT][..]),
-        };
-        let statement = client
-            .prepare_typed(text, types)
+        let statement = pg_inbox::prepare_receive(client, &inner.sql, inner.clock.is_some())
             .map_err(|e| self.receive_error(e))?;
         Ok(PreparedInbox {
             inbox: self.clone(),

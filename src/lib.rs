@@ -100,6 +100,7 @@ mod outbox;
 #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
 pub mod rabbitmq;
 mod relay;
+mod reports;
 #[cfg(feature = "serde")]
 mod ser;
 mod store;
@@ -126,10 +127,8 @@ pub use config::{
 };
 pub use error::{BoxError, Error};
 pub use inbox::{Inbox, InboxBuilder, PreparedInbox, Received};
-pub use maintenance::ordering::BlockedKey;
-pub use maintenance::partitions::{MaintenanceHandle, MaintenanceReport};
+pub use maintenance::scheduler::MaintenanceHandle;
 pub use message::{DeadMessage, DeadSummary, Message, Status};
-pub use observability::backlog::Backlog;
 pub use observability::stats::{Stats, Timing};
 #[cfg(feature = "diesel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "diesel")))]
@@ -142,8 +141,9 @@ pub use relay::batch::Outcome;
 pub use relay::handle::Handle;
 pub use relay::health::Health;
 pub use relay::sender::Sender;
-pub use store::pg::{MakeTls, PgPool, PgStore, DEFAULT_SCHEMA, DEFAULT_TABLE};
-pub use store::pool::{pool, pool_with_tls, POOL_CONNECTION_TIMEOUT};
+pub use reports::{Backlog, BlockedKey, MaintenanceReport};
+pub use store::postgres::pool::{pool, pool_with_tls, POOL_CONNECTION_TIMEOUT};
+pub use store::postgres::{MakeTls, PgPool, PgStore, DEFAULT_SCHEMA, DEFAULT_TABLE};
 pub use store::retention::{Retention, DEFAULT_PARTITIONS_AHEAD, DEFAULT_PARTITION_INTERVAL};
 
 /// The examples of docs/usage.md (dead letters and backlog), compiled as doctests too.

@@ -596,6 +596,37 @@ fn mock_retriable_request_errors_are_retried_inside_the_batch() {
     );
 }
 
+/// A batch leaves as soon as it is enqueued, whatever `linger.ms`: the sender flushes it
+/// (one request per partition leader, instead of the first messages alone while the rest are
+/// enqueued). With a linger of 10 s, a batch waiting it out would take 10 s.
+#[test]
+fn a_batch_is_sent_at_once_whatever_the_linger() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("t", 2, 1).unwrap();
+    let mut sender = KafkaSender::builder(cluster.bootstrap_servers())
+        .topic("t")
+        .delivery_timeout(Duration::from_secs(30))
+        .set("linger.ms", "10000")
+        .build()
+        .unwrap();
+    for round in 0..3 {
+        let mut b = batch(50, &format!("k{round}"));
+        let started = std::time::Instant::now();
+        sender.send(&mut b).unwrap();
+        let took = started.elapsed();
+        assert!(
+            statuses(&b).iter().all(|s| *s == Status::Sent),
+            "{:?}",
+            statuses(&b)
+        );
+        // The first batch also connects and fetches metadata (milliseconds here).
+        assert!(
+            took < Duration::from_secs(5),
+            "batch {round} took {took:?}: it waited for the linger"
+        );
+    }
+}
+
 /// A broker that refuses a produce request for good: its messages are failed with the
 /// broker's reason; the next batch goes through.
 #[test]

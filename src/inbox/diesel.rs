@@ -28,7 +28,7 @@ use ::diesel::sql_types::Text;
 use ::diesel::{PgConnection, RunQueryDsl};
 
 use super::{check_input, Inbox, Received};
-use crate::store::pg::MakeTls;
+use crate::store::postgres::MakeTls;
 use crate::Error;
 
 /// [`Inbox::receive`] on a diesel connection: records that `consumer` received

@@ -3,7 +3,8 @@
 use postgres::{GenericClient, NoTls};
 
 use super::{check_input, Inbox, Received};
-use crate::store::pg::MakeTls;
+use crate::store::postgres::inbox::receive;
+use crate::store::postgres::MakeTls;
 use crate::Error;
 
 /// An [`Inbox`] with its receive statement prepared on one connection, from
@@ -26,13 +27,10 @@ impl<T: MakeTls> PreparedInbox<T> {
     ) -> Result<Received, Error> {
         check_input(consumer, message_id)?;
         let inbox = &self.inbox;
-        let inserted = match (&inbox.inner.clock, &inbox.inner.sql.receive_at) {
-            (Some(clock), Some(_)) => {
-                client.execute(&self.statement, &[&consumer, &message_id, &clock()])
-            }
-            _ => client.execute(&self.statement, &[&consumer, &message_id]),
-        }
-        .map_err(|e| inbox.receive_error(e))?;
+        let (sql, clock) = (&inbox.inner.sql, inbox.inner.clock.as_ref());
+        let statement = Some(&self.statement);
+        let inserted = receive(client, sql, clock, statement, consumer, message_id)
+            .map_err(|e| inbox.receive_error(e))?;
         Ok(inbox.received(inserted))
     }
 

@@ -1,7 +1,7 @@
-//! Observability: counters and timings of the relay ([`Stats`](crate::Stats)), the backlog
-//! ([`Backlog`](crate::Backlog)), and with the `opentelemetry` feature, metrics and traces.
+//! Observability: counters and timings of the relay ([`Stats`](crate::Stats)), and with the
+//! `opentelemetry` feature, metrics and traces (the backlog gauge among them reads
+//! [`PgStore::backlog`](crate::PgStore::backlog); the `tracing` feature adds a span per batch).
 
-pub(crate) mod backlog;
 #[cfg(feature = "opentelemetry")]
 pub(crate) mod otel;
 pub(crate) mod stats;

@@ -15,7 +15,7 @@ use opentelemetry::trace::{Link, Span, SpanKind, Status, TraceContextExt, Tracer
 use opentelemetry::{Context, KeyValue};
 
 use crate::message::Message;
-use crate::observability::backlog::Backlog;
+use crate::reports::Backlog;
 use crate::store::SettleReport;
 
 /// Name under which troutbox asks the global providers for its meter and tracer.

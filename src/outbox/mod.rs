@@ -11,11 +11,11 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::observability::Telemetry;
 use crate::relay::handle::Handle;
-use crate::relay::listener::Listener;
 use crate::relay::sender::Sender;
-use crate::store::claim::PgRelay;
-use crate::store::pg::{MakeTls, PgStore};
-use crate::store::sql::Sql;
+use crate::store::postgres::claims::PgClaims;
+use crate::store::postgres::sql::Sql;
+use crate::store::postgres::{MakeTls, PgStore};
+use crate::store::protocol::{ClaimBackend, ProtocolRelay};
 use crate::Error;
 use producer::{NewMessage, PreparedProducer};
 
@@ -177,7 +177,7 @@ impl<T: MakeTls> Outbox<T> {
             });
         }
         // A database call of the relay waits for a pool checkout (bounded by the pool's
-        // connection timeout, see `store::pool::checkout`) or for statements the server
+        // connection timeout, see `store::postgres::pool::checkout`) or for statements the server
         // bounds by the send timeout; one that has not returned 8 s after the longer of
         // the two is on a dead connection.
         let stuck_after = self
@@ -186,12 +186,19 @@ impl<T: MakeTls> Outbox<T> {
             .send_timeout
             .max(self.inner.store.pool().connection_timeout())
             + STUCK_MARGIN;
-        let relay = PgRelay::new(
+        let claims = PgClaims::new(
             self.inner.store.clone(),
             self.inner.sql.clone(),
-            &self.inner.config,
             stuck_after,
         );
+        let relay = Arc::new(ProtocolRelay::new(claims, &self.inner.config));
+        // Wake-ups from other processes' commits (`notify(true)`), if the backend has them.
+        let wake_ups = if config.notify {
+            let errors = config.error_handler.clone();
+            relay.backend.wake_ups(self.inner.wake_tx.clone(), errors)
+        } else {
+            None
+        };
         let telemetry = Telemetry {
             #[cfg(feature = "opentelemetry")]
             otel: Some(self.inner.otel.clone()),
@@ -200,26 +207,15 @@ impl<T: MakeTls> Outbox<T> {
         let mut config = self.inner.config.clone();
         config.stuck_after = stuck_after;
         let mut handle = crate::relay::spawn(
-            Arc::new(relay),
+            relay,
             sender,
             &config,
             Arc::new(telemetry),
             self.inner.wake_tx.clone(),
             self.inner.wake_rx.clone(),
         )?;
-        if self.inner.config.notify {
-            let listener = |stop, done| -> Box<dyn FnOnce() + Send> {
-                let listener = Listener {
-                    store: self.inner.store.clone(),
-                    channel_query: self.inner.sql.produce.notify_channel.clone(),
-                    wake: self.inner.wake_tx.clone(),
-                    stop,
-                    error_handler: self.inner.config.error_handler.clone(),
-                    _done: done,
-                };
-                Box::new(move || listener.run())
-            };
-            handle.attach("troutbox-listener", listener)?;
+        if let Some(wake_ups) = wake_ups {
+            handle.attach("troutbox-listener", wake_ups)?;
         }
         Ok(handle)
     }

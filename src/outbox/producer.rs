@@ -3,16 +3,16 @@
 
 use std::sync::atomic::Ordering;
 
-use postgres::types::{ToSql, Type};
-use postgres::{GenericClient, NoTls, Statement};
+use postgres::{GenericClient, NoTls};
 
 use super::Outbox;
 use crate::config::{
     MAX_BYTES_PER_CALL, MAX_HEADERS, MAX_HEADER_BYTES, MAX_KEY_LEN, MAX_MESSAGES_PER_CALL,
 };
-use crate::store::pg::MakeTls;
-use crate::store::sql::encode_headers;
-use crate::{Error, PgStore};
+use crate::store::postgres::producer::{PgConn, ProducerConn, ProducerStatements, Rows, Target};
+use crate::store::postgres::sql::encode_headers;
+use crate::store::postgres::MakeTls;
+use crate::Error;
 
 #[cfg(feature = "diesel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "diesel")))]
@@ -129,7 +129,11 @@ impl<'a> NewMessage<'a> {
 // outbox/mod.rs where a reader looks for them): validation, the INSERTs, the signal.
 impl<T: MakeTls> Outbox<T> {
     /// The single-message INSERT: checked, then run on `conn`.
-    fn insert_one(&self, conn: &mut impl Conn<T>, message: &NewMessage<'_>) -> Result<(), Error> {
+    fn insert_one(
+        &self,
+        conn: &mut impl ProducerConn<T>,
+        message: &NewMessage<'_>,
+    ) -> Result<(), Error> {
         message.validate(self.inner.config.max_value_size)?;
         self.check_mode(conn)?;
         let injected = self.trace_headers();
@@ -141,13 +145,13 @@ impl<T: MakeTls> Outbox<T> {
             value: message.value,
             headers: &flat,
         };
-        conn.insert(self, self.should_notify(), rows)?;
+        conn.insert(&self.target(), self.should_notify(), rows)?;
         self.nudge_relay();
         Ok(())
     }
 
     /// The many-message INSERT: all checked, then run on `conn` in one statement.
-    fn insert_many<'m, I>(&self, conn: &mut impl Conn<T>, messages: I) -> Result<u64, Error>
+    fn insert_many<'m, I>(&self, conn: &mut impl ProducerConn<T>, messages: I) -> Result<u64, Error>
     where
         I: IntoIterator<Item = NewMessage<'m>>,
     {
@@ -190,7 +194,7 @@ impl<T: MakeTls> Outbox<T> {
             values: &values,
             headers: headers.as_deref(),
         };
-        let added = conn.insert(self, self.should_notify(), rows)?;
+        let added = conn.insert(&self.target(), self.should_notify(), rows)?;
         self.nudge_relay();
         Ok(added)
     }
@@ -222,46 +226,29 @@ impl<T: MakeTls> Outbox<T> {
         &self,
         client: &mut C,
     ) -> Result<PreparedProducer<T>, Error> {
-        let map = || {
-            self.inner
-                .store
-                .db_error("preparing the producer statements")
-        };
         self.check_mode(&mut PgConn::new(client, None))?;
-        let mut prepare = |notify: bool| -> Result<PreparedInserts, Error> {
-            let (one, many, many_plain) = self
-                .inner
-                .sql
-                .produce
-                .inserts(notify, self.inner.config.ordered);
-            let text = [Type::TEXT, Type::BYTEA, Type::TEXT_ARRAY];
-            let arrays = [Type::TEXT_ARRAY, Type::BYTEA_ARRAY, Type::TEXT_ARRAY];
-            Ok(PreparedInserts {
-                one: client.prepare_typed(one, &text).map_err(map())?,
-                many: client.prepare_typed(many, &arrays).map_err(map())?,
-                many_plain: client
-                    .prepare_typed(many_plain, &arrays[..2])
-                    .map_err(map())?,
-            })
-        };
-        let plain = prepare(false)?;
-        let loud = if self.inner.config.notify {
-            Some(prepare(true)?)
-        } else {
-            None
-        };
+        let statements =
+            ProducerStatements::prepare(client, &self.target(), self.inner.config.notify)?;
         Ok(PreparedProducer {
             outbox: self.clone(),
-            plain,
-            loud,
+            statements,
         })
+    }
+
+    /// What this outbox's producer calls insert into.
+    fn target(&self) -> Target<'_, T> {
+        Target {
+            store: &self.inner.store,
+            sql: &self.inner.sql,
+            ordered: self.inner.config.ordered,
+        }
     }
 
     /// Checks, once per outbox (and its clones), that the table's recorded ordering mode is
     /// the outbox's: producers that disagree with the relays would lose the order silently.
     /// One query, in the caller's transaction, the first time only (a failed check is
     /// checked again next time).
-    fn check_mode(&self, conn: &mut impl Conn<T>) -> Result<(), Error> {
+    fn check_mode(&self, conn: &mut impl ProducerConn<T>) -> Result<(), Error> {
         if self.inner.mode_checked.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -318,125 +305,6 @@ impl<T: MakeTls> Outbox<T> {
 /// producers would otherwise pay on every transaction (BENCHMARKS.md).
 pub(crate) const NOTIFY_COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// The rows of one producer call, checked and ready for [`Conn::insert`].
-enum Rows<'a> {
-    /// One message; its headers as one flat array of names and values.
-    One {
-        key: &'a str,
-        value: &'a [u8],
-        headers: &'a [&'a str],
-    },
-    /// Many messages; each one's headers as an array literal ([`encode_headers`]), or none
-    /// for any of them.
-    Many {
-        keys: &'a [&'a str],
-        values: &'a [&'a [u8]],
-        headers: Option<&'a [String]>,
-    },
-}
-
-impl Rows<'_> {
-    /// Which of the three INSERTs (one, many, many without headers) the rows need.
-    fn pick<S>(&self, (one, many, many_plain): (S, S, S)) -> S {
-        match self {
-            Rows::One { .. } => one,
-            Rows::Many {
-                headers: Some(_), ..
-            } => many,
-            Rows::Many { headers: None, .. } => many_plain,
-        }
-    }
-
-    /// The SQL text of the INSERT the rows need (see [`Sql::inserts`](crate::store::sql::Sql::inserts)).
-    fn statement<'s, T: MakeTls>(&self, outbox: &'s Outbox<T>, notify: bool) -> &'s str {
-        self.pick(
-            outbox
-                .inner
-                .sql
-                .produce
-                .inserts(notify, outbox.inner.config.ordered),
-        )
-    }
-
-    /// What the producer was doing, for errors.
-    fn context(&self) -> &'static str {
-        match self {
-            Rows::One { .. } => "adding a message to the outbox",
-            Rows::Many { .. } => "adding messages to the outbox",
-        }
-    }
-}
-
-/// A connection the producer's statements run on: a `postgres` client ([`PgConn`]) or, with
-/// the `diesel` feature, a diesel connection. The checks, limits, mode check, headers and
-/// notification decision are the outbox's, the same on every connection.
-trait Conn<T: MakeTls> {
-    /// Whether the table is recorded as ordered, or why that cannot be read
-    /// ([`Error::NotMigrated`], [`Error::OutdatedSchema`], ...).
-    fn recorded_ordering(&mut self, store: &PgStore<T>) -> Result<bool, Error>;
-
-    /// Runs the INSERT that `rows` need, with the notification signal or not, and returns
-    /// how many rows it added.
-    fn insert(&mut self, outbox: &Outbox<T>, notify: bool, rows: Rows<'_>) -> Result<u64, Error>;
-}
-
-/// A `postgres` client, with the statements of a [`PreparedProducer`] prepared on its
-/// connection or unnamed statements (parse, bind and execute in one round trip).
-struct PgConn<'c, C, T: MakeTls> {
-    client: &'c mut C,
-    prepared: Option<&'c PreparedProducer<T>>,
-}
-
-impl<'c, C, T: MakeTls> PgConn<'c, C, T> {
-    fn new(client: &'c mut C, prepared: Option<&'c PreparedProducer<T>>) -> Self {
-        PgConn { client, prepared }
-    }
-}
-
-impl<C: GenericClient, T: MakeTls> Conn<T> for PgConn<'_, C, T> {
-    fn recorded_ordering(&mut self, store: &PgStore<T>) -> Result<bool, Error> {
-        store.recorded_ordering(self.client)
-    }
-
-    fn insert(&mut self, outbox: &Outbox<T>, notify: bool, rows: Rows<'_>) -> Result<u64, Error> {
-        let params: Vec<(&(dyn ToSql + Sync), Type)> = match &rows {
-            Rows::One {
-                key,
-                value,
-                headers,
-            } => vec![
-                (key, Type::TEXT),
-                (value, Type::BYTEA),
-                (headers, Type::TEXT_ARRAY),
-            ],
-            Rows::Many {
-                keys,
-                values,
-                headers,
-            } => {
-                let mut params: Vec<(&(dyn ToSql + Sync), Type)> =
-                    vec![(keys, Type::TEXT_ARRAY), (values, Type::BYTEA_ARRAY)];
-                if let Some(headers) = headers {
-                    params.push((headers, Type::TEXT_ARRAY));
-                }
-                params
-            }
-        };
-        let result = match self.prepared {
-            Some(prepared) => {
-                let i = prepared.pick(notify);
-                let statement = rows.pick((&i.one, &i.many, &i.many_plain));
-                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(p, _)| *p).collect();
-                self.client.execute(statement, &values)
-            }
-            None => self
-                .client
-                .execute_typed(rows.statement(outbox, notify), &params),
-        };
-        result.map_err(outbox.inner.store.db_error(rows.context()))
-    }
-}
-
 /// The message's own headers, then the injected ones whose names it does not already use.
 fn with_injected<'h>(
     own: &'h [(&'h str, &'h str)],
@@ -456,27 +324,10 @@ fn with_injected<'h>(
 #[derive(Debug, Clone)]
 pub struct PreparedProducer<T: MakeTls = NoTls> {
     outbox: Outbox<T>,
-    plain: PreparedInserts,
-    /// The same statements carrying the notification signal, with `notify(true)`.
-    loud: Option<PreparedInserts>,
-}
-
-/// The three INSERTs, prepared on one connection.
-#[derive(Debug, Clone)]
-struct PreparedInserts {
-    one: Statement,
-    many: Statement,
-    many_plain: Statement,
+    statements: ProducerStatements,
 }
 
 impl<T: MakeTls> PreparedProducer<T> {
-    fn pick(&self, notify: bool) -> &PreparedInserts {
-        match (&self.loud, notify) {
-            (Some(loud), true) => loud,
-            _ => &self.plain,
-        }
-    }
-
     /// Like [`Outbox::add_message`], with the prepared statement.
     pub fn add_message<C: GenericClient>(
         &self,
@@ -494,7 +345,7 @@ impl<T: MakeTls> PreparedProducer<T> {
         message: &NewMessage<'_>,
     ) -> Result<(), Error> {
         self.outbox
-            .insert_one(&mut PgConn::new(client, Some(self)), message)
+            .insert_one(&mut PgConn::new(client, Some(&self.statements)), message)
     }
 
     /// Like [`Outbox::add_messages`], with the prepared statement.
@@ -504,6 +355,6 @@ impl<T: MakeTls> PreparedProducer<T> {
         I: IntoIterator<Item = NewMessage<'m>>,
     {
         self.outbox
-            .insert_many(&mut PgConn::new(client, Some(self)), messages)
+            .insert_many(&mut PgConn::new(client, Some(&self.statements)), messages)
     }
 }

@@ -9,7 +9,6 @@
 pub(crate) mod batch;
 pub(crate) mod handle;
 pub(crate) mod health;
-pub(crate) mod listener;
 pub(crate) mod outcome;
 pub(crate) mod sender;
 pub(crate) mod worker;

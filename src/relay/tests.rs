@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::relay::batch::Batch;
 use crate::relay::handle::Handle;
 use crate::store::memory::MemoryStore;
+use crate::store::protocol::ProtocolRelay;
 use crate::Error;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -31,7 +32,7 @@ where
 {
     let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
     super::spawn(
-        Arc::new(store.clone()),
+        Arc::new(ProtocolRelay::new(store.clone(), config)),
         sender,
         config,
         Arc::default(),

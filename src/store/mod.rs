@@ -1,27 +1,26 @@
-//! Storage: the PostgreSQL store, its SQL, and the small interface the relay uses.
+//! Storage: what the relay needs of a database, the backend-free claim protocol, and the
+//! PostgreSQL backend.
 //!
-//! - [`pg`]: the store's configuration and migrations; [`pool`]: a connection pool with
-//!   safe settings;
-//! - [`claim`]: the claim strategy, the protocol by which a relay takes, holds and settles
-//!   batches (claim, journal, settle, late settle), all in one file;
-//! - [`sql`]: every statement; [`decode`]: rows to messages, fallibly; [`ident`]: names;
-//!   [`retention`]: what happens to sent messages.
+//! - [`protocol`]: the claim protocol by which a relay takes, holds and settles batches
+//!   (claim, journal, settle, late settle, recover, set aside, isolate, resume),
+//!   backend-free, over a narrow trait of primitives ([`protocol::ClaimBackend`]);
+//!   [`vigil`]: when claims are journaled; [`retention`]: what happens to sent messages;
+//! - [`postgres`]: the PostgreSQL backend: the store's configuration and migrations, its
+//!   pool, the protocol's primitives (`postgres::claims`), every statement by concern
+//!   (`postgres::sql`), rows to messages (`postgres::decode`), names (`postgres::ident`).
 //!
 //! The relay never sees SQL. It talks to a [`RelayStore`], which opens one [`RelaySession`]
-//! per worker thread; a session claims a batch, and later settles or releases it. The
+//! per worker thread; a session claims a batch, and later settles or releases it. For a
+//! database backend that is [`protocol::ProtocolRelay`] over the backend's primitives. The
 //! interface is shaped by what PostgreSQL does well: a claim is one statement inside a
 //! transaction that stays open while the Sender runs, and a settlement is at most one
 //! statement plus the COMMIT, whatever the mix of sent, retried and dead messages.
 
-pub(crate) mod claim;
-pub(crate) mod decode;
-pub(crate) mod ident;
 #[cfg(test)]
 pub(crate) mod memory;
-pub(crate) mod pg;
-pub(crate) mod pool;
+pub(crate) mod postgres;
+pub(crate) mod protocol;
 pub(crate) mod retention;
-pub(crate) mod sql;
 pub(crate) mod vigil;
 
 use std::time::Duration;

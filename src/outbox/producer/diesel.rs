@@ -140,12 +140,11 @@
 //! the relays still find the messages at their next poll.
 
 use ::diesel::result::Error as DieselError;
-use ::diesel::sql_types::{Array, Bool, Bytea, Text};
-use ::diesel::{OptionalExtension, PgConnection, QueryableByName, RunQueryDsl};
+use ::diesel::PgConnection;
 
-use super::{Conn, NewMessage, Rows};
-use crate::store::pg::MakeTls;
-use crate::{Error, Outbox, PgStore};
+use super::NewMessage;
+use crate::store::postgres::MakeTls;
+use crate::{Error, Outbox};
 
 /// Adds a message to the outbox through `conn`, normally inside a diesel transaction: the
 /// message exists for the relay if and only if that transaction commits. Like
@@ -216,94 +215,11 @@ impl From<Error> for DieselError {
     }
 }
 
-/// The answer of [`Sql::migrated`](crate::store::sql::Sql).
-#[derive(QueryableByName)]
-struct Migrated {
-    #[diesel(sql_type = Bool)]
-    migrated: bool,
-}
-
-/// The answer of [`Sql::mode`](crate::store::sql::Sql).
-#[derive(QueryableByName)]
-struct Mode {
-    #[diesel(sql_type = Bool)]
-    per_key_ordering: bool,
-}
-
-impl<T: MakeTls> Conn<T> for PgConnection {
-    /// Like [`PgStore::recorded_ordering`], except that diesel's errors do not carry the
-    /// SQLSTATE that tells a missing table: so it asks whether the tables exist first (one
-    /// more round trip, once per outbox).
-    fn recorded_ordering(&mut self, store: &PgStore<T>) -> Result<bool, Error> {
-        let sql = store.sql()?;
-        let map = |source| Error::Diesel {
-            context: "reading the outbox table's ordering mode",
-            source,
-        };
-        let migrated = ::diesel::sql_query(&sql.migrations.migrated)
-            .get_result::<Migrated>(self)
-            .map_err(map)?;
-        if !migrated.migrated {
-            return Err(Error::NotMigrated {
-                table: store.qualified_table(),
-                source: None,
-            });
-        }
-        match ::diesel::sql_query(&sql.migrations.mode)
-            .bind::<Text, _>(store.table_name())
-            .get_result::<Mode>(self)
-            .optional()
-            .map_err(map)?
-        {
-            Some(mode) => Ok(mode.per_key_ordering),
-            // The tables exist but this one's mode was never recorded: before migration 3.
-            None => Err(Error::OutdatedSchema {
-                table: store.qualified_table(),
-            }),
-        }
-    }
-
-    fn insert(&mut self, outbox: &Outbox<T>, notify: bool, rows: Rows<'_>) -> Result<u64, Error> {
-        let context = rows.context();
-        let query = ::diesel::sql_query(rows.statement(outbox, notify));
-        let added = match rows {
-            Rows::One {
-                key,
-                value,
-                headers,
-            } => query
-                .bind::<Text, _>(key)
-                .bind::<Bytea, _>(value)
-                .bind::<Array<Text>, _>(headers)
-                .execute(self),
-            Rows::Many {
-                keys,
-                values,
-                headers: Some(headers),
-            } => query
-                .bind::<Array<Text>, _>(keys)
-                .bind::<Array<Bytea>, _>(values)
-                .bind::<Array<Text>, _>(headers)
-                .execute(self),
-            Rows::Many {
-                keys,
-                values,
-                headers: None,
-            } => query
-                .bind::<Array<Text>, _>(keys)
-                .bind::<Array<Bytea>, _>(values)
-                .execute(self),
-        }
-        .map_err(|source| Error::Diesel { context, source })?;
-        Ok(added as u64)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use crate::store::ident::Ident;
+    use crate::store::postgres::ident::Ident;
+    use crate::store::postgres::sql::Sql;
     use crate::store::retention::Retention;
-    use crate::store::sql::Sql;
     use crate::{DEFAULT_SCHEMA, DEFAULT_TABLE};
 
     /// Words separated by single spaces, and no space inside parentheses' edges, so that the

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use r2d2::PooledConnection;
 use r2d2_postgres::PostgresConnectionManager;
 
-use super::pg::{MakeTls, PgPool};
+use super::{MakeTls, PgPool};
 use crate::Error;
 
 /// How long the relay gives a pooled connection to answer its first round trip before it

@@ -44,7 +44,7 @@ pub(crate) use produce::{encode_headers, listen, ProduceSql, UNLISTEN};
 use super::ident::Ident;
 use crate::store::retention::Retention;
 
-/// The columns of a message, in the order [`message_from_row`](super::pg::message_from_row)
+/// The columns of a message, in the order [`message_from_row`](super::message_from_row)
 /// reads them.
 const MESSAGE_COLUMNS: &str = "id, key, value, headers, created_at, attempts";
 

@@ -14,8 +14,8 @@ use postgres::fallible_iterator::FallibleIterator;
 
 use crate::backoff::Backoff;
 use crate::config::{report_to, ErrorHandler};
-use crate::store::pg::{MakeTls, PgStore};
-use crate::store::sql;
+use crate::store::postgres::sql;
+use crate::store::postgres::{MakeTls, PgStore};
 use crate::Error;
 
 /// How long one wait for a notification lasts before the thread checks for a stop.

@@ -3,44 +3,9 @@
 
 use std::time::Duration;
 
-use time::OffsetDateTime;
-
-use crate::store::pg::{MakeTls, PgStore};
+use super::{MakeTls, PgStore};
+use crate::reports::BlockedKey;
 use crate::Error;
-
-/// A key whose oldest pending message (its head) has failed at least once, so that the
-/// key's later messages wait for it (per-key ordering). From [`PgStore::blocked_keys`].
-///
-/// With the `serde` feature it implements `Serialize`, as an object of its fields,
-/// `next_attempt_at` in RFC 3339 and `blocked_for` as `blocked_for_seconds` (a float).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-#[non_exhaustive]
-pub struct BlockedKey {
-    /// The key.
-    pub key: String,
-    /// The id of the message the key waits for.
-    pub head_id: i64,
-    /// How many times that message has failed.
-    pub attempts: u32,
-    /// The error text of its last failed attempt.
-    pub last_error: Option<String>,
-    /// When the relay tries it again (database clock).
-    #[cfg_attr(
-        feature = "serde",
-        serde(serialize_with = "time::serde::rfc3339::serialize")
-    )]
-    pub next_attempt_at: OffsetDateTime,
-    /// The head's age (since its transaction added it): the key has been waiting on it at
-    /// most this long. Troutbox does not record when a message first failed.
-    #[cfg_attr(
-        feature = "serde",
-        serde(rename = "blocked_for_seconds", serialize_with = "crate::ser::seconds")
-    )]
-    pub blocked_for: Duration,
-    /// How many pending messages of the key wait behind it.
-    pub waiting: u64,
-}
 
 impl<T: MakeTls> PgStore<T> {
     /// Lists up to `limit` blocked keys (per-key ordering), oldest head first: keys whose

@@ -1,4 +1,19 @@
-//! The PostgreSQL store: configuration, migrations, and the relay's sessions.
+//! The PostgreSQL backend: the store's configuration and migrations (here), its pool
+//! ([`pool`]), the claim protocol's primitives ([`claims`]), every statement by concern
+//! ([`sql`]), rows to messages ([`decode`]), and validated, quoted names ([`ident`]).
+
+pub(crate) mod backlog;
+pub(crate) mod claims;
+pub(crate) mod dead_letters;
+pub(crate) mod decode;
+pub(crate) mod ident;
+pub(crate) mod inbox;
+pub(crate) mod listener;
+pub(crate) mod ordering;
+pub(crate) mod partitions;
+pub(crate) mod pool;
+pub(crate) mod producer;
+pub(crate) mod sql;
 
 use std::sync::{Arc, OnceLock};
 
@@ -9,10 +24,9 @@ use r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 use time::OffsetDateTime;
 
-use super::decode;
-use super::ident::{Ident, DERIVED_SUFFIX_LEN, MAX_IDENT_LEN};
+use self::ident::{Ident, DERIVED_SUFFIX_LEN, MAX_IDENT_LEN};
+use self::sql::{Sql, SCHEMA_VERSION};
 use super::retention::Retention;
-use super::sql::{self, Sql, SCHEMA_VERSION};
 use crate::Error;
 
 /// The TLS connectors troutbox works with: anything `r2d2_postgres` can pool, such as
@@ -201,12 +215,12 @@ impl<T: MakeTls> PgStore<T> {
     }
 
     /// A connection for the relay's threads, checked to answer in bounded time (see
-    /// [`pool::checkout`](super::pool::checkout)).
+    /// [`pool::checkout`](self::pool::checkout)).
     pub(crate) fn relay_connection(
         &self,
         context: &'static str,
     ) -> Result<PooledConnection<PostgresConnectionManager<T>>, Error> {
-        super::pool::checkout(&self.pool, context)
+        self::pool::checkout(&self.pool, context)
     }
 
     /// The table's unqualified name, as the schema's table of modes records it.
@@ -265,22 +279,7 @@ impl<T: MakeTls> PgStore<T> {
             context: "migrating the outbox schema",
             error: e,
         };
-        // Stated, not inherited: under a database default of REPEATABLE READ or SERIALIZABLE
-        // the snapshot would be taken before the lock below, and concurrent migrations fail.
-        let mut tx = conn
-            .build_transaction()
-            .isolation_level(IsolationLevel::ReadCommitted)
-            .start()
-            .map_err(map)?;
-        tx.batch_execute(sql::MIGRATION_TIMEOUTS).map_err(map)?;
-        let lock_key = format!("troutbox:migrate:{}", self.schema);
-        tx.execute(sql::MIGRATION_LOCK, &[&lock_key]).map_err(map)?;
-        let exists = |tx: &mut postgres::Transaction<'_>,
-                      sql: &str,
-                      params: &[&(dyn postgres::types::ToSql + Sync)]| {
-            tx.query_one(sql, params)
-                .and_then(|row| row.try_get::<_, bool>(0))
-        };
+        let mut tx = begin_migration(&mut conn, &self.schema).map_err(map)?;
         if !exists(&mut tx, sql::SCHEMA_EXISTS, &[&self.schema]).map_err(map)? {
             tx.batch_execute(&sql.migrations.create_schema)
                 .map_err(map)?;
@@ -595,6 +594,35 @@ impl<T: MakeTls> PgStore<T> {
         }
         Ok(())
     }
+}
+
+/// Opens a migration's transaction on `conn`, for the schema `schema`: `READ COMMITTED`
+/// stated, not inherited (under a database default of REPEATABLE READ or SERIALIZABLE the
+/// snapshot would be taken before the lock, and concurrent migrations fail), the migration
+/// timeouts, and the schema's migration lock, which serializes every migration of the schema
+/// (the outbox tables' and the inboxes') across processes until this transaction ends.
+pub(crate) fn begin_migration<'c>(
+    conn: &'c mut postgres::Client,
+    schema: &str,
+) -> Result<postgres::Transaction<'c>, postgres::Error> {
+    let mut tx = conn
+        .build_transaction()
+        .isolation_level(IsolationLevel::ReadCommitted)
+        .start()?;
+    tx.batch_execute(sql::MIGRATION_TIMEOUTS)?;
+    let lock_key = format!("troutbox:migrate:{schema}");
+    tx.execute(sql::MIGRATION_LOCK, &[&lock_key])?;
+    Ok(tx)
+}
+
+/// Runs an `EXISTS` query (`sql::SCHEMA_EXISTS`, `sql::TABLE_EXISTS`) in a migration.
+pub(crate) fn exists(
+    tx: &mut postgres::Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+) -> Result<bool, postgres::Error> {
+    tx.query_one(sql, params)
+        .and_then(|row| row.try_get::<_, bool>(0))
 }
 
 /// Builds a [`Message`](crate::Message) from a dead row of the table `outbox`, leniently (see

@@ -8,23 +8,7 @@ use postgres::Row;
 use time::OffsetDateTime;
 
 use crate::message::{Message, Status};
-
-/// Why a row cannot be handed to a Sender: the column, and what the driver said.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Undecodable {
-    pub(crate) column: &'static str,
-    pub(crate) reason: String,
-}
-
-impl std::fmt::Display for Undecodable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "row cannot be decoded: column {}: {}",
-            self.column, self.reason
-        )
-    }
-}
+use crate::store::protocol::Undecodable;
 
 /// Reads column `index` (called `column` in errors) as a `V`.
 pub(crate) fn column<'a, V: postgres::types::FromSql<'a>>(

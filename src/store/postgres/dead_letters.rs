@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use crate::message::{DeadMessage, DeadSummary};
-use crate::store::decode;
-use crate::store::pg::{dead_message_from_row, MakeTls, PgStore};
+use crate::store::postgres::decode;
+use crate::store::postgres::{dead_message_from_row, MakeTls, PgStore};
 use crate::Error;
 
 impl<T: MakeTls> PgStore<T> {

@@ -2,44 +2,15 @@
 //! the inbox's duplicate window ([`Inbox`](crate::Inbox)): create partitions ahead, move rows
 //! out of the DEFAULT partition, drop expired partitions (for the outbox, only those that
 //! hold nothing but sent messages). One routine, [`maintain`], elected across instances, for
-//! both tables.
+//! both tables. (The thread that runs it on a schedule is `maintenance::scheduler`.)
 
 use std::collections::BTreeSet;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{select, Sender as ChannelSender};
-
-use crate::error::panic_message;
-use crate::store::pg::{MakeTls, PgPool, PgStore};
-use crate::store::sql::{self, PartitionSql};
+use super::sql::{self, PartitionSql};
+use super::{MakeTls, PgPool, PgStore};
+use crate::reports::MaintenanceReport;
 use crate::Error;
-
-/// What one maintenance run did, from [`PgStore::run_maintenance_once`].
-///
-/// With the `serde` feature it implements `Serialize`, as an object of its fields, each
-/// `kept` entry as `{"partition": name, "unsent": count}`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-#[non_exhaustive]
-pub struct MaintenanceReport {
-    /// Another instance was maintaining this table at the same moment, so this run did
-    /// nothing (it will be that instance's work).
-    pub locked_out: bool,
-    /// Partitions created (ahead of time, or for rows found in the DEFAULT partition, which
-    /// were moved into them).
-    pub created: Vec<String>,
-    /// Expired partitions dropped: they held only sent messages.
-    pub dropped: Vec<String>,
-    /// Expired partitions kept because they still hold pending or dead messages, with how
-    /// many. They are dropped by a later run once those are sent, or purged.
-    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::ser::kept"))]
-    pub kept: Vec<(String, i64)>,
-    /// Partitions whose creation or drop was put off because the table stayed busy (a lock
-    /// not granted within 100 ms): the next run tries again. Rows meanwhile land in the
-    /// DEFAULT partition, or stay in the expired one; nothing is lost either way.
-    pub deferred: Vec<String>,
-}
 
 /// Opens one maintenance step's transaction, with the timeouts it relies on.
 fn begin_step(conn: &mut postgres::Client) -> Result<postgres::Transaction<'_>, postgres::Error> {
@@ -230,39 +201,6 @@ pub(crate) fn maintain<T: MakeTls>(
     Ok(report)
 }
 
-/// Runs `run` now and then every `every` on a background thread named `name`, until the
-/// returned handle is shut down or dropped; errors are logged as `what` and the next run
-/// tries again.
-pub(crate) fn spawn_maintenance(
-    what: String,
-    every: Duration,
-    run: impl Fn() -> Result<MaintenanceReport, Error> + Send + 'static,
-) -> Result<MaintenanceHandle, Error> {
-    if every.is_zero() {
-        return Err(Error::InvalidConfig {
-            option: "start_maintenance",
-            reason: "the interval must be greater than zero".into(),
-        });
-    }
-    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
-    let thread = std::thread::Builder::new()
-        .name("troutbox-maintenance".into())
-        .spawn(move || loop {
-            if let Err(e) = run() {
-                log::error!("{what} failed: {e}");
-            }
-            select! {
-                recv(stop_rx) -> _ => break,
-                default(every) => {}
-            }
-        })
-        .map_err(Error::Spawn)?;
-    Ok(MaintenanceHandle {
-        stop: Some(stop_tx),
-        thread: Some(thread),
-    })
-}
-
 impl<T: MakeTls> PgStore<T> {
     /// Runs partition maintenance once: creates the current partition and the configured
     /// number ahead, creates the partition of any row that landed in the DEFAULT partition
@@ -308,48 +246,5 @@ impl<T: MakeTls> PgStore<T> {
             |tx| self.check_retention(tx),
             |context, e| self.db_error(context)(e),
         )
-    }
-
-    /// Runs [`run_maintenance_once`](Self::run_maintenance_once) now and then every `every`
-    /// on a background thread, until the returned handle is shut down or dropped. Run it in
-    /// every instance: the advisory lock elects one per run, and another takes over when
-    /// that one dies. Errors are logged and the next run tries again.
-    pub fn start_maintenance(&self, every: Duration) -> Result<MaintenanceHandle, Error> {
-        self.sql()?;
-        let store = self.clone();
-        spawn_maintenance(
-            format!("outbox maintenance of {}", self.qualified_table()),
-            every,
-            move || store.run_maintenance_once(),
-        )
-    }
-}
-
-/// Stops the maintenance thread started by [`PgStore::start_maintenance`]. Dropping it stops
-/// the thread too; stopping twice is harmless.
-// No PartialEq: a handle owns a running thread; it has an identity, not a value.
-#[derive(Debug)]
-#[must_use = "dropping the MaintenanceHandle stops maintenance at once: keep it for as long as maintenance should run"]
-pub struct MaintenanceHandle {
-    stop: Option<ChannelSender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl MaintenanceHandle {
-    /// Stops the thread, waiting for a run in progress to finish.
-    pub fn shutdown(&mut self) -> Result<(), Error> {
-        self.stop = None;
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Err(payload)) => Err(Error::WorkerPanicked(panic_message(&*payload))),
-            _ => Ok(()),
-        }
-    }
-}
-
-impl Drop for MaintenanceHandle {
-    fn drop(&mut self) {
-        if let Err(e) = self.shutdown() {
-            log::error!("troutbox maintenance thread: {e}");
-        }
     }
 }
