@@ -53,7 +53,7 @@
 //!   [`Backoff`] (`backoff.rs`);
 //! - store: [`PgStore`] and its migrations, the claim strategy (claim, journal, settle,
 //!   recover), its SQL, row decoding and [`Retention`] (`store/`);
-//! - consumer side: [`Inbox`] (`inbox.rs`, its SQL in `store/sql/inbox.rs`), which records each
+//! - consumer side: [`Inbox`] (`inbox.rs`, its SQL in `store/postgres/sql/inbox.rs`), which records each
 //!   received message id in the consumer's transaction for an exactly-once effect; its
 //!   builder, [`PreparedInbox`], the diesel call and the helpers reading the id from Kafka
 //!   records and RabbitMQ deliveries are in `inbox/`;

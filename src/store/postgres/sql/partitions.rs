@@ -40,7 +40,7 @@ pub(crate) const DB_NOW: &str = "SELECT floor(extract(epoch FROM now()))::int8";
 /// Statements of partition maintenance, for any table in range partitions on one timestamp
 /// column with a DEFAULT partition: the outbox with
 /// [`Retention::keep_sent`](crate::Retention::keep_sent), and the inbox with a duplicate
-/// window (`store/sql/inbox.rs`). Partition names are the table's validated name plus `_p` and
+/// window (`store/postgres/sql/inbox.rs`). Partition names are the table's validated name plus `_p` and
 /// the partition's start in Unix seconds: always valid, never truncated.
 #[derive(Debug)]
 pub(crate) struct PartitionSql {
