@@ -253,6 +253,31 @@ pub enum Error {
         source: diesel::result::Error,
     },
 
+    /// A statement failed in MariaDB, or the connection to it failed (feature `mariadb`, see
+    /// [`troutbox::mariadb`](crate::mariadb)). The server's error code and message, or the
+    /// client's, are the source's text.
+    #[cfg(feature = "mariadb")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "mariadb")))]
+    #[error("MariaDB error while {context}")]
+    MariaDb {
+        /// What troutbox was doing.
+        context: &'static str,
+        /// The error from the `mysql` crate.
+        #[source]
+        source: mysql::Error,
+    },
+
+    /// The database or the backend cannot do what was asked: a server older than the backend
+    /// needs, or an option the backend does not support (for MariaDB, `keep_sent`
+    /// retention). Returned before anything is changed; `reason` says why and what to do.
+    #[error("{what} is not supported: {reason}")]
+    Unsupported {
+        /// What was asked (an option, a server version).
+        what: String,
+        /// Why it cannot hold, and what to do instead.
+        reason: String,
+    },
+
     /// No connection could be taken from the pool in time. The database may be down or the
     /// pool too small: each relay worker keeps one connection while it runs.
     #[error("no database connection available while {context} (is PostgreSQL reachable, and is the pool larger than the number of relay workers?)")]
@@ -459,6 +484,8 @@ impl Error {
                 }
                 _ => false,
             },
+            #[cfg(feature = "mariadb")]
+            Error::MariaDb { source, .. } => crate::store::mariadb::is_retryable(source),
             _ => false,
         }
     }
@@ -487,6 +514,8 @@ impl Error {
                     _
                 ) | diesel::result::Error::BrokenTransactionManager
             ),
+            #[cfg(feature = "mariadb")]
+            Error::MariaDb { source, .. } => crate::store::mariadb::is_connection_error(source),
             _ => false,
         }
     }

@@ -111,7 +111,7 @@ use postgres::{GenericClient, NoTls};
 use time::OffsetDateTime;
 
 use crate::maintenance::scheduler::spawn_maintenance;
-use crate::store::postgres::ident::Ident;
+use crate::store::ident::Ident;
 use crate::store::postgres::inbox::{self as pg_inbox, Recorded};
 use crate::store::postgres::partitions::{maintain, Partitioned};
 use crate::store::postgres::sql::inbox::{window_check_name, InboxSql, INBOX_VERSION};

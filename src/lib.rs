@@ -93,6 +93,9 @@ pub mod inbox;
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub mod kafka;
 mod maintenance;
+#[cfg(feature = "mariadb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mariadb")))]
+pub mod mariadb;
 mod message;
 mod observability;
 mod outbox;

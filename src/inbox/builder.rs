@@ -7,7 +7,7 @@ use postgres::NoTls;
 use time::OffsetDateTime;
 
 use super::{Inbox, Inner, MAX_WINDOW, MIN_WINDOW};
-use crate::store::postgres::ident::{Ident, MAX_IDENT_LEN};
+use crate::store::ident::{Ident, MAX_IDENT_LEN};
 use crate::store::postgres::sql::inbox::{InboxSql, INBOX_SUFFIX_LEN};
 use crate::store::postgres::{MakeTls, PgPool};
 use crate::Error;

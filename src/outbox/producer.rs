@@ -69,12 +69,37 @@ impl<'a> NewMessage<'a> {
     }
 
     /// The bytes of the headers, names and values together.
-    fn header_bytes(&self) -> usize {
+    pub(crate) fn header_bytes(&self) -> usize {
         self.headers.iter().map(|(n, v)| n.len() + v.len()).sum()
     }
 
+    /// Checks a call of several messages: its size (at most [`MAX_MESSAGES_PER_CALL`]
+    /// messages and [`MAX_BYTES_PER_CALL`] bytes), then each message.
+    pub(crate) fn validate_call(
+        messages: &[NewMessage<'_>],
+        max_value_size: usize,
+    ) -> Result<(), Error> {
+        if messages.len() > MAX_MESSAGES_PER_CALL {
+            return Err(Error::CallTooLarge {
+                what: format!("{} messages", messages.len()),
+                max: MAX_MESSAGES_PER_CALL,
+            });
+        }
+        let bytes: usize = messages
+            .iter()
+            .map(|m| m.key.len() + m.value.len() + m.header_bytes())
+            .sum();
+        if bytes > MAX_BYTES_PER_CALL {
+            return Err(Error::CallTooLarge {
+                what: format!("{bytes} bytes"),
+                max: MAX_BYTES_PER_CALL,
+            });
+        }
+        messages.iter().try_for_each(|m| m.validate(max_value_size))
+    }
+
     /// Checks what PostgreSQL would reject, or what the outbox refuses, before any round trip.
-    fn validate(&self, max_value_size: usize) -> Result<(), Error> {
+    pub(crate) fn validate(&self, max_value_size: usize) -> Result<(), Error> {
         if let Some(position) = self.key.bytes().position(|b| b == 0) {
             return Err(Error::KeyContainsNul { position });
         }
@@ -159,24 +184,7 @@ impl<T: MakeTls> Outbox<T> {
         if messages.is_empty() {
             return Ok(0);
         }
-        if messages.len() > MAX_MESSAGES_PER_CALL {
-            return Err(Error::CallTooLarge {
-                what: format!("{} messages", messages.len()),
-                max: MAX_MESSAGES_PER_CALL,
-            });
-        }
-        let bytes: usize = messages
-            .iter()
-            .map(|m| m.key.len() + m.value.len() + m.header_bytes())
-            .sum();
-        if bytes > MAX_BYTES_PER_CALL {
-            return Err(Error::CallTooLarge {
-                what: format!("{bytes} bytes"),
-                max: MAX_BYTES_PER_CALL,
-            });
-        }
-        let max = self.inner.config.max_value_size;
-        messages.iter().try_for_each(|m| m.validate(max))?;
+        NewMessage::validate_call(&messages, self.inner.config.max_value_size)?;
         self.check_mode(conn)?;
         let keys: Vec<&str> = messages.iter().map(|m| m.key).collect();
         let values: Vec<&[u8]> = messages.iter().map(|m| m.value).collect();

@@ -16,11 +16,15 @@
 //! transaction that stays open while the Sender runs, and a settlement is at most one
 //! statement plus the COMMIT, whatever the mix of sent, retried and dead messages.
 
+pub(crate) mod ident;
+#[cfg(feature = "mariadb")]
+pub(crate) mod mariadb;
 #[cfg(test)]
 pub(crate) mod memory;
 pub(crate) mod postgres;
 pub(crate) mod protocol;
 pub(crate) mod retention;
+pub(crate) mod side;
 pub(crate) mod vigil;
 
 use std::time::Duration;

@@ -217,7 +217,7 @@ impl From<Error> for DieselError {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::postgres::ident::Ident;
+    use crate::store::ident::Ident;
     use crate::store::postgres::sql::Sql;
     use crate::store::retention::Retention;
     use crate::{DEFAULT_SCHEMA, DEFAULT_TABLE};

@@ -14,8 +14,8 @@
 //!   while the claim's lock is held, which proves the claim alive before its Sender.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_channel::Sender as ChannelSender;
 use postgres::types::{ToSql, Type};
@@ -33,6 +33,7 @@ use crate::store::protocol::{
     attempts_i32, millis, ClaimBackend, ClaimConnection, ClaimSpec, ClaimedRow, LateFailed,
     LateSettlement, Recovered, Take, WakeUps,
 };
+use crate::store::side::{SideConn, SideConnection};
 use crate::store::Returned;
 use crate::Error;
 
@@ -41,67 +42,32 @@ use crate::Error;
 pub(crate) struct PgClaims<T: MakeTls> {
     store: PgStore<T>,
     sql: Arc<Sql>,
-    side: SideConnection<T>,
+    side: SideConnection<Side<T>>,
 }
 
 impl<T: MakeTls> PgClaims<T> {
     /// The primitives of a relay on `store`; a use of the second connection that has not
     /// returned after `stuck_after` is given up on (see [`SideConnection`]).
     pub(crate) fn new(store: PgStore<T>, sql: Arc<Sql>, stuck_after: Duration) -> PgClaims<T> {
-        let side = SideConnection {
-            store: store.clone(),
-            sql: sql.clone(),
-            state: Mutex::new(SideState {
-                conn: None,
-                busy: false,
-                generation: 0,
+        let (connect_store, connect_sql) = (store.clone(), sql.clone());
+        let map_store = store.clone();
+        let side = SideConnection::new(
+            Box::new(move |context| {
+                let mut client = connect_store.relay_connection(context)?;
+                let record = client
+                    .prepare_typed(
+                        &connect_sql.claims.journal_insert,
+                        &[Type::INT4, Type::TEXT],
+                    )
+                    .map_err(connect_store.db_error(context))?;
+                Ok(Side { client, record })
             }),
-            freed: Condvar::new(),
+            Box::new(move |context, e| map_store.db_error(context)(e)),
             // Half the workers' bound: a worker waiting here gives up on a stuck user of
             // the slot, and carries on, well before the watchdog would give up on it.
-            stuck_after: stuck_after / 2,
-        };
+            stuck_after / 2,
+        );
         PgClaims { store, sql, side }
-    }
-}
-
-type Pooled<T> = PooledConnection<PostgresConnectionManager<T>>;
-
-/// The relay's second connection, shared by its workers: journal records, late settlements
-/// and rows set aside. Each use is one short transaction, so sharing costs a worker at most
-/// the wait for another's sub-millisecond statement, and the pool one connection per relay
-/// rather than one per worker.
-///
-/// The connection is taken out of the shared slot for each use, and the slot's lock is not
-/// held meanwhile: a use whose call never returns (a connection dropped silently by the
-/// network) holds up the others only until `stuck_after`, after which they give up on it
-/// and take a new connection, and the stuck use, should it ever return, leaves its
-/// connection alone.
-struct SideConnection<T: MakeTls> {
-    store: PgStore<T>,
-    sql: Arc<Sql>,
-    state: Mutex<SideState<T>>,
-    freed: Condvar,
-    stuck_after: Duration,
-}
-
-/// The shared slot: the idle connection, whether a use is in progress, and which
-/// generation of users the slot belongs to (bumped when a stuck use is given up on).
-struct SideState<T: MakeTls> {
-    conn: Option<Side<T>>,
-    busy: bool,
-    generation: u64,
-}
-
-/// The second connection, with the journal's INSERT prepared on it.
-struct Side<T: MakeTls> {
-    client: Pooled<T>,
-    record: Statement,
-}
-
-impl<T: MakeTls> SideConnection<T> {
-    fn lock(&self) -> MutexGuard<'_, SideState<T>> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records claim `claim_id` of `ids` in the journal: the prepared INSERT, one round trip.
@@ -109,152 +75,45 @@ impl<T: MakeTls> SideConnection<T> {
     /// nothing was recorded, and the batch must not reach a Sender.
     fn record(&self, claim_id: i32, ids: &[i64]) -> Result<bool, Error> {
         let ranges = sql::int8_multirange(ids);
-        self.run_with("recording a claim in the claim journal", |c, record| {
-            c.execute(record, &[&claim_id, &ranges]).map(|n| n == 1)
-        })
+        self.side
+            .run("recording a claim in the claim journal", |side| {
+                side.client
+                    .execute(&side.record, &[&claim_id, &ranges])
+                    .map(|n| n == 1)
+            })
     }
 
-    /// Deletes claim `claim_id`'s journal row: the claim is given back before any Sender saw
-    /// it, and must not be charged.
-    fn forget(&self, claim_id: i32) -> Result<(), Error> {
-        let statement = self.sql.claims.journal_forget.clone();
-        self.run("forgetting a claim given back before its Sender", |c| {
-            c.execute(&statement, &[&claim_id]).map(|_| ())
-        })
-    }
-
-    /// Forgets the connection: a worker was found stuck on a call that never returned (a
-    /// network path that froze), and this connection, idle or in use, is on the same path.
-    /// Waiting users are let go at once and take a new one. The idle one, if any, is checked
-    /// on a thread of its own: back to the pool if it answers, kept by that thread for as
-    /// long as it does not.
-    fn reset(&self) {
-        let mut state = self.lock();
-        state.generation = state.generation.wrapping_add(1);
-        state.busy = false;
-        let idle = state.conn.take();
-        drop(state);
-        self.freed.notify_all();
-        if let Some(mut side) = idle {
-            let _ = std::thread::Builder::new()
-                .name("troutbox-check".into())
-                .spawn(move || {
-                    let _ = side.client.simple_query("");
-                });
-        }
-    }
-
-    /// Runs `f` on the connection (taken from the pool when there is none); a connection
-    /// that failed is dropped, and a transaction left open by `f` is rolled back.
+    /// Runs `f` on the second connection's client.
     fn run<R>(
         &self,
         context: &'static str,
         f: impl FnOnce(&mut Client) -> Result<R, postgres::Error>,
     ) -> Result<R, Error> {
-        self.run_with(context, |c, _| f(c))
+        self.side.run(context, |side| f(&mut side.client))
+    }
+}
+
+type Pooled<T> = PooledConnection<PostgresConnectionManager<T>>;
+
+/// The second connection, with the journal's INSERT prepared on it.
+struct Side<T: MakeTls> {
+    client: Pooled<T>,
+    record: Statement,
+}
+
+impl<T: MakeTls> SideConn for Side<T> {
+    type NativeError = postgres::Error;
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
     }
 
-    fn run_with<R>(
-        &self,
-        context: &'static str,
-        f: impl FnOnce(&mut Client, &Statement) -> Result<R, postgres::Error>,
-    ) -> Result<R, Error> {
-        // Wait for the slot; give up on a use that has held it past `stuck_after`.
-        let mut state = self.lock();
-        let deadline = Instant::now() + self.stuck_after;
-        while state.busy {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                log::error!(
-                    "troutbox relay: the claim journal's connection has not answered for {:?}; presumed dead, taking a new one",
-                    self.stuck_after
-                );
-                state.generation = state.generation.wrapping_add(1);
-                state.conn = None;
-                break;
-            }
-            state = self
-                .freed
-                .wait_timeout(state, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
-        state.busy = true;
-        let generation = state.generation;
-        let taken = state.conn.take();
-        drop(state);
-        // A panic inside (a bug, an injected fault) must neither leave the slot busy nor
-        // put a connection with an open transaction back into the pool.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.use_connection(taken, context, f)
-        }));
-        let (side, result) = match result {
-            Ok(done) => done,
-            Err(payload) => {
-                let mut state = self.lock();
-                if state.generation == generation {
-                    state.busy = false;
-                    self.freed.notify_one();
-                }
-                drop(state);
-                std::panic::resume_unwind(payload)
-            }
-        };
-        // Hand the slot back, unless this use was given up on meanwhile.
-        let mut state = self.lock();
-        if state.generation == generation {
-            state.busy = false;
-            state.conn = side;
-            self.freed.notify_one();
-        }
-        result
+    fn rollback(&mut self) -> bool {
+        self.client.batch_execute(sql::ROLLBACK).is_ok()
     }
 
-    /// Runs `f` on `taken` (or a new connection); returns the connection if it can be used
-    /// again, and `f`'s result.
-    fn use_connection<R>(
-        &self,
-        taken: Option<Side<T>>,
-        context: &'static str,
-        f: impl FnOnce(&mut Client, &Statement) -> Result<R, postgres::Error>,
-    ) -> (Option<Side<T>>, Result<R, Error>) {
-        let mut side = match taken.filter(|s| !s.client.is_closed()) {
-            Some(side) => side,
-            None => {
-                let connected = self.store.relay_connection(context).and_then(|mut client| {
-                    let record = client
-                        .prepare_typed(&self.sql.claims.journal_insert, &[Type::INT4, Type::TEXT])
-                        .map_err(self.store.db_error(context))?;
-                    Ok(Side { client, record })
-                });
-                match connected {
-                    Ok(side) => side,
-                    Err(e) => return (None, Err(e)),
-                }
-            }
-        };
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            f(&mut side.client, &side.record)
-        }));
-        let result = match result {
-            Ok(result) => result,
-            Err(payload) => {
-                // Never let a connection go back to the pool with a transaction open.
-                if !side.client.is_closed() {
-                    let _ = side.client.batch_execute(sql::ROLLBACK);
-                }
-                drop(side);
-                std::panic::resume_unwind(payload)
-            }
-        };
-        match result {
-            Ok(r) => (Some(side), Ok(r)),
-            Err(e) => {
-                let usable =
-                    !side.client.is_closed() && side.client.batch_execute(sql::ROLLBACK).is_ok();
-                (usable.then_some(side), Err(self.store.db_error(context)(e)))
-            }
-        }
+    fn probe(mut self) {
+        let _ = self.client.simple_query("");
     }
 }
 
@@ -307,16 +166,19 @@ impl<T: MakeTls> ClaimBackend for PgClaims<T> {
     }
 
     fn journal_record(&self, claim_id: i32, ids: &[i64]) -> Result<bool, Error> {
-        self.side.record(claim_id, ids)
+        self.record(claim_id, ids)
     }
 
     fn journal_forget(&self, claim_id: i32) -> Result<(), Error> {
-        self.side.forget(claim_id)
+        let statement = self.sql.claims.journal_forget.clone();
+        self.run("forgetting a claim given back before its Sender", |c| {
+            c.execute(&statement, &[&claim_id]).map(|_| ())
+        })
     }
 
     fn recover(&self, marker: Option<i32>, cleanup: bool) -> Result<Recovered, Error> {
         let sql = &self.sql;
-        self.side.run("charging abandoned claims", |c| {
+        self.run("charging abandoned claims", |c| {
             c.batch_execute(sql::BEGIN_SIDE)?;
             if let Some(marker) = marker {
                 c.execute(&sql.claims.journal_marker, &[&marker])?;
@@ -334,7 +196,7 @@ impl<T: MakeTls> ClaimBackend for PgClaims<T> {
 
     fn set_aside(&self, id: i64, reason: &str) -> Result<u64, Error> {
         let statement = &self.sql.claims.set_aside;
-        self.side.run("setting an undecodable message aside", |c| {
+        self.run("setting an undecodable message aside", |c| {
             c.batch_execute(sql::BEGIN_SIDE)?;
             let n: i64 = c.query_one(statement, &[&id, &reason])?.try_get(0)?;
             c.batch_execute(sql::COMMIT)?;
@@ -344,17 +206,16 @@ impl<T: MakeTls> ClaimBackend for PgClaims<T> {
 
     fn set_aside_unchecked(&self) -> Result<Vec<i64>, Error> {
         let statement = &self.sql.claims.set_aside_unchecked;
-        self.side
-            .run("setting aside rows that break the CHECK", |c| {
-                c.batch_execute(sql::BEGIN_SIDE)?;
-                let ids = c
-                    .query(statement, &[])?
-                    .iter()
-                    .map(|row| row.try_get::<_, i64>(0))
-                    .collect::<Result<Vec<i64>, _>>()?;
-                c.batch_execute(sql::COMMIT)?;
-                Ok(ids)
-            })
+        self.run("setting aside rows that break the CHECK", |c| {
+            c.batch_execute(sql::BEGIN_SIDE)?;
+            let ids = c
+                .query(statement, &[])?
+                .iter()
+                .map(|row| row.try_get::<_, i64>(0))
+                .collect::<Result<Vec<i64>, _>>()?;
+            c.batch_execute(sql::COMMIT)?;
+            Ok(ids)
+        })
     }
 
     fn late_settlement<R>(
@@ -362,7 +223,7 @@ impl<T: MakeTls> ClaimBackend for PgClaims<T> {
         context: &'static str,
         f: impl FnOnce(&mut PgLate<'_>) -> Result<R, postgres::Error>,
     ) -> Result<R, Error> {
-        self.side.run(context, |c| {
+        self.run(context, |c| {
             c.batch_execute(sql::BEGIN_SIDE)?;
             let result = f(&mut PgLate {
                 client: c,

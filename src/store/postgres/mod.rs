@@ -6,7 +6,6 @@ pub(crate) mod backlog;
 pub(crate) mod claims;
 pub(crate) mod dead_letters;
 pub(crate) mod decode;
-pub(crate) mod ident;
 pub(crate) mod inbox;
 pub(crate) mod listener;
 pub(crate) mod ordering;
@@ -24,9 +23,9 @@ use r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
 use time::OffsetDateTime;
 
-use self::ident::{Ident, DERIVED_SUFFIX_LEN, MAX_IDENT_LEN};
 use self::sql::{Sql, SCHEMA_VERSION};
 use super::retention::Retention;
+use crate::store::ident::{Ident, DERIVED_SUFFIX_LEN, MAX_IDENT_LEN};
 use crate::Error;
 
 /// The TLS connectors troutbox works with: anything `r2d2_postgres` can pool, such as

@@ -1,7 +1,7 @@
 //! Claiming, journaling and settling batches: the statements of the claim protocol
 //! (`store::postgres::claims`), on the claim transaction and on the relay's second connection.
 
-use crate::store::postgres::ident::Ident;
+use crate::store::ident::Ident;
 use crate::store::retention::Retention;
 
 use super::{is_head, MESSAGE_COLUMNS, ORIGINAL, REPAIR, ROW_OK};

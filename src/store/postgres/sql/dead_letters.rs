@@ -1,6 +1,6 @@
 //! Dead letters: listing, showing, re-queueing and purging dead messages.
 
-use crate::store::postgres::ident::Ident;
+use crate::store::ident::Ident;
 use crate::store::retention::Retention;
 
 use super::MESSAGE_COLUMNS;

@@ -9,7 +9,7 @@
 //! [`inbox`](crate::inbox) module's documentation.
 
 use super::partitions::PartitionSql;
-use crate::store::postgres::ident::Ident;
+use crate::store::ident::Ident;
 
 /// The table that records, per schema, each inbox table's schema version and window.
 pub(crate) const INBOXES_TABLE: &str = "troutbox_inboxes";
@@ -139,7 +139,7 @@ impl InboxSql {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::postgres::ident::MAX_IDENT_LEN;
+    use crate::store::ident::MAX_IDENT_LEN;
 
     #[test]
     fn names_are_quoted_and_the_width_is_in_the_statement() {

@@ -3,7 +3,7 @@
 //! and what reads it back.
 
 use crate::config::DEFAULT_MAX_VALUE_SIZE;
-use crate::store::postgres::ident::Ident;
+use crate::store::ident::Ident;
 use crate::store::retention::Retention;
 
 /// Name of the table that records applied migrations, one per schema, shared by every outbox

@@ -41,7 +41,7 @@ pub(crate) use partitions::{
 };
 pub(crate) use produce::{encode_headers, listen, ProduceSql, UNLISTEN};
 
-use super::ident::Ident;
+use crate::store::ident::Ident;
 use crate::store::retention::Retention;
 
 /// The columns of a message, in the order [`message_from_row`](super::message_from_row)

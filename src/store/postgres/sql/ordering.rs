@@ -1,6 +1,6 @@
 //! Per-key ordering's administration: blocked keys, and skipping a message that blocks one.
 
-use crate::store::postgres::ident::Ident;
+use crate::store::ident::Ident;
 use crate::store::retention::Retention;
 
 use super::{is_head, ORIGINAL, REPAIR};

@@ -4,7 +4,7 @@
 
 use time::OffsetDateTime;
 
-use crate::store::postgres::ident::Ident;
+use crate::store::ident::Ident;
 
 /// Elects one maintainer per table: transaction-scoped like the migration lock, so it is
 /// released on the connection that took it, by the COMMIT, or by the server when that

@@ -3,7 +3,7 @@
 //! producer function that clients in any language call (migration 5).
 
 use crate::config::{MAX_HEADERS, MAX_HEADER_BYTES, MAX_KEY_LEN};
-use crate::store::postgres::ident::Ident;
+use crate::store::ident::Ident;
 use crate::store::postgres::sql::TABLES_TABLE;
 use crate::store::retention::Retention;
 

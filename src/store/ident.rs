@@ -1,4 +1,4 @@
-//! Validated SQL identifiers.
+//! Validated SQL identifiers, for every backend.
 //!
 //! Schema and table names come from configuration, so they are checked here once and then
 //! only ever formatted into SQL through [`Ident::quoted`]. The rules are deliberately stricter
@@ -60,6 +60,12 @@ impl Ident {
     /// is no quote inside to escape; quoting still keeps reserved words and upper case intact.
     pub(crate) fn quoted(&self) -> String {
         format!("\"{}\"", self.0)
+    }
+
+    /// The name in backticks, MariaDB's quotes (see [`quoted`](Ident::quoted)).
+    #[cfg(feature = "mariadb")]
+    pub(crate) fn backquoted(&self) -> String {
+        format!("`{}`", self.0)
     }
 }
 
