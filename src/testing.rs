@@ -21,6 +21,9 @@
 //! let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
 //! client.batch_execute("SELECT 1").unwrap();
 //! ```
+//!
+//! With the `mariadb` feature too, `TempMariaDb` and `mariadb_url` do the same for
+//! MariaDB (`MARIADB_URL`, else a private server from the system's `mariadbd`).
 
 use std::fmt;
 use std::fs;
@@ -32,6 +35,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+#[cfg(feature = "mariadb")]
+mod mariadb;
+#[cfg(feature = "mariadb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mariadb")))]
+pub use mariadb::{mariadb_url, TempMariaDb, TempMariaDbBuilder, TempMariaDbError};
 
 /// How to get the binaries when none are found.
 const INSTALL_HINT: &str = "no PostgreSQL server binaries found (looked for initdb on PATH, via pg_config --bindir and in /usr/lib/postgresql/*/bin): install them (Debian/Ubuntu: apt-get install postgresql) or set DATABASE_URL to a server you own";
@@ -57,6 +66,30 @@ impl std::error::Error for TempPostgresError {
             .as_ref()
             .map(|e| e as &(dyn std::error::Error + 'static))
     }
+}
+
+/// A failure in a step both servers share (a directory, a port, the watchdog), turned into
+/// the public error of the server being started by `?`.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    source: Option<std::io::Error>,
+}
+
+impl From<Failure> for TempPostgresError {
+    fn from(f: Failure) -> Self {
+        TempPostgresError {
+            message: f.message,
+            source: f.source,
+        }
+    }
+}
+
+fn failure<T>(message: impl Into<String>, source: std::io::Error) -> Result<T, Failure> {
+    Err(Failure {
+        message: message.into(),
+        source: Some(source),
+    })
 }
 
 fn fail<T>(message: impl Into<String>) -> Result<T, TempPostgresError> {
@@ -176,28 +209,7 @@ impl TempPostgres {
             Some(bin) => bin,
             None => return fail(INSTALL_HINT),
         };
-        // A private directory: a random name created atomically with mode 0700 (an
-        // existing directory or link of that name is never reused), so no other local user
-        // can read the data, the log or the socket, or plant anything in it.
-        let dir = tempfile::Builder::new()
-            .prefix("troutbox-pg-")
-            .permissions(fs::Permissions::from_mode(0o700))
-            .tempdir()
-            .or_else(|e| fail_io("cannot create a temporary directory", e))?
-            .keep();
-        let owner = fs::metadata(&dir).map(|m| m.uid()).unwrap_or(1);
-        let run_as = if owner == 0 {
-            Some(unprivileged_account())
-        } else {
-            None
-        };
-        if let Some((uid, gid)) = run_as {
-            // Through the open directory, not its path: nothing can swap a link in.
-            let handle = fs::File::open(&dir)
-                .or_else(|e| fail_io(format!("cannot open {}", dir.display()), e))?;
-            fchown(&handle, Some(uid), Some(gid))
-                .or_else(|e| fail_io(format!("cannot hand {} to uid {uid}", dir.display()), e))?;
-        }
+        let (dir, run_as) = private_dir("troutbox-pg-", "postgres")?;
         let mut server = TempPostgres {
             dir,
             port: 0,
@@ -248,11 +260,7 @@ impl TempPostgres {
         child
             .wait()
             .or_else(|e| fail_io("waiting for the server", e))?;
-        if let Some((mut watchdog, mut stdin)) = self.watchdog.take() {
-            let _ = stdin.write_all(b"keep\n");
-            drop(stdin);
-            let _ = watchdog.wait();
-        }
+        dismiss_watchdog(&mut self.watchdog);
         Ok(())
     }
 
@@ -356,10 +364,13 @@ impl TempPostgres {
             .stderr(log2)
             .spawn()
             .or_else(|e| fail_io("cannot start postgres", e))?;
-        self.watchdog = Some(spawn_watchdog(child.id(), &self.dir)?);
+        self.watchdog = Some(spawn_watchdog(child.id(), "INT", &self.dir)?);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
+                // Dismissed, not dropped: a watchdog dropped (when the next attempt on
+                // another port replaced it) would remove the directory under that attempt.
+                dismiss_watchdog(&mut self.watchdog);
                 let log = fs::read_to_string(&log_path).unwrap_or_default();
                 return fail(format!("postgres exited with {status}: {}", log.trim()));
             }
@@ -368,6 +379,8 @@ impl TempPostgres {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
+                let _ = child.wait();
+                dismiss_watchdog(&mut self.watchdog);
                 return fail(format!(
                     "postgres did not accept connections within 60 s; see {}",
                     log_path.display()
@@ -400,71 +413,114 @@ impl Drop for TempPostgres {
     }
 }
 
-/// A shell that waits for its stdin to close (our drop, or our death), then fast-stops the
-/// server and removes its directory. A line on its stdin instead dismisses it, leaving
-/// server and directory alone (used by `stop_server`, which stops the server itself).
-fn spawn_watchdog(pid: u32, dir: &Path) -> Result<(Child, ChildStdin), TempPostgresError> {
+/// A private directory for a server: a random name under the system's temporary directory,
+/// created atomically with mode 0700 (an existing directory or link of that name is never
+/// reused), so no other local user can read the data, the log or the socket, or plant
+/// anything in it. When this process runs as root, the directory is handed to `account`
+/// (else `nobody`), returned as the uid and gid to run the server as.
+fn private_dir(prefix: &str, account: &str) -> Result<(PathBuf, Option<(u32, u32)>), Failure> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .or_else(|e| failure("cannot create a temporary directory", e))?
+        .keep();
+    let owner = fs::metadata(&dir).map(|m| m.uid()).unwrap_or(1);
+    let run_as = if owner == 0 {
+        Some(unprivileged_account(account))
+    } else {
+        None
+    };
+    if let Some((uid, gid)) = run_as {
+        // Through the open directory, not its path: nothing can swap a link in.
+        let handle = fs::File::open(&dir)
+            .or_else(|e| failure(format!("cannot open {}", dir.display()), e))?;
+        fchown(&handle, Some(uid), Some(gid))
+            .or_else(|e| failure(format!("cannot hand {} to uid {uid}", dir.display()), e))?;
+    }
+    Ok((dir, run_as))
+}
+
+/// A shell that waits for its stdin to close (our drop, or our death), then stops the
+/// server with `signal` (its fast or clean shutdown: `INT` for PostgreSQL, `TERM` for
+/// MariaDB; `KILL` after 30 s) and removes its directory. A line on its stdin instead
+/// dismisses it, leaving server and directory alone (used by `stop_server`, which stops the
+/// server itself).
+///
+/// It ignores SIGHUP, SIGINT and SIGTERM: a Ctrl-C in a terminal (or a CI runner stopping a
+/// job) signals the whole process group, watchdog included, and the watchdog must outlive
+/// the test process to clean up after it.
+fn spawn_watchdog(pid: u32, signal: &str, dir: &Path) -> Result<(Child, ChildStdin), Failure> {
     let script = r#"
+        trap '' HUP INT TERM
         if read -r line; then exit 0; fi
-        kill -INT "$PGPID" 2>/dev/null
+        kill -"$SERVER_SIGNAL" "$SERVER_PID" 2>/dev/null
         i=0
-        while kill -0 "$PGPID" 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-        kill -KILL "$PGPID" 2>/dev/null
-        rm -rf "$PGDIR"
+        while kill -0 "$SERVER_PID" 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+        kill -KILL "$SERVER_PID" 2>/dev/null
+        rm -rf "$SERVER_DIR"
     "#;
     let mut child = Command::new("sh")
         .args(["-c", script])
-        .env("PGPID", pid.to_string())
-        .env("PGDIR", dir)
+        .env("SERVER_PID", pid.to_string())
+        .env("SERVER_SIGNAL", signal)
+        .env("SERVER_DIR", dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .or_else(|e| fail_io("cannot start the cleanup watchdog", e))?;
+        .or_else(|e| failure("cannot start the cleanup watchdog", e))?;
     let stdin = child.stdin.take().expect("stdin was piped");
     Ok((child, stdin))
 }
 
+/// Sends the watchdog away, leaving server and directory alone: for when the server is
+/// already stopped (`stop_server`, a failed start).
+fn dismiss_watchdog(watchdog: &mut Option<(Child, ChildStdin)>) {
+    if let Some((mut process, mut stdin)) = watchdog.take() {
+        let _ = stdin.write_all(b"keep\n");
+        drop(stdin);
+        let _ = process.wait();
+    }
+}
+
 /// 32 hexadecimal digits from the system's random source.
-fn random_password() -> Result<String, TempPostgresError> {
+fn random_password() -> Result<String, Failure> {
     use std::io::Read;
     let mut bytes = [0u8; 16];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
-        .or_else(|e| fail_io("cannot read /dev/urandom", e))?;
+        .or_else(|e| failure("cannot read /dev/urandom", e))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Writes `content` to a new file of mode 0600 (owned by `owner` when given).
-fn write_private(
-    path: &Path,
-    content: &[u8],
-    owner: Option<(u32, u32)>,
-) -> Result<(), TempPostgresError> {
+fn write_private(path: &Path, content: &[u8], owner: Option<(u32, u32)>) -> Result<(), Failure> {
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .or_else(|e| fail_io(format!("cannot create {}", path.display()), e))?;
+        .or_else(|e| failure(format!("cannot create {}", path.display()), e))?;
     file.write_all(content)
-        .or_else(|e| fail_io(format!("cannot write {}", path.display()), e))?;
+        .or_else(|e| failure(format!("cannot write {}", path.display()), e))?;
     if let Some((uid, gid)) = owner {
         fchown(&file, Some(uid), Some(gid))
-            .or_else(|e| fail_io(format!("cannot hand {} to uid {uid}", path.display()), e))?;
+            .or_else(|e| failure(format!("cannot hand {} to uid {uid}", path.display()), e))?;
     }
     Ok(())
 }
 
-fn free_port() -> Result<u16, TempPostgresError> {
+fn free_port() -> Result<u16, Failure> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .or_else(|e| fail_io("cannot find a free port", e))
+        .or_else(|e| failure("cannot find a free port", e))
 }
 
-/// The uid and gid of the `postgres` account, else `nobody`, from /etc/passwd.
-fn unprivileged_account() -> (u32, u32) {
+/// The uid and gid of `account` (the server package's system account), else `nobody`, from
+/// /etc/passwd.
+fn unprivileged_account(account: &str) -> (u32, u32) {
     let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
     let lookup = |name: &str| {
         passwd.lines().find_map(|line| {
@@ -476,7 +532,7 @@ fn unprivileged_account() -> (u32, u32) {
             }
         })
     };
-    lookup("postgres")
+    lookup(account)
         .or_else(|| lookup("nobody"))
         .unwrap_or((65534, 65534))
 }
