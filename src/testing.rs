@@ -181,7 +181,8 @@ pub struct TempPostgres {
     run_as: Option<(u32, u32)>,
     settings: Vec<(String, String)>,
     server: Option<Child>,
-    watchdog: Option<(Child, ChildStdin)>,
+    /// Always there until drop (an Option to be taken there).
+    watchdog: Option<Watchdog>,
 }
 
 impl fmt::Debug for TempPostgres {
@@ -209,7 +210,11 @@ impl TempPostgres {
             Some(bin) => bin,
             None => return fail(INSTALL_HINT),
         };
-        let (dir, run_as) = private_dir("troutbox-pg-", "postgres")?;
+        let PrivateDir {
+            dir,
+            run_as,
+            watchdog,
+        } = private_dir("troutbox-pg-", "postgres", "INT")?;
         let mut server = TempPostgres {
             dir,
             port: 0,
@@ -218,7 +223,7 @@ impl TempPostgres {
             run_as,
             settings: options.settings,
             server: None,
-            watchdog: None,
+            watchdog: Some(watchdog),
         };
         server.initdb()?;
         server.start_server()?;
@@ -260,7 +265,7 @@ impl TempPostgres {
         child
             .wait()
             .or_else(|e| fail_io("waiting for the server", e))?;
-        dismiss_watchdog(&mut self.watchdog);
+        self.unwatch();
         Ok(())
     }
 
@@ -281,6 +286,12 @@ impl TempPostgres {
             }
         }
         fail("could not find a free port for PostgreSQL")
+    }
+
+    fn unwatch(&mut self) {
+        if let Some(watchdog) = &mut self.watchdog {
+            watchdog.unwatch();
+        }
     }
 
     fn command(&self, program: &str) -> Command {
@@ -364,13 +375,17 @@ impl TempPostgres {
             .stderr(log2)
             .spawn()
             .or_else(|e| fail_io("cannot start postgres", e))?;
-        self.watchdog = Some(spawn_watchdog(child.id(), "INT", &self.dir)?);
+        if let Some(watchdog) = &mut self.watchdog {
+            if let Err(e) = watchdog.watch(child.id()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e.into());
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                // Dismissed, not dropped: a watchdog dropped (when the next attempt on
-                // another port replaced it) would remove the directory under that attempt.
-                dismiss_watchdog(&mut self.watchdog);
+                self.unwatch();
                 let log = fs::read_to_string(&log_path).unwrap_or_default();
                 return fail(format!("postgres exited with {status}: {}", log.trim()));
             }
@@ -380,7 +395,7 @@ impl TempPostgres {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                dismiss_watchdog(&mut self.watchdog);
+                self.unwatch();
                 return fail(format!(
                     "postgres did not accept connections within 60 s; see {}",
                     log_path.display()
@@ -396,15 +411,9 @@ impl TempPostgres {
 
 impl Drop for TempPostgres {
     fn drop(&mut self) {
-        // Closing the watchdog's stdin makes it stop the server and remove the directory.
-        // Reap the server as soon as it exits: until then it is a zombie that the
-        // watchdog's `kill -0` still sees alive, and it would wait out its full grace period.
-        if let Some((mut watchdog, stdin)) = self.watchdog.take() {
-            drop(stdin);
-            if let Some(mut server) = self.server.take() {
-                let _ = server.wait();
-            }
-            let _ = watchdog.wait();
+        // The watchdog stops the server and removes the directory.
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.finish(self.server.take());
         }
         if let Some(mut server) = self.server.take() {
             let _ = server.wait();
@@ -413,18 +422,34 @@ impl Drop for TempPostgres {
     }
 }
 
+/// What [`private_dir`] made.
+struct PrivateDir {
+    dir: PathBuf,
+    /// The uid and gid to run the server as, when this process runs as root.
+    run_as: Option<(u32, u32)>,
+    watchdog: Watchdog,
+}
+
 /// A private directory for a server: a random name under the system's temporary directory,
 /// created atomically with mode 0700 (an existing directory or link of that name is never
 /// reused), so no other local user can read the data, the log or the socket, or plant
 /// anything in it. When this process runs as root, the directory is handed to `account`
-/// (else `nobody`), returned as the uid and gid to run the server as.
-fn private_dir(prefix: &str, account: &str) -> Result<(PathBuf, Option<(u32, u32)>), Failure> {
+/// (else `nobody`), returned as the uid and gid to run the server as. Its [`Watchdog`]
+/// (which stops servers with `signal`) watches it from the start.
+fn private_dir(prefix: &str, account: &str, signal: &str) -> Result<PrivateDir, Failure> {
     let dir = tempfile::Builder::new()
         .prefix(prefix)
         .permissions(fs::Permissions::from_mode(0o700))
         .tempdir()
         .or_else(|e| failure("cannot create a temporary directory", e))?
         .keep();
+    let watchdog = match Watchdog::spawn(signal, &dir) {
+        Ok(watchdog) => watchdog,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
     let owner = fs::metadata(&dir).map(|m| m.uid()).unwrap_or(1);
     let run_as = if owner == 0 {
         Some(unprivileged_account(account))
@@ -438,48 +463,88 @@ fn private_dir(prefix: &str, account: &str) -> Result<(PathBuf, Option<(u32, u32
         fchown(&handle, Some(uid), Some(gid))
             .or_else(|e| failure(format!("cannot hand {} to uid {uid}", dir.display()), e))?;
     }
-    Ok((dir, run_as))
+    Ok(PrivateDir {
+        dir,
+        run_as,
+        watchdog,
+    })
 }
 
-/// A shell that waits for its stdin to close (our drop, or our death), then stops the
-/// server with `signal` (its fast or clean shutdown: `INT` for PostgreSQL, `TERM` for
-/// MariaDB; `KILL` after 30 s) and removes its directory. A line on its stdin instead
-/// dismisses it, leaving server and directory alone (used by `stop_server`, which stops the
-/// server itself).
+/// The cleanup of a server's directory, from its creation on: a shell that waits for its
+/// standard input to close (our drop, or our death, in any way), then stops the server it
+/// was told of, if any, with `signal` (its fast or clean shutdown: `INT` for PostgreSQL,
+/// `TERM` for MariaDB; `KILL` after 30 s), and removes the directory (trying again for
+/// 10 s while something, such as an installer killed with us, still writes there). Lines on its stdin
+/// tell it the running server's pid (`pid N`) and that no server runs (`none`: stopped,
+/// killed, or a start that failed), so a test process dying while installing the server or
+/// between a stop and a restart leaves nothing behind either.
 ///
 /// It ignores SIGHUP, SIGINT and SIGTERM: a Ctrl-C in a terminal (or a CI runner stopping a
 /// job) signals the whole process group, watchdog included, and the watchdog must outlive
 /// the test process to clean up after it.
-fn spawn_watchdog(pid: u32, signal: &str, dir: &Path) -> Result<(Child, ChildStdin), Failure> {
-    let script = r#"
-        trap '' HUP INT TERM
-        if read -r line; then exit 0; fi
-        kill -"$SERVER_SIGNAL" "$SERVER_PID" 2>/dev/null
-        i=0
-        while kill -0 "$SERVER_PID" 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-        kill -KILL "$SERVER_PID" 2>/dev/null
-        rm -rf "$SERVER_DIR"
-    "#;
-    let mut child = Command::new("sh")
-        .args(["-c", script])
-        .env("SERVER_PID", pid.to_string())
-        .env("SERVER_SIGNAL", signal)
-        .env("SERVER_DIR", dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .or_else(|e| failure("cannot start the cleanup watchdog", e))?;
-    let stdin = child.stdin.take().expect("stdin was piped");
-    Ok((child, stdin))
+struct Watchdog {
+    process: Child,
+    stdin: ChildStdin,
 }
 
-/// Sends the watchdog away, leaving server and directory alone: for when the server is
-/// already stopped (`stop_server`, a failed start).
-fn dismiss_watchdog(watchdog: &mut Option<(Child, ChildStdin)>) {
-    if let Some((mut process, mut stdin)) = watchdog.take() {
-        let _ = stdin.write_all(b"keep\n");
+impl Watchdog {
+    fn spawn(signal: &str, dir: &Path) -> Result<Watchdog, Failure> {
+        let script = r#"
+            trap '' HUP INT TERM
+            pid=
+            while read -r word arg; do
+                case "$word" in
+                    pid) pid=$arg ;;
+                    none) pid= ;;
+                esac
+            done
+            if [ -n "$pid" ]; then
+                kill -"$SERVER_SIGNAL" "$pid" 2>/dev/null
+                i=0
+                while kill -0 "$pid" 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+                kill -KILL "$pid" 2>/dev/null
+            fi
+            # Again while something still writes there (an installer killed with us, still
+            # exiting), for 10 s at most.
+            i=0
+            while ! rm -rf "$SERVER_DIR" 2>/dev/null || [ -e "$SERVER_DIR" ]; do
+                [ $i -lt 100 ] || break
+                sleep 0.1
+                i=$((i+1))
+            done
+        "#;
+        let mut process = Command::new("sh")
+            .args(["-c", script])
+            .env("SERVER_SIGNAL", signal)
+            .env("SERVER_DIR", dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .or_else(|e| failure("cannot start the cleanup watchdog", e))?;
+        let stdin = process.stdin.take().expect("stdin was piped");
+        Ok(Watchdog { process, stdin })
+    }
+
+    /// The server now running, to stop at the end.
+    fn watch(&mut self, pid: u32) -> Result<(), Failure> {
+        writeln!(self.stdin, "pid {pid}").or_else(|e| failure("the cleanup watchdog is gone", e))
+    }
+
+    /// No server runs any more: only the directory is left to remove.
+    fn unwatch(&mut self) {
+        let _ = writeln!(self.stdin, "none");
+    }
+
+    /// Stops the server, if one runs, and removes the directory; returns when both are done.
+    /// The server is reaped as soon as it exits: until then it is a zombie that the
+    /// watchdog's `kill -0` still sees alive, and it would wait out its full grace period.
+    fn finish(self, server: Option<Child>) {
+        let Watchdog { mut process, stdin } = self;
         drop(stdin);
+        if let Some(mut server) = server {
+            let _ = server.wait();
+        }
         let _ = process.wait();
     }
 }

@@ -20,13 +20,12 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::{
-    dismiss_watchdog, free_port, private_dir, random_password, spawn_watchdog, write_private,
-    Failure,
+    free_port, private_dir, random_password, write_private, Failure, PrivateDir, Watchdog,
 };
 
 /// How to get the binaries when none are found.
@@ -183,7 +182,8 @@ pub struct TempMariaDb {
     run_as: Option<(u32, u32)>,
     settings: Vec<(String, String)>,
     server: Option<Child>,
-    watchdog: Option<(Child, ChildStdin)>,
+    /// Always there until drop (an Option to be taken there).
+    watchdog: Option<Watchdog>,
 }
 
 impl fmt::Debug for TempMariaDb {
@@ -210,7 +210,11 @@ impl TempMariaDb {
         let Some((mariadbd, install_db)) = find_binaries() else {
             return fail(INSTALL_HINT);
         };
-        let (dir, run_as) = private_dir("troutbox-mariadb-", "mysql")?;
+        let PrivateDir {
+            dir,
+            run_as,
+            watchdog,
+        } = private_dir("troutbox-mariadb-", "mysql", "TERM")?;
         let mut server = TempMariaDb {
             dir,
             port: 0,
@@ -219,7 +223,7 @@ impl TempMariaDb {
             run_as,
             settings: options.settings,
             server: None,
-            watchdog: None,
+            watchdog: Some(watchdog),
         };
         server.install_db(&install_db)?;
         // Run once by the first start, before the server takes a connection: root gets its
@@ -278,7 +282,7 @@ impl TempMariaDb {
         child
             .wait()
             .or_else(|e| fail_io("waiting for the server", e))?;
-        dismiss_watchdog(&mut self.watchdog);
+        self.unwatch();
         Ok(())
     }
 
@@ -295,7 +299,7 @@ impl TempMariaDb {
         child
             .wait()
             .or_else(|e| fail_io("waiting for the server", e))?;
-        dismiss_watchdog(&mut self.watchdog);
+        self.unwatch();
         Ok(())
     }
 
@@ -317,6 +321,12 @@ impl TempMariaDb {
             }
         }
         fail("could not find a free port for MariaDB")
+    }
+
+    fn unwatch(&mut self) {
+        if let Some(watchdog) = &mut self.watchdog {
+            watchdog.unwatch();
+        }
     }
 
     fn command(&self, program: &Path) -> Command {
@@ -427,7 +437,13 @@ impl TempMariaDb {
             .stderr(log2)
             .spawn()
             .or_else(|e| fail_io(format!("cannot start {}", self.mariadbd.display()), e))?;
-        self.watchdog = Some(spawn_watchdog(child.id(), "TERM", &self.dir)?);
+        if let Some(watchdog) = &mut self.watchdog {
+            if let Err(e) = watchdog.watch(child.id()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e.into());
+            }
+        }
         let this_log = || {
             let mut text = String::new();
             if let Ok(mut file) = fs::File::open(&log_path) {
@@ -447,7 +463,7 @@ impl TempMariaDb {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                dismiss_watchdog(&mut self.watchdog);
+                self.unwatch();
                 return fail(format!(
                     "mariadbd exited with {status}: {}",
                     this_log().trim()
@@ -459,7 +475,7 @@ impl TempMariaDb {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                dismiss_watchdog(&mut self.watchdog);
+                self.unwatch();
                 return fail(format!(
                     "mariadbd did not accept connections within 60 s: {}",
                     this_log().trim()
@@ -476,15 +492,9 @@ impl TempMariaDb {
 
 impl Drop for TempMariaDb {
     fn drop(&mut self) {
-        // Closing the watchdog's stdin makes it stop the server and remove the directory.
-        // Reap the server as soon as it exits: until then it is a zombie that the
-        // watchdog's `kill -0` still sees alive, and it would wait out its full grace period.
-        if let Some((mut watchdog, stdin)) = self.watchdog.take() {
-            drop(stdin);
-            if let Some(mut server) = self.server.take() {
-                let _ = server.wait();
-            }
-            let _ = watchdog.wait();
+        // The watchdog stops the server and removes the directory.
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.finish(self.server.take());
         }
         if let Some(mut server) = self.server.take() {
             let _ = server.wait();
