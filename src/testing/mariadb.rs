@@ -522,6 +522,8 @@ mod tests {
 
     #[test]
     fn starts_restarts_keeps_data_and_cleans_up() {
+        // A secret in this process's environment must not reach the server's.
+        std::env::set_var("TROUTBOX_MARIADB_SECRET_PROBE", "do-not-leak");
         let started = Instant::now();
         let mut server = TempMariaDb::start().expect("a throw-away MariaDB server");
         eprintln!("started in {:?}", started.elapsed());
@@ -540,6 +542,17 @@ mod tests {
             !dir.join("init.sql").exists(),
             "the init file holds the password"
         );
+        let log_mode = fs::metadata(dir.join("server.log")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&log_mode.permissions()) & 0o077,
+            0,
+            "the log is private"
+        );
+        let pid = server.server.as_ref().unwrap().id();
+        let environ = fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let environ = String::from_utf8_lossy(&environ);
+        assert!(environ.contains("PATH="), "{environ}");
+        assert!(!environ.contains("do-not-leak"), "{environ}");
 
         let url = server.url();
         assert!(url.ends_with(&format!("@127.0.0.1:{}/troutbox", server.port())));
@@ -556,6 +569,30 @@ mod tests {
         );
         let database: Option<String> = conn.query_first("SELECT DATABASE()").unwrap();
         assert_eq!(database.as_deref(), Some("troutbox"));
+
+        // root is the only account that can log in (mariadb.sys is locked), on 127.0.0.1,
+        // ::1 and the socket only, all with the password.
+        let accounts: Vec<(String, String, Option<String>, Option<String>)> = conn
+            .query(
+                "SELECT User, Host, JSON_VALUE(Priv, '$.account_locked'), \
+                 JSON_VALUE(Priv, '$.authentication_string') FROM mysql.global_priv",
+            )
+            .unwrap();
+        for (user, host, locked, auth) in &accounts {
+            if user == "root" {
+                assert!(
+                    ["localhost", "127.0.0.1", "::1"].contains(&host.as_str()),
+                    "{host}"
+                );
+                assert!(auth.as_deref().is_some_and(|a| !a.is_empty()), "{host}");
+            } else {
+                // JSON true, as MariaDB 10.11 returns it: "1".
+                assert!(
+                    matches!(locked.as_deref(), Some("1" | "true")),
+                    "{user}@{host} is not locked: {locked:?}"
+                );
+            }
+        }
 
         // Without the password, or with another one, no connection.
         let port = server.port();
