@@ -21,6 +21,9 @@
 //! let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
 //! client.batch_execute("SELECT 1").unwrap();
 //! ```
+//!
+//! With the `mariadb` feature too, `TempMariaDb` and `mariadb_url` do the same for
+//! MariaDB (`MARIADB_URL`, else a private server from the system's `mariadbd`).
 
 use std::fmt;
 use std::fs;
@@ -32,6 +35,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+#[cfg(feature = "mariadb")]
+mod mariadb;
+#[cfg(feature = "mariadb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mariadb")))]
+pub use mariadb::{mariadb_url, TempMariaDb, TempMariaDbBuilder, TempMariaDbError};
 
 /// How to get the binaries when none are found.
 const INSTALL_HINT: &str = "no PostgreSQL server binaries found (looked for initdb on PATH, via pg_config --bindir and in /usr/lib/postgresql/*/bin): install them (Debian/Ubuntu: apt-get install postgresql) or set DATABASE_URL to a server you own";
@@ -57,6 +66,30 @@ impl std::error::Error for TempPostgresError {
             .as_ref()
             .map(|e| e as &(dyn std::error::Error + 'static))
     }
+}
+
+/// A failure in a step both servers share (a directory, a port, the watchdog), turned into
+/// the public error of the server being started by `?`.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    source: Option<std::io::Error>,
+}
+
+impl From<Failure> for TempPostgresError {
+    fn from(f: Failure) -> Self {
+        TempPostgresError {
+            message: f.message,
+            source: f.source,
+        }
+    }
+}
+
+fn failure<T>(message: impl Into<String>, source: std::io::Error) -> Result<T, Failure> {
+    Err(Failure {
+        message: message.into(),
+        source: Some(source),
+    })
 }
 
 fn fail<T>(message: impl Into<String>) -> Result<T, TempPostgresError> {
@@ -148,7 +181,8 @@ pub struct TempPostgres {
     run_as: Option<(u32, u32)>,
     settings: Vec<(String, String)>,
     server: Option<Child>,
-    watchdog: Option<(Child, ChildStdin)>,
+    /// Always there until drop (an Option to be taken there).
+    watchdog: Option<Watchdog>,
 }
 
 impl fmt::Debug for TempPostgres {
@@ -176,28 +210,11 @@ impl TempPostgres {
             Some(bin) => bin,
             None => return fail(INSTALL_HINT),
         };
-        // A private directory: a random name created atomically with mode 0700 (an
-        // existing directory or link of that name is never reused), so no other local user
-        // can read the data, the log or the socket, or plant anything in it.
-        let dir = tempfile::Builder::new()
-            .prefix("troutbox-pg-")
-            .permissions(fs::Permissions::from_mode(0o700))
-            .tempdir()
-            .or_else(|e| fail_io("cannot create a temporary directory", e))?
-            .keep();
-        let owner = fs::metadata(&dir).map(|m| m.uid()).unwrap_or(1);
-        let run_as = if owner == 0 {
-            Some(unprivileged_account())
-        } else {
-            None
-        };
-        if let Some((uid, gid)) = run_as {
-            // Through the open directory, not its path: nothing can swap a link in.
-            let handle = fs::File::open(&dir)
-                .or_else(|e| fail_io(format!("cannot open {}", dir.display()), e))?;
-            fchown(&handle, Some(uid), Some(gid))
-                .or_else(|e| fail_io(format!("cannot hand {} to uid {uid}", dir.display()), e))?;
-        }
+        let PrivateDir {
+            dir,
+            run_as,
+            watchdog,
+        } = private_dir("troutbox-pg-", "postgres", "INT")?;
         let mut server = TempPostgres {
             dir,
             port: 0,
@@ -206,7 +223,7 @@ impl TempPostgres {
             run_as,
             settings: options.settings,
             server: None,
-            watchdog: None,
+            watchdog: Some(watchdog),
         };
         server.initdb()?;
         server.start_server()?;
@@ -248,11 +265,7 @@ impl TempPostgres {
         child
             .wait()
             .or_else(|e| fail_io("waiting for the server", e))?;
-        if let Some((mut watchdog, mut stdin)) = self.watchdog.take() {
-            let _ = stdin.write_all(b"keep\n");
-            drop(stdin);
-            let _ = watchdog.wait();
-        }
+        self.unwatch();
         Ok(())
     }
 
@@ -273,6 +286,12 @@ impl TempPostgres {
             }
         }
         fail("could not find a free port for PostgreSQL")
+    }
+
+    fn unwatch(&mut self) {
+        if let Some(watchdog) = &mut self.watchdog {
+            watchdog.unwatch();
+        }
     }
 
     fn command(&self, program: &str) -> Command {
@@ -356,10 +375,17 @@ impl TempPostgres {
             .stderr(log2)
             .spawn()
             .or_else(|e| fail_io("cannot start postgres", e))?;
-        self.watchdog = Some(spawn_watchdog(child.id(), &self.dir)?);
+        if let Some(watchdog) = &mut self.watchdog {
+            if let Err(e) = watchdog.watch(child.id()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e.into());
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
+                self.unwatch();
                 let log = fs::read_to_string(&log_path).unwrap_or_default();
                 return fail(format!("postgres exited with {status}: {}", log.trim()));
             }
@@ -368,6 +394,8 @@ impl TempPostgres {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
+                let _ = child.wait();
+                self.unwatch();
                 return fail(format!(
                     "postgres did not accept connections within 60 s; see {}",
                     log_path.display()
@@ -383,15 +411,9 @@ impl TempPostgres {
 
 impl Drop for TempPostgres {
     fn drop(&mut self) {
-        // Closing the watchdog's stdin makes it stop the server and remove the directory.
-        // Reap the server as soon as it exits: until then it is a zombie that the
-        // watchdog's `kill -0` still sees alive, and it would wait out its full grace period.
-        if let Some((mut watchdog, stdin)) = self.watchdog.take() {
-            drop(stdin);
-            if let Some(mut server) = self.server.take() {
-                let _ = server.wait();
-            }
-            let _ = watchdog.wait();
+        // The watchdog stops the server and removes the directory.
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.finish(self.server.take());
         }
         if let Some(mut server) = self.server.take() {
             let _ = server.wait();
@@ -400,71 +422,170 @@ impl Drop for TempPostgres {
     }
 }
 
-/// A shell that waits for its stdin to close (our drop, or our death), then fast-stops the
-/// server and removes its directory. A line on its stdin instead dismisses it, leaving
-/// server and directory alone (used by `stop_server`, which stops the server itself).
-fn spawn_watchdog(pid: u32, dir: &Path) -> Result<(Child, ChildStdin), TempPostgresError> {
-    let script = r#"
-        if read -r line; then exit 0; fi
-        kill -INT "$PGPID" 2>/dev/null
-        i=0
-        while kill -0 "$PGPID" 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-        kill -KILL "$PGPID" 2>/dev/null
-        rm -rf "$PGDIR"
-    "#;
-    let mut child = Command::new("sh")
-        .args(["-c", script])
-        .env("PGPID", pid.to_string())
-        .env("PGDIR", dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .or_else(|e| fail_io("cannot start the cleanup watchdog", e))?;
-    let stdin = child.stdin.take().expect("stdin was piped");
-    Ok((child, stdin))
+/// What [`private_dir`] made.
+struct PrivateDir {
+    dir: PathBuf,
+    /// The uid and gid to run the server as, when this process runs as root.
+    run_as: Option<(u32, u32)>,
+    watchdog: Watchdog,
+}
+
+/// A private directory for a server: a random name under the system's temporary directory,
+/// created atomically with mode 0700 (an existing directory or link of that name is never
+/// reused), so no other local user can read the data, the log or the socket, or plant
+/// anything in it. When this process runs as root, the directory is handed to `account`
+/// (else `nobody`), returned as the uid and gid to run the server as. Its [`Watchdog`]
+/// (which stops servers with `signal`) watches it from the start.
+fn private_dir(prefix: &str, account: &str, signal: &str) -> Result<PrivateDir, Failure> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .or_else(|e| failure("cannot create a temporary directory", e))?
+        .keep();
+    let watchdog = match Watchdog::spawn(signal, &dir) {
+        Ok(watchdog) => watchdog,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
+    let owner = fs::metadata(&dir).map(|m| m.uid()).unwrap_or(1);
+    let run_as = if owner == 0 {
+        Some(unprivileged_account(account))
+    } else {
+        None
+    };
+    if let Some((uid, gid)) = run_as {
+        // Through the open directory, not its path: nothing can swap a link in.
+        let handle = fs::File::open(&dir)
+            .or_else(|e| failure(format!("cannot open {}", dir.display()), e))?;
+        fchown(&handle, Some(uid), Some(gid))
+            .or_else(|e| failure(format!("cannot hand {} to uid {uid}", dir.display()), e))?;
+    }
+    Ok(PrivateDir {
+        dir,
+        run_as,
+        watchdog,
+    })
+}
+
+/// The cleanup of a server's directory, from its creation on: a shell that waits for its
+/// standard input to close (our drop, or our death, in any way), then stops the server it
+/// was told of, if any, with `signal` (its fast or clean shutdown: `INT` for PostgreSQL,
+/// `TERM` for MariaDB; `KILL` after 30 s), and removes the directory (trying again for
+/// 10 s while something, such as an installer killed with us, still writes there). Lines on its stdin
+/// tell it the running server's pid (`pid N`) and that no server runs (`none`: stopped,
+/// killed, or a start that failed), so a test process dying while installing the server or
+/// between a stop and a restart leaves nothing behind either.
+///
+/// It ignores SIGHUP, SIGINT and SIGTERM: a Ctrl-C in a terminal (or a CI runner stopping a
+/// job) signals the whole process group, watchdog included, and the watchdog must outlive
+/// the test process to clean up after it.
+struct Watchdog {
+    process: Child,
+    stdin: ChildStdin,
+}
+
+impl Watchdog {
+    fn spawn(signal: &str, dir: &Path) -> Result<Watchdog, Failure> {
+        let script = r#"
+            trap '' HUP INT TERM
+            pid=
+            while read -r word arg; do
+                case "$word" in
+                    pid) pid=$arg ;;
+                    none) pid= ;;
+                esac
+            done
+            if [ -n "$pid" ]; then
+                kill -"$SERVER_SIGNAL" "$pid" 2>/dev/null
+                i=0
+                while kill -0 "$pid" 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+                kill -KILL "$pid" 2>/dev/null
+            fi
+            # Again while something still writes there (an installer killed with us, still
+            # exiting), for 10 s at most.
+            i=0
+            while ! rm -rf "$SERVER_DIR" 2>/dev/null || [ -e "$SERVER_DIR" ]; do
+                [ $i -lt 100 ] || break
+                sleep 0.1
+                i=$((i+1))
+            done
+        "#;
+        let mut process = Command::new("sh")
+            .args(["-c", script])
+            .env("SERVER_SIGNAL", signal)
+            .env("SERVER_DIR", dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .or_else(|e| failure("cannot start the cleanup watchdog", e))?;
+        let stdin = process.stdin.take().expect("stdin was piped");
+        Ok(Watchdog { process, stdin })
+    }
+
+    /// The server now running, to stop at the end.
+    fn watch(&mut self, pid: u32) -> Result<(), Failure> {
+        writeln!(self.stdin, "pid {pid}").or_else(|e| failure("the cleanup watchdog is gone", e))
+    }
+
+    /// No server runs any more: only the directory is left to remove.
+    fn unwatch(&mut self) {
+        let _ = writeln!(self.stdin, "none");
+    }
+
+    /// Stops the server, if one runs, and removes the directory; returns when both are done.
+    /// The server is reaped as soon as it exits: until then it is a zombie that the
+    /// watchdog's `kill -0` still sees alive, and it would wait out its full grace period.
+    fn finish(self, server: Option<Child>) {
+        let Watchdog { mut process, stdin } = self;
+        drop(stdin);
+        if let Some(mut server) = server {
+            let _ = server.wait();
+        }
+        let _ = process.wait();
+    }
 }
 
 /// 32 hexadecimal digits from the system's random source.
-fn random_password() -> Result<String, TempPostgresError> {
+fn random_password() -> Result<String, Failure> {
     use std::io::Read;
     let mut bytes = [0u8; 16];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
-        .or_else(|e| fail_io("cannot read /dev/urandom", e))?;
+        .or_else(|e| failure("cannot read /dev/urandom", e))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Writes `content` to a new file of mode 0600 (owned by `owner` when given).
-fn write_private(
-    path: &Path,
-    content: &[u8],
-    owner: Option<(u32, u32)>,
-) -> Result<(), TempPostgresError> {
+fn write_private(path: &Path, content: &[u8], owner: Option<(u32, u32)>) -> Result<(), Failure> {
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .or_else(|e| fail_io(format!("cannot create {}", path.display()), e))?;
+        .or_else(|e| failure(format!("cannot create {}", path.display()), e))?;
     file.write_all(content)
-        .or_else(|e| fail_io(format!("cannot write {}", path.display()), e))?;
+        .or_else(|e| failure(format!("cannot write {}", path.display()), e))?;
     if let Some((uid, gid)) = owner {
         fchown(&file, Some(uid), Some(gid))
-            .or_else(|e| fail_io(format!("cannot hand {} to uid {uid}", path.display()), e))?;
+            .or_else(|e| failure(format!("cannot hand {} to uid {uid}", path.display()), e))?;
     }
     Ok(())
 }
 
-fn free_port() -> Result<u16, TempPostgresError> {
+fn free_port() -> Result<u16, Failure> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .or_else(|e| fail_io("cannot find a free port", e))
+        .or_else(|e| failure("cannot find a free port", e))
 }
 
-/// The uid and gid of the `postgres` account, else `nobody`, from /etc/passwd.
-fn unprivileged_account() -> (u32, u32) {
+/// The uid and gid of `account` (the server package's system account), else `nobody`, from
+/// /etc/passwd.
+fn unprivileged_account(account: &str) -> (u32, u32) {
     let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
     let lookup = |name: &str| {
         passwd.lines().find_map(|line| {
@@ -476,7 +597,7 @@ fn unprivileged_account() -> (u32, u32) {
             }
         })
     };
-    lookup("postgres")
+    lookup(account)
         .or_else(|| lookup("nobody"))
         .unwrap_or((65534, 65534))
 }
