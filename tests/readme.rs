@@ -33,8 +33,18 @@ mod ordering {
     }
 }
 
+#[cfg(feature = "mariadb")]
+mod mariadb {
+    include!("readme/mariadb.rs");
+
+    pub fn run() -> Result<(), String> {
+        main().map_err(|e| e.to_string())
+    }
+}
+
 /// The programs, by file name.
-const PROGRAMS: [(&str, &str); 3] = [
+const PROGRAMS: [(&str, &str); 4] = [
+    ("mariadb.rs", include_str!("readme/mariadb.rs")),
     ("five_minutes.rs", include_str!("readme/five_minutes.rs")),
     ("inbox.rs", include_str!("readme/inbox.rs")),
     ("ordering.rs", include_str!("readme/ordering.rs")),
@@ -188,4 +198,38 @@ fn the_readme_programs_run_and_deliver_what_they_say() {
     // The inbox block, then the same message again: applied once.
     let mut db = run(&base_url, "readme_inbox", inbox::run);
     assert_eq!(count(&mut db, "SELECT paid FROM accounts WHERE id = 42"), 1);
+}
+
+/// The MariaDB program, in a database of its own on the test server (feature `mariadb`):
+/// its order committed, its message delivered and deleted.
+#[cfg(feature = "mariadb")]
+#[test]
+fn the_readme_mariadb_program_runs_and_delivers() {
+    use troutbox::mariadb::mysql::prelude::Queryable;
+    let base_url = troutbox::testing::mariadb_url().unwrap_or_else(|e| panic!("{e}"));
+    let mut admin = troutbox::mariadb::mysql::Conn::new(
+        troutbox::mariadb::mysql::Opts::from_url(&base_url).unwrap(),
+    )
+    .unwrap();
+    admin
+        .query_drop("DROP DATABASE IF EXISTS readme_mariadb")
+        .unwrap();
+    admin.query_drop("CREATE DATABASE readme_mariadb").unwrap();
+    let url = with_dbname(&base_url, "readme_mariadb");
+    // The program reads MARIADB_URL as a user's would; only this test sets it.
+    std::env::set_var("MARIADB_URL", &url);
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || done_tx.send(mariadb::run()));
+    match done_rx.recv_timeout(Duration::from_secs(90)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("the MariaDB program failed: {e}"),
+        Err(_) => panic!("the MariaDB program did not end within 90 s"),
+    }
+    let orders: Option<i64> = admin
+        .query_first("SELECT COUNT(*) FROM readme_mariadb.orders")
+        .unwrap();
+    let left: Option<i64> = admin
+        .query_first("SELECT COUNT(*) FROM readme_mariadb.outbox_messages")
+        .unwrap();
+    assert_eq!((orders, left), (Some(1), Some(0)));
 }

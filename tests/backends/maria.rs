@@ -13,7 +13,11 @@ pub struct Maria;
 fn builder(db: &MariaDbPool, name: &str, opts: &Opts) -> MariaDbOutboxBuilder {
     let mut b = MariaDbOutbox::builder(MariaDbStore::new(db.clone()).table(name))
         .per_key_ordering(opts.ordered)
-        .workers(opts.workers);
+        .workers(opts.workers)
+        .error_handler({
+            let errors = opts.errors.clone();
+            move |e| errors.lock().unwrap().push(e.to_string())
+        });
     if let Some(n) = opts.batch_size {
         b = b.batch_size(n);
     }

@@ -13,7 +13,11 @@ pub struct Pg;
 fn builder(db: &PgPool, name: &str, opts: &Opts) -> troutbox::OutboxBuilder {
     let mut b = Outbox::builder(PgStore::new(db.clone()).schema(name))
         .per_key_ordering(opts.ordered)
-        .workers(opts.workers);
+        .workers(opts.workers)
+        .error_handler({
+            let errors = opts.errors.clone();
+            move |e| errors.lock().unwrap().push(e.to_string())
+        });
     if let Some(n) = opts.batch_size {
         b = b.batch_size(n);
     }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use troutbox::{Batch, Error, NewMessage};
 
-use super::support::{eventually, fast_backoff, random_below, Backend, Opts, PATIENCE};
+use super::support::{
+    eventually, fast_backoff, random_below, store_errors, Backend, Opts, PATIENCE,
+};
 
 /// What an in-process Sender saw: (id, key, value) in delivery order.
 type Seen = Arc<Mutex<Vec<(i64, String, Vec<u8>)>>>;
@@ -28,7 +30,8 @@ fn messages<'a>(key: &'a str, values: &'a [Vec<u8>]) -> Vec<NewMessage<'a>> {
 /// Committed messages are delivered, each once, and a rolled-back transaction's never.
 pub fn committed_delivered_rolled_back_never<B: Backend>(name: &str) {
     let db = B::db(&B::url(), 6);
-    let outbox = B::fresh(&db, name, &Opts::default());
+    let opts = Opts::default();
+    let outbox = B::fresh(&db, name, &opts);
     let (a, b, gone) = (values("a", 150), values("b", 150), values("gone", 150));
     B::produce(&outbox, &db, &messages("k", &a), true).unwrap();
     B::produce(&outbox, &db, &messages("k", &gone), false).unwrap();
@@ -131,6 +134,7 @@ pub fn failures_retry_then_dead_and_admin_requeues<B: Backend>(name: &str) {
     handle.shutdown().unwrap();
     let backlog = B::backlog(&outbox).unwrap();
     assert_eq!((backlog.pending, backlog.dead), (0, 0));
+    assert_eq!(store_errors(&opts), Vec::<String>::new());
 }
 
 /// Per-key ordering with two workers and failing heads: each key's messages reach the
@@ -177,22 +181,34 @@ pub fn per_key_order_holds_through_failures<B: Backend>(name: &str) {
         Ok(())
     })
     .unwrap();
-    assert!(eventually(PATIENCE * 2, || seen.lock().unwrap().len()
-        >= KEYS * PER_KEY));
+    let distinct = || {
+        let seen = seen.lock().unwrap();
+        seen.iter().map(|s| s.0).collect::<HashSet<i64>>().len()
+    };
+    assert!(eventually(PATIENCE * 2, || distinct() >= KEYS * PER_KEY));
     handle.shutdown().unwrap();
     let seen = seen.lock().unwrap();
+    // Each key's first deliveries come in commit order, none skipped. A delivery may repeat
+    // (at least once: a claim lost after its Sender ran is delivered again), never jump.
     let mut next: HashMap<&str, usize> = HashMap::new();
     for (_, key, value) in seen.iter() {
         let n: usize = String::from_utf8_lossy(value).parse().unwrap();
         let expected = next.entry(key).or_insert(0);
-        assert_eq!(
-            n,
-            *expected,
-            "{key}: got {n}, expected {expected} ({} backend)",
+        assert!(
+            n <= *expected,
+            "{key}: got {n} before {expected} ({} backend)",
             B::NAME
         );
-        *expected += 1;
+        if n == *expected {
+            *expected += 1;
+        }
     }
+    assert!(next.values().all(|n| *n == PER_KEY), "{next:?}");
+    assert_eq!(
+        store_errors(&opts),
+        Vec::<String>::new(),
+        "no fault was injected"
+    );
     assert!(
         !failed_once.lock().unwrap().is_empty(),
         "no failure was injected"

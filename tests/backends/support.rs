@@ -1,5 +1,6 @@
 //! What the shared suite needs of a backend ([`Backend`]), and the helpers its bodies share.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use troutbox::{Backlog, Backoff, DeadMessage, Error, Handle, NewMessage, Sender};
@@ -16,6 +17,8 @@ pub struct Opts {
     pub max_retries: Option<u32>,
     pub backoff: Option<Backoff>,
     pub poll_interval: Option<Duration>,
+    /// Every error the relay reported, as text.
+    pub errors: Arc<Mutex<Vec<String>>>,
 }
 
 impl Default for Opts {
@@ -27,6 +30,7 @@ impl Default for Opts {
             max_retries: None,
             backoff: None,
             poll_interval: None,
+            errors: Arc::default(),
         }
     }
 }
@@ -102,4 +106,16 @@ pub fn random_below(n: u64) -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(n);
     h.finish() % n.max(1)
+}
+
+/// The errors of `opts`' relays that are not the Sender's: database and protocol errors,
+/// which a run without injected faults must not have.
+pub fn store_errors(opts: &Opts) -> Vec<String> {
+    opts.errors
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| !e.starts_with("sender failed"))
+        .cloned()
+        .collect()
 }

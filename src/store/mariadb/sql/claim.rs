@@ -209,12 +209,13 @@ impl ClaimSql {
     }
 
     /// Ordered claims: the pending rows that follow each head of `heads` (id, key) in its
-    /// key, up to `limit` per key, in id order, locked: one statement per key, all in one
-    /// round trip (see `store::mariadb::run_all`). Each reads the key index from the head
-    /// on and stops after `limit` rows: it locks rows of its own key only (a scan of the
-    /// table in id order would lock other claims' rows on its way and deadlock with
-    /// them), and no other claim can hold them (their head is held). Keys go as hex
-    /// literals.
+    /// key, up to `limit` per key, in id order: one statement per key, all in one round
+    /// trip (see `store::mariadb::run_all`), each reading the key index from the head on
+    /// and stopping after `limit` rows. A plain read, not a locking one: no other claim can
+    /// take them (their head is held, which hides the key), and a locking scan of the key
+    /// index locks the record that ends its range, the next key's, which another claim may
+    /// be deleting: two claims deadlocked that way (measured: a lost claim in the ordered
+    /// suite). The settlement's DELETE locks them. Keys go as hex literals.
     pub(crate) fn followers(&self, heads: &[(i64, Vec<u8>)], limit: usize) -> String {
         let (t, cols) = (&self.table, columns(&self.charges));
         let mut out = String::new();
@@ -222,7 +223,7 @@ impl ClaimSql {
             out.push_str(&format!(
                 "SELECT {cols} FROM {t} AS m FORCE INDEX ({idx})
                  WHERE m.state = 'pending' AND m.`key` = {key} AND m.id > {head}
-                 ORDER BY m.state, m.`key`, m.id LIMIT {limit} FOR UPDATE; ",
+                 ORDER BY m.state, m.`key`, m.id LIMIT {limit}; ",
                 idx = self.key_idx,
                 key = super::hex_literal(key),
             ));
