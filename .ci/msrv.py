@@ -38,7 +38,7 @@ FEATURE_NEEDS = {"rabbitmq": ("1.88", "lapin 4")}
 # release: pinned to the newest release that builds with the declared version.
 PINS = {"scheduled-thread-pool": "0.2.7"}  # 0.2.8 needs parking_lot 0.13 (Rust 1.95)
 # Compiled in step 3 (kafka builds librdkafka from C; rabbitmq needs more, above).
-CHECKED_FEATURES = "cli,diesel,opentelemetry,tracing,serde,testing,failpoints"
+CHECKED_FEATURES = "cli,diesel,opentelemetry,tracing,serde,testing,failpoints,mariadb"
 
 root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The graph resolved for the declared rust-version, committed (`--update` resolves it again).
@@ -137,10 +137,11 @@ def main():
         run(["cargo", "check", "--quiet", "--locked", "--lib", "--bins",
              "--features", CHECKED_FEATURES, "--target-dir", target], repo)
         versions = {p["name"]: p["version"] for p in json.loads(run(
-            ["cargo", "metadata", "--format-version", "1", "--locked"], repo))["packages"]}
+            ["cargo", "metadata", "--format-version", "1", "--locked", "--features", CHECKED_FEATURES],
+            repo))["packages"]}
         print(f"the library and the CLI build against the graph resolved for Rust {declared} "
               f"(postgres {versions['postgres']}, r2d2 {versions['r2d2']}, time {versions['time']}, "
-              f"scheduled-thread-pool {versions['scheduled-thread-pool']})")
+              f"scheduled-thread-pool {versions['scheduled-thread-pool']}, mysql {versions['mysql']})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
