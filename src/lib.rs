@@ -1,6 +1,7 @@
 //! # troutbox
 //!
-//! The transactional outbox pattern on PostgreSQL for services without an async runtime.
+//! The transactional outbox pattern on PostgreSQL (and MariaDB, feature `mariadb`) for
+//! services without an async runtime.
 //!
 //! A producer writes a message into the outbox table inside its own transaction with
 //! [`Outbox::add_message`]; the message exists if and only if that transaction commits. A
@@ -63,8 +64,11 @@
 //!   [`DeadMessage`] and [`Message`], [`BlockedKey`] and [`MaintenanceReport`], as the
 //!   `troutbox` command prints them with `--json`: times in RFC 3339, durations in seconds
 //!   (`ser.rs`);
-//! - `testing` (feature `testing`, Unix): a throw-away PostgreSQL server for tests and
-//!   examples; not part of a normal build.
+//! - backends: the claim protocol, backend-free (`store/protocol.rs`), over each backend's
+//!   primitives: PostgreSQL (`store/postgres/`) and, with the `mariadb` feature, MariaDB
+//!   (`store/mariadb/`, its public face `troutbox::mariadb`); see docs/backends.md;
+//! - `testing` (feature `testing`, Unix): a throw-away PostgreSQL server (and, with
+//!   `mariadb`, a MariaDB one) for tests and examples; not part of a normal build.
 //!
 //! ## Threads
 //!

@@ -57,6 +57,16 @@ macro_rules! suite {
             }
 
             #[test]
+            fn concurrent_migrations_all_succeed() {
+                suite::concurrent_migrations_all_succeed::<$backend>(&name("migrate"));
+            }
+
+            #[test]
+            fn a_held_claim_never_blocks_producers() {
+                suite::a_held_claim_never_blocks_producers::<$backend>(&name("held"));
+            }
+
+            #[test]
             fn server_restart_relay_resumes() {
                 suite::server_restart_relay_resumes::<$backend>(&name("restart"));
             }

@@ -60,7 +60,7 @@ impl Backend for Maria {
         pool(url, size).unwrap()
     }
 
-    fn fresh(db: &MariaDbPool, name: &str, opts: &Opts) -> MariaDbOutbox {
+    fn forget(db: &MariaDbPool, name: &str) {
         let mut c = conn(db).unwrap();
         c.query_drop(format!(
             "DROP TABLE IF EXISTS `{name}`, `{name}_claims`, `{name}_charges`, `{name}_key_locks`, `{name}_deliveries`"
@@ -70,6 +70,11 @@ impl Backend for Maria {
         for t in ["troutbox_migrations", "troutbox_tables"] {
             let _ = c.exec_drop(format!("DELETE FROM {t} WHERE table_name = ?"), (name,));
         }
+    }
+
+    fn fresh(db: &MariaDbPool, name: &str, opts: &Opts) -> MariaDbOutbox {
+        Self::forget(db, name);
+        let mut c = conn(db).unwrap();
         let outbox = builder(db, name, opts).build().unwrap();
         outbox.migrate().unwrap();
         c.query_drop(format!(
@@ -77,6 +82,10 @@ impl Backend for Maria {
         ))
         .unwrap();
         outbox
+    }
+
+    fn migrate_again(db: &MariaDbPool, name: &str) -> Result<(), Error> {
+        MariaDbStore::new(db.clone()).table(name).migrate()
     }
 
     fn attach(db: &MariaDbPool, name: &str, opts: &Opts) -> MariaDbOutbox {

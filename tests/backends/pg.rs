@@ -58,11 +58,15 @@ impl Backend for Pg {
             .unwrap()
     }
 
-    fn fresh(db: &PgPool, name: &str, opts: &Opts) -> Outbox {
+    fn forget(db: &PgPool, name: &str) {
         db.get()
             .unwrap()
             .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
             .unwrap();
+    }
+
+    fn fresh(db: &PgPool, name: &str, opts: &Opts) -> Outbox {
+        Self::forget(db, name);
         let outbox = builder(db, name, opts).build().unwrap();
         outbox.migrate().unwrap();
         db.get()
@@ -72,6 +76,10 @@ impl Backend for Pg {
             ))
             .unwrap();
         outbox
+    }
+
+    fn migrate_again(db: &PgPool, name: &str) -> Result<(), Error> {
+        PgStore::new(db.clone()).schema(name).migrate()
     }
 
     fn attach(db: &PgPool, name: &str, opts: &Opts) -> Outbox {

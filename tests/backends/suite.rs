@@ -499,3 +499,56 @@ pub fn server_restart_relay_resumes<B: Backend>(name: &str) {
     );
     handle.shutdown().unwrap();
 }
+
+/// Migrations from many processes at once (threads here, each with its own pool): all
+/// succeed, and the table works.
+pub fn concurrent_migrations_all_succeed<B: Backend>(name: &str) {
+    let url = B::url();
+    let db = B::db(&url, 2);
+    B::forget(&db, name);
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, name) = (url.clone(), name.to_owned());
+            std::thread::spawn(move || {
+                let db = B::db(&url, 2);
+                B::migrate_again(&db, &name)
+            })
+        })
+        .collect();
+    for r in racers {
+        r.join().unwrap().unwrap();
+    }
+    let outbox = B::attach(&db, name, &Opts::default());
+    B::produce(&outbox, &db, &[NewMessage::new("k", b"v")], true).unwrap();
+    assert_eq!(B::backlog(&outbox).unwrap().pending, 1);
+}
+
+/// A claim held while its Sender runs never blocks producers, whatever their isolation
+/// (MariaDB's default is REPEATABLE READ, whose gap locks a claim must not take).
+pub fn a_held_claim_never_blocks_producers<B: Backend>(name: &str) {
+    let db = B::db(&B::url(), 6);
+    let outbox = B::fresh(&db, name, &Opts::default());
+    B::produce(&outbox, &db, &messages("k", &values("held", 10)), true).unwrap();
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let mut handle = B::start(&outbox, move |_batch: &mut Batch| -> Result<(), Error> {
+        let _ = entered_tx.try_send(());
+        let _ = release_rx.recv_timeout(PATIENCE);
+        Ok(())
+    })
+    .unwrap();
+    entered_rx.recv_timeout(PATIENCE).unwrap();
+    // The claim is held: producers of the same key, in the backend's default isolation.
+    let started = Instant::now();
+    for i in 0..20 {
+        let v = format!("new-{i}").into_bytes();
+        B::produce(&outbox, &db, &[NewMessage::new("k", &v)], true).unwrap();
+    }
+    let took = started.elapsed();
+    release_tx.send(()).unwrap();
+    handle.shutdown().unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "20 producers took {took:?} behind a claim"
+    );
+}

@@ -58,6 +58,11 @@ pub trait Backend: 'static {
     /// Drops and recreates `name`'s outbox (migrated, with `opts`' ordering) and its
     /// deliveries table; the outbox.
     fn fresh(db: &Self::Db, name: &str, opts: &Opts) -> Self::Outbox;
+    /// Drops everything of `name` (its outbox, its deliveries, its rows in the tables of
+    /// versions and modes).
+    fn forget(db: &Self::Db, name: &str);
+    /// Runs the backend's `migrate` on `name` again (as another instance would).
+    fn migrate_again(db: &Self::Db, name: &str) -> Result<(), Error>;
     /// An outbox on the existing `name` (a relay child's).
     fn attach(db: &Self::Db, name: &str, opts: &Opts) -> Self::Outbox;
     /// Adds `messages` in one transaction, committed or rolled back.

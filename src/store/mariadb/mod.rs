@@ -252,7 +252,11 @@ pub(crate) fn check_server(conn: &mut impl Queryable) -> Result<(), Error> {
                 context: "reading the server's version",
                 source,
             })?;
-    let version = version.unwrap_or_default();
+    supported(&version.unwrap_or_default())
+}
+
+/// Refuses a `VERSION()` that is not MariaDB 10.6 or later.
+fn supported(version: &str) -> Result<(), Error> {
     // From `VERSION()` (`10.11.19-MariaDB-...`): the handshake's version is `5.5.5-...` for
     // old clients' sake.
     let mut numbers = version
@@ -262,7 +266,7 @@ pub(crate) fn check_server(conn: &mut impl Queryable) -> Result<(), Error> {
     if !version.contains("MariaDB") {
         return Err(Error::Unsupported {
             what: format!("the server {version}"),
-            reason: "troutbox's MariaDB backend needs MariaDB (10.6 or later); MySQL differs in what the claim protocol relies on (DELETE ... RETURNING, idle_transaction_timeout)".into(),
+            reason: "troutbox's MariaDB backend needs MariaDB (10.6 or later); MySQL differs in what the claim protocol relies on (idle_transaction_timeout, the named locks' behaviour)".into(),
         });
     }
     if (major, minor) < MIN_MARIADB_VERSION {
@@ -311,5 +315,26 @@ pub(crate) fn is_connection_error(e: &mysql::Error) -> bool {
         ),
         mysql::Error::MySqlError(m) => matches!(m.code, 1927 | 1053 | 4031 | 2006 | 2013),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_older_than_10_6_and_mysql_are_refused() {
+        assert!(supported("10.11.19-MariaDB-0+deb12u1").is_ok());
+        assert!(supported("10.6.0-MariaDB").is_ok());
+        assert!(supported("11.4.2-MariaDB-log").is_ok());
+        for old in [
+            "10.5.23-MariaDB",
+            "10.3.39-MariaDB-0+deb10u1",
+            "8.0.36",
+            "5.7.44-log",
+        ] {
+            let e = supported(old).unwrap_err();
+            assert!(matches!(e, Error::Unsupported { .. }), "{old}: {e}");
+        }
     }
 }
