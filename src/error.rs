@@ -485,7 +485,7 @@ impl Error {
                 _ => false,
             },
             #[cfg(feature = "mariadb")]
-            Error::MariaDb { source, .. } => crate::store::mariadb::is_retryable(source),
+            Error::MariaDb { source, .. } => mariadb_retryable(source),
             _ => false,
         }
     }
@@ -515,7 +515,7 @@ impl Error {
                 ) | diesel::result::Error::BrokenTransactionManager
             ),
             #[cfg(feature = "mariadb")]
-            Error::MariaDb { source, .. } => crate::store::mariadb::is_connection_error(source),
+            Error::MariaDb { source, .. } => mariadb_connection_error(source),
             _ => false,
         }
     }
@@ -583,6 +583,32 @@ fn describe_diesel(context: &str, error: &diesel::result::Error) -> String {
         _ => "; PostgreSQL has aborted the transaction: return the error from the diesel transaction's closure so that diesel rolls it back",
     });
     text
+}
+
+/// MariaDB errors that mean "run the transaction again": a deadlock (1213) or a lock wait
+/// timeout (1205).
+#[cfg(feature = "mariadb")]
+pub(crate) fn mariadb_retryable(e: &mysql::Error) -> bool {
+    matches!(e, mysql::Error::MySqlError(m) if m.code == 1213 || m.code == 1205)
+}
+
+/// MariaDB errors of the connection rather than the statement: I/O, the driver's own, and
+/// the server's "connection killed" (1927), "server shutdown" (1053), "disconnected for
+/// inactivity" (4031), "gone away" (2006) and "lost" (2013).
+#[cfg(feature = "mariadb")]
+pub(crate) fn mariadb_connection_error(e: &mysql::Error) -> bool {
+    match e {
+        mysql::Error::IoError(_) | mysql::Error::CodecError(_) => true,
+        mysql::Error::DriverError(d) => matches!(
+            d,
+            mysql::DriverError::ConnectTimeout
+                | mysql::DriverError::CouldNotConnect(_)
+                | mysql::DriverError::PacketOutOfSync
+                | mysql::DriverError::Timeout
+        ),
+        mysql::Error::MySqlError(m) => matches!(m.code, 1927 | 1053 | 4031 | 2006 | 2013),
+        _ => false,
+    }
 }
 
 /// Whether an I/O error is somewhere in `error`'s chain: the connection, not the statement.

@@ -179,12 +179,20 @@ impl MariaDbOutbox {
             max_packet = producer::max_packet(conn, &inner.store)?;
             inner.max_packet.store(max_packet, Ordering::Relaxed);
         }
+        let rows: Vec<producer::NewRow<'_>> = messages
+            .iter()
+            .map(|m| producer::NewRow {
+                key: m.key(),
+                value: m.value(),
+                headers: producer::encode_headers(m.headers().iter().copied()),
+            })
+            .collect();
         let added = producer::insert(
             conn,
             &inner.store,
             &inner.sql,
             inner.config.ordered,
-            &messages,
+            &rows,
             max_packet,
         )?;
         // An idle local worker polls soon (as on PostgreSQL).

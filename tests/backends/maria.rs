@@ -16,7 +16,16 @@ fn builder(db: &MariaDbPool, name: &str, opts: &Opts) -> MariaDbOutboxBuilder {
         .workers(opts.workers)
         .error_handler({
             let errors = opts.errors.clone();
-            move |e| errors.lock().unwrap().push(e.to_string())
+            move |e| {
+                // The error with its causes (a MariaDB error's text is its source's).
+                let mut text = e.to_string();
+                let mut cause = std::error::Error::source(e);
+                while let Some(c) = cause {
+                    text.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                errors.lock().unwrap().push(text)
+            }
         });
     if let Some(n) = opts.batch_size {
         b = b.batch_size(n);

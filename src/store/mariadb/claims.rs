@@ -281,7 +281,7 @@ pub(crate) struct MariaClaimConn {
 impl MariaClaimConn {
     fn fail(&mut self, context: &'static str) -> impl FnOnce(mysql::Error) -> Error + '_ {
         move |e| {
-            if super::is_connection_error(&e) {
+            if crate::error::mariadb_connection_error(&e) {
                 self.broken = true;
             }
             self.store.db_error(context)(e)
@@ -582,7 +582,7 @@ impl LateSettlement for MariaLate<'_> {
         let locked: Vec<(i64, i32, Vec<u8>)> = self.conn.query(self.claims.lock_pending(ids))?;
         let locked: Vec<i64> = locked.into_iter().map(|(id, _, _)| id).collect();
         if !locked.is_empty() {
-            self.conn.query_drop(self.claims.delete(&locked))?;
+            run_all(self.conn, &self.claims.delete(&locked))?;
         }
         Ok(locked)
     }

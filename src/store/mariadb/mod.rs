@@ -294,30 +294,6 @@ pub(crate) fn run_all(
     Ok(sets)
 }
 
-/// Server errors that mean "run the transaction again": a deadlock (1213) or a lock wait
-/// timeout (1205).
-pub(crate) fn is_retryable(e: &mysql::Error) -> bool {
-    matches!(e, mysql::Error::MySqlError(m) if m.code == 1213 || m.code == 1205)
-}
-
-/// Errors of the connection rather than the statement: I/O, the driver's own, and the
-/// server's "connection killed" (1927), "server shutdown" (1053), "disconnected for
-/// inactivity" (4031), "gone away" (2006) and "lost" (2013).
-pub(crate) fn is_connection_error(e: &mysql::Error) -> bool {
-    match e {
-        mysql::Error::IoError(_) | mysql::Error::CodecError(_) => true,
-        mysql::Error::DriverError(d) => matches!(
-            d,
-            mysql::DriverError::ConnectTimeout
-                | mysql::DriverError::CouldNotConnect(_)
-                | mysql::DriverError::PacketOutOfSync
-                | mysql::DriverError::Timeout
-        ),
-        mysql::Error::MySqlError(m) => matches!(m.code, 1927 | 1053 | 4031 | 2006 | 2013),
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

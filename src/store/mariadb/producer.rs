@@ -4,20 +4,27 @@
 use mysql::prelude::Queryable;
 use mysql::Value;
 
-use super::decode::encode_headers;
 use super::sql::produce::ROWS_PER_INSERT;
 use super::sql::Sql;
 use super::MariaDbStore;
-use crate::outbox::producer::NewMessage;
 use crate::Error;
+
+pub(crate) use super::decode::encode_headers;
+
+/// A validated message as its row stores it (headers encoded, see [`encode_headers`]).
+pub(crate) struct NewRow<'a> {
+    pub(crate) key: &'a str,
+    pub(crate) value: &'a [u8],
+    pub(crate) headers: Vec<u8>,
+}
 
 /// What a statement carries besides its rows' bytes: its text and each row's framing.
 const STATEMENT_OVERHEAD: usize = 16 << 10;
 const ROW_OVERHEAD: usize = 64;
 
 /// The bytes a message takes in an INSERT's packet.
-fn row_bytes(m: &NewMessage<'_>) -> usize {
-    m.key().len() + m.value().len() + m.header_bytes() + 2 * m.headers().len() + ROW_OVERHEAD
+fn row_bytes(m: &NewRow<'_>) -> usize {
+    m.key.len() + m.value.len() + m.headers.len() + ROW_OVERHEAD
 }
 
 /// Inserts `messages` (validated by the caller) on `conn`, in the caller's transaction:
@@ -29,7 +36,7 @@ pub(crate) fn insert(
     store: &MariaDbStore,
     sql: &Sql,
     ordered: bool,
-    messages: &[NewMessage<'_>],
+    messages: &[NewRow<'_>],
     max_packet: usize,
 ) -> Result<u64, Error> {
     let context = "adding messages to the outbox";
@@ -43,7 +50,7 @@ pub(crate) fn insert(
         });
     }
     if ordered {
-        let mut keys: Vec<&str> = messages.iter().map(|m| m.key()).collect();
+        let mut keys: Vec<&str> = messages.iter().map(|m| m.key).collect();
         keys.sort_unstable();
         keys.dedup();
         let params: Vec<Value> = keys.iter().map(|k| Value::from(*k)).collect();
@@ -67,9 +74,9 @@ pub(crate) fn insert(
         let chunk = &messages[start..end];
         let mut params = Vec::with_capacity(chunk.len() * 3);
         for m in chunk {
-            params.push(Value::Bytes(m.key().as_bytes().to_vec()));
-            params.push(Value::Bytes(m.value().to_vec()));
-            params.push(Value::Bytes(encode_headers(m.headers().iter().copied())));
+            params.push(Value::Bytes(m.key.as_bytes().to_vec()));
+            params.push(Value::Bytes(m.value.to_vec()));
+            params.push(Value::Bytes(m.headers.clone()));
         }
         let text = if chunk.len() == 1 {
             sql.produce.insert_one.clone()

@@ -242,14 +242,7 @@ impl ClaimSql {
         charged: &[(i64, Vec<i32>)],
         next: Option<i32>,
     ) -> String {
-        let mut out = String::new();
-        if !sent.is_empty() {
-            out.push_str(&format!(
-                "DELETE FROM {} WHERE id IN ({}); ",
-                self.table,
-                id_list(sent)
-            ));
-        }
+        let mut out = self.delete(sent);
         if let Some(id) = journaled {
             out.push_str(&format!(
                 "DELETE FROM {} WHERE claim_id = {id}; ",
@@ -303,9 +296,18 @@ impl ClaimSql {
         )
     }
 
-    /// Deletes the rows `ids` (locked before by [`lock_pending`](ClaimSql::lock_pending)).
+    /// Deletes the rows `ids`, one statement each (`DELETE ... WHERE id = n;`), for one
+    /// round trip. Not `id IN (...)`: on a small table (an outbox in steady state) MariaDB
+    /// runs that as a scan of the whole table, which waits for every row another claim
+    /// holds, while that claim's own DELETE waits for ours: two relays deadlocked at every
+    /// few hundred settlements in the ordered suite. A lookup by primary key touches its row
+    /// only.
     pub(crate) fn delete(&self, ids: &[i64]) -> String {
-        format!("DELETE FROM {} WHERE id IN ({})", self.table, id_list(ids))
+        let mut out = String::with_capacity(ids.len() * (self.table.len() + 32));
+        for id in ids {
+            out.push_str(&format!("DELETE FROM {} WHERE id = {id}; ", self.table));
+        }
+        out
     }
 
     /// Ordered late settlements: the keys of `ids` whose heads can be locked now.
