@@ -296,18 +296,22 @@ impl ClaimSql {
         )
     }
 
-    /// Deletes the rows `ids`, one statement each (`DELETE ... WHERE id = n;`), for one
-    /// round trip. Not `id IN (...)`: on a small table (an outbox in steady state) MariaDB
-    /// runs that as a scan of the whole table, which waits for every row another claim
-    /// holds, while that claim's own DELETE waits for ours: two relays deadlocked at every
-    /// few hundred settlements in the ordered suite. A lookup by primary key touches its row
-    /// only.
+    /// Deletes the rows `ids` (a statement ending in `; `, empty for none), each found by its
+    /// primary key: the ids are a table (`JSON_TABLE`) read first (`STRAIGHT_JOIN`), and each
+    /// joined row is one lookup. Not `id IN (...)`: on a small table (an outbox in steady
+    /// state) MariaDB runs that as a scan of the whole table, which waits for every row
+    /// another claim holds while that claim's own DELETE waits for ours: two relays
+    /// deadlocked every few hundred settlements in the ordered suite. One statement per row
+    /// avoided the scan but halved the drain (measured: 74k to 35k msg/s at batch 100).
     pub(crate) fn delete(&self, ids: &[i64]) -> String {
-        let mut out = String::with_capacity(ids.len() * (self.table.len() + 32));
-        for id in ids {
-            out.push_str(&format!("DELETE FROM {} WHERE id = {id}; ", self.table));
+        if ids.is_empty() {
+            return String::new();
         }
-        out
+        format!(
+            "DELETE m FROM {} STRAIGHT_JOIN {} AS m ON m.id = d.id; ",
+            ids_table(ids),
+            self.table
+        )
     }
 
     /// Ordered late settlements: the keys of `ids` whose heads can be locked now.
@@ -342,12 +346,12 @@ impl ClaimSql {
         )
     }
 
-    /// Deletes every charge of `ids`.
+    /// Deletes every charge of `ids` (through the `msg_id` index, as [`delete`](ClaimSql::delete)).
     pub(crate) fn forget_charges(&self, ids: &[i64]) -> String {
         format!(
-            "DELETE FROM {} WHERE msg_id IN ({})",
-            self.charges,
-            id_list(ids)
+            "DELETE c FROM {} STRAIGHT_JOIN {} AS c ON c.msg_id = d.id",
+            ids_table(ids),
+            self.charges
         )
     }
 
@@ -363,6 +367,14 @@ impl ClaimSql {
             rows.join(",")
         )
     }
+}
+
+/// `ids` as a table `d` with one column `id`, for a join that reads them first.
+fn ids_table(ids: &[i64]) -> String {
+    format!(
+        "JSON_TABLE('[{}]', '$[*]' COLUMNS (id BIGINT PATH '$')) AS d",
+        id_list(ids)
+    )
 }
 
 /// A claim's message ids as the journal stores them: runs of consecutive ids as `a-b`,
