@@ -428,7 +428,7 @@ impl ClaimConnection for MariaClaimConn {
                     }
                     Take::After((at, id)) => {
                         let s = self.after.clone();
-                        let at = mysql_datetime(at);
+                        let at = decode::to_value(at);
                         self.conn.0.exec(&s, (at.clone(), at, id))
                     }
                     Take::Head => {
@@ -519,20 +519,6 @@ impl ClaimConnection for MariaClaimConn {
     fn is_closed(&self) -> bool {
         self.broken
     }
-}
-
-/// A position's time as a parameter.
-fn mysql_datetime(at: time::OffsetDateTime) -> mysql::Value {
-    let at = at.to_offset(time::UtcOffset::UTC);
-    mysql::Value::Date(
-        u16::try_from(at.year()).unwrap_or(0),
-        u8::from(at.month()),
-        at.day(),
-        at.hour(),
-        at.minute(),
-        at.second(),
-        at.microsecond(),
-    )
 }
 
 /// A late settlement's statements, on the second connection inside its transaction.

@@ -115,16 +115,7 @@ impl MariaDbStore {
     /// Deletes the messages that died before `before`; the number deleted.
     pub fn purge_dead_before(&self, before: time::OffsetDateTime) -> Result<u64, Error> {
         let sql = self.sql()?;
-        let at = before.to_offset(time::UtcOffset::UTC);
-        let at = mysql::Value::Date(
-            u16::try_from(at.year().clamp(0, 9999)).unwrap_or(0),
-            u8::from(at.month()),
-            at.day(),
-            at.hour(),
-            at.minute(),
-            at.second(),
-            at.microsecond(),
-        );
+        let at = decode::to_value(before);
         self.change(
             "purging dead messages",
             &sql.dead.purge_before,

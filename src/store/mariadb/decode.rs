@@ -78,6 +78,21 @@ pub(crate) fn datetime(
     Ok(PrimitiveDateTime::new(date, time).assume_utc())
 }
 
+/// A time as a `DATETIME(6)` parameter, in UTC (years past 9999 are clamped: MariaDB's
+/// range).
+pub(crate) fn to_value(at: OffsetDateTime) -> Value {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    Value::Date(
+        u16::try_from(at.year().clamp(0, 9999)).unwrap_or(0),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.microsecond(),
+    )
+}
+
 /// `YYYY-MM-DD hh:mm:ss[.ffffff]`.
 fn parse_datetime(b: &[u8]) -> Option<(u16, u8, u8, u8, u8, u8, u32)> {
     let s = std::str::from_utf8(b).ok()?;
