@@ -55,7 +55,8 @@
 //! - **`add_messages` is cut to `max_allowed_packet`**: its rows go in statements of at
 //!   most 100 that fit the server's packet bound; one message that cannot fit is refused
 //!   ([`Error::Unsupported`]) before anything is sent.
-//! - Not yet on MariaDB: the `troutbox` command line, partition maintenance, the
+//! - The `troutbox` command line (features `cli` and `mariadb`) takes a `mysql://` URL for
+//!   `migrate`, `status` and `dead`. Not yet on MariaDB: its other commands, the
 //!   OpenTelemetry instruments, the inbox, blocked-key reports.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -8,6 +8,7 @@
 //! troutbox blocked                   # per-key ordering: keys waiting on a failed message
 //! troutbox skip 17                   # give up on message 17 (dead, reason "skipped")
 //! troutbox relay --config relay.toml  # the relay service (docs/relay-service.md)
+//! troutbox --database-url mysql://app@db/app dead list   # MariaDB (feature mariadb)
 //! ```
 
 // In a folder of its own so that cargo does not take it for a second binary.
@@ -23,14 +24,14 @@ use serde::Serialize;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use troutbox::{Backlog, BlockedKey, DeadSummary, Outbox, PgStore, Retention};
+use troutbox::{Backlog, BlockedKey, DeadMessage, DeadSummary, Outbox, PgStore, Retention};
 
 #[derive(Parser)]
 #[command(
     name = "troutbox",
     version,
-    about = "Operate a troutbox outbox table in PostgreSQL: create it, see what waits, run partition maintenance, inspect and re-queue dead messages.",
-    after_help = "The connection string is a libpq key=value string or a postgresql:// URL. Durations are like 30s, 15m, 12h, 7d."
+    about = "Operate a troutbox outbox table in PostgreSQL (or MariaDB): create it, see what waits, run partition maintenance, inspect and re-queue dead messages.",
+    after_help = "The connection string is a libpq key=value string or a postgresql:// URL; a mysql:// URL for MariaDB (feature mariadb: migrate, status, dead). Durations are like 30s, 15m, 12h, 7d."
 )]
 struct Cli {
     /// PostgreSQL connection string. Prefer the DATABASE_URL environment variable (or a
@@ -203,6 +204,13 @@ fn run(cli: &Cli) -> Result<bool> {
         .database_url
         .as_deref()
         .ok_or("no database: set DATABASE_URL (or give --database-url)")?;
+    // A MariaDB URL (feature `mariadb`): the commands MariaDB has.
+    if let Some(rest) = url
+        .strip_prefix("mysql://")
+        .or_else(|| url.strip_prefix("mariadb://"))
+    {
+        return run_mariadb(cli, &format!("mysql://{rest}"));
+    }
     let config: postgres::Config = url
         .parse()
         .map_err(|e| format!("invalid --database-url: {e}"))?;
@@ -251,93 +259,7 @@ fn run(cli: &Cli) -> Result<bool> {
             max_pending,
             max_dead,
             max_age,
-        } => {
-            let b = store.backlog()?;
-            let age = b.oldest_pending.map(age_secs);
-            let mut exceeded = Vec::new();
-            if max_pending.is_some_and(|max| b.pending > max) {
-                exceeded.push("pending");
-            }
-            if max_dead.is_some_and(|max| b.dead > max) {
-                exceeded.push("dead");
-            }
-            if let (Some(max), Some(age)) = (max_age, age) {
-                if age > max.as_secs_f64() {
-                    exceeded.push("age");
-                }
-            }
-            print(
-                cli,
-                &StatusReport {
-                    table: &table,
-                    backlog: &b,
-                    oldest_pending_age_seconds: age,
-                    healthy: exceeded.is_empty(),
-                    exceeded: &exceeded,
-                },
-                table_text(&[
-                    ("table", table.clone()),
-                    ("pending", b.pending.to_string()),
-                    ("dead", b.dead.to_string()),
-                    ("sent (retained)", b.sent.to_string()),
-                    (
-                        "oldest pending",
-                        match (b.oldest_pending, age) {
-                            (Some(t), Some(age)) => format!("{} ({age:.0} s ago)", rfc3339(t)),
-                            _ => "-".into(),
-                        },
-                    ),
-                    (
-                        "health",
-                        if exceeded.is_empty() {
-                            "ok".into()
-                        } else {
-                            format!("over the threshold: {}", exceeded.join(", "))
-                        },
-                    ),
-                ]),
-            )?;
-            return Ok(exceeded.is_empty());
-        }
-        Command::Dead(Dead::Show { id }) => {
-            let Some(d) = store.dead_message(*id)? else {
-                return Err(format!("no dead message with id {id}").into());
-            };
-            let value = d.message.value();
-            let text = std::str::from_utf8(value).ok();
-            let headers: Vec<String> = d
-                .message
-                .headers()
-                .iter()
-                .map(|(n, v)| format!("{}: {}", escape_controls(n), escape_controls(v)))
-                .collect();
-            print(
-                cli,
-                &d,
-                table_text(&[
-                    ("id", d.message.id().to_string()),
-                    ("key", escape_controls(d.message.key())),
-                    ("attempts", d.message.attempts().to_string()),
-                    ("created at", rfc3339(d.message.created_at())),
-                    ("died at", rfc3339(d.died_at)),
-                    ("headers", list(&headers)),
-                    (
-                        "value",
-                        match text {
-                            Some(t) => escape_controls(t),
-                            None => format!(
-                                "(not UTF-8, hex) {}",
-                                value.iter().map(|b| format!("{b:02x}")).collect::<String>()
-                            ),
-                        },
-                    ),
-                    (
-                        "last error",
-                        escape_controls(d.last_error.as_deref().unwrap_or("-")),
-                    ),
-                ]),
-            )?;
-        }
+        } => return status(cli, &store, &table, *max_pending, *max_dead, *max_age),
         Command::Maintain => {
             // Without --keep-sent, the retention recorded with the table; with it, the
             // library refuses settings that differ from the table's.
@@ -379,41 +301,7 @@ fn run(cli: &Cli) -> Result<bool> {
                 },
             )?;
         }
-        Command::Dead(Dead::List { limit, before }) => {
-            // Summaries: the values are never fetched, only their length.
-            let dead = store.dead_summaries(*limit, *before)?;
-            print(cli, &dead, dead_table(&dead))?;
-        }
-        Command::Dead(Dead::Requeue { ids, all }) => {
-            let n = if *all {
-                store.requeue_all_dead()?
-            } else {
-                store.requeue_dead(ids)?
-            };
-            print(
-                cli,
-                &json!({"requeued": n}),
-                format!("re-queued {n} dead message(s)"),
-            )?;
-        }
-        Command::Dead(Dead::Purge { ids, older_than }) => {
-            let n = match older_than {
-                Some(age) => {
-                    let age =
-                        time::Duration::try_from(*age).map_err(|_| "--older-than is too large")?;
-                    let before = OffsetDateTime::now_utc()
-                        .checked_sub(age)
-                        .ok_or("--older-than reaches before the year -9999")?;
-                    store.purge_dead_before(before)?
-                }
-                None => store.purge_dead(ids)?,
-            };
-            print(
-                cli,
-                &json!({"purged": n}),
-                format!("purged {n} dead message(s)"),
-            )?;
-        }
+        Command::Dead(command) => dead(cli, &store, command)?,
         Command::Blocked { limit } => {
             let blocked = store.blocked_keys(*limit as usize)?;
             print(cli, &blocked, blocked_table(&blocked))?;
@@ -435,6 +323,264 @@ fn run(cli: &Cli) -> Result<bool> {
         Command::Relay { .. } => unreachable!("handled in main"),
     }
     Ok(true)
+}
+
+/// The commands on a MariaDB table: migrate, status, dead letters. Its database is the
+/// URL's (`--schema` does not apply); it deletes what it sends (no `--keep-sent`, nothing to
+/// maintain).
+#[cfg(feature = "mariadb")]
+fn run_mariadb(cli: &Cli, url: &str) -> Result<bool> {
+    use troutbox::mariadb::{MariaDbOutbox, MariaDbStore};
+    if cli.keep_sent.is_some() {
+        return Err(
+            "--keep-sent: MariaDB tables delete what they send; they have no partitions".into(),
+        );
+    }
+    if cli.schema != troutbox::DEFAULT_SCHEMA {
+        return Err("--schema: on MariaDB the table lives in the URL's database (mysql://user@host/database)".into());
+    }
+    let pool =
+        troutbox::mariadb::pool(url, 2).map_err(|e| format!("cannot connect to MariaDB: {e}"))?;
+    let store = MariaDbStore::new(pool).table(&cli.table);
+    store.validate()?;
+    let table = cli.table.clone();
+    match &cli.command {
+        Command::Migrate { per_key_ordering } => {
+            if *per_key_ordering {
+                MariaDbOutbox::builder(store.clone())
+                    .per_key_ordering(true)
+                    .build()?
+                    .migrate()?;
+            } else {
+                store.migrate()?;
+            }
+            print(
+                cli,
+                &json!({ "migrated": table }),
+                format!("{table} is up to date"),
+            )?;
+        }
+        Command::Status {
+            max_pending,
+            max_dead,
+            max_age,
+        } => return status(cli, &store, &table, *max_pending, *max_dead, *max_age),
+        Command::Dead(command) => dead(cli, &store, command)?,
+        Command::Maintain | Command::Blocked { .. } | Command::Skip { .. } => {
+            return Err(
+                "this command is not available on MariaDB yet (see docs/backends.md)".into(),
+            )
+        }
+        // Run by `main` before the database options are read.
+        Command::Relay { .. } => unreachable!("handled in main"),
+    }
+    Ok(true)
+}
+
+/// Without the `mariadb` feature: say how to get it.
+#[cfg(not(feature = "mariadb"))]
+fn run_mariadb(_cli: &Cli, _url: &str) -> Result<bool> {
+    Err("a MariaDB URL, but this troutbox was built without the `mariadb` feature: cargo install --path . --features cli,mariadb".into())
+}
+
+/// What `status` and `dead` need of a store, whatever its backend.
+trait Admin {
+    fn backlog(&self) -> std::result::Result<Backlog, troutbox::Error>;
+    fn dead_message(&self, id: i64) -> std::result::Result<Option<DeadMessage>, troutbox::Error>;
+    fn dead_summaries(
+        &self,
+        limit: u32,
+        before: Option<i64>,
+    ) -> std::result::Result<Vec<DeadSummary>, troutbox::Error>;
+    fn requeue_dead(&self, ids: &[i64]) -> std::result::Result<u64, troutbox::Error>;
+    fn requeue_all_dead(&self) -> std::result::Result<u64, troutbox::Error>;
+    fn purge_dead(&self, ids: &[i64]) -> std::result::Result<u64, troutbox::Error>;
+    fn purge_dead_before(
+        &self,
+        before: OffsetDateTime,
+    ) -> std::result::Result<u64, troutbox::Error>;
+}
+
+/// [`Admin`] for a store type with those methods.
+macro_rules! admin {
+    ($store:ty) => {
+        impl Admin for $store {
+            fn backlog(&self) -> std::result::Result<Backlog, troutbox::Error> {
+                <$store>::backlog(self)
+            }
+            fn dead_message(
+                &self,
+                id: i64,
+            ) -> std::result::Result<Option<DeadMessage>, troutbox::Error> {
+                <$store>::dead_message(self, id)
+            }
+            fn dead_summaries(
+                &self,
+                limit: u32,
+                before: Option<i64>,
+            ) -> std::result::Result<Vec<DeadSummary>, troutbox::Error> {
+                <$store>::dead_summaries(self, limit, before)
+            }
+            fn requeue_dead(&self, ids: &[i64]) -> std::result::Result<u64, troutbox::Error> {
+                <$store>::requeue_dead(self, ids)
+            }
+            fn requeue_all_dead(&self) -> std::result::Result<u64, troutbox::Error> {
+                <$store>::requeue_all_dead(self)
+            }
+            fn purge_dead(&self, ids: &[i64]) -> std::result::Result<u64, troutbox::Error> {
+                <$store>::purge_dead(self, ids)
+            }
+            fn purge_dead_before(
+                &self,
+                before: OffsetDateTime,
+            ) -> std::result::Result<u64, troutbox::Error> {
+                <$store>::purge_dead_before(self, before)
+            }
+        }
+    };
+}
+
+admin!(PgStore);
+#[cfg(feature = "mariadb")]
+admin!(troutbox::mariadb::MariaDbStore);
+
+/// `status`: the backlog, and with thresholds a health check (`Ok(false)`: exceeded).
+fn status(
+    cli: &Cli,
+    store: &dyn Admin,
+    table: &str,
+    max_pending: Option<i64>,
+    max_dead: Option<i64>,
+    max_age: Option<Duration>,
+) -> Result<bool> {
+    let table = table.to_owned();
+    let b = store.backlog()?;
+    let age = b.oldest_pending.map(age_secs);
+    let mut exceeded = Vec::new();
+    if max_pending.is_some_and(|max| b.pending > max) {
+        exceeded.push("pending");
+    }
+    if max_dead.is_some_and(|max| b.dead > max) {
+        exceeded.push("dead");
+    }
+    if let (Some(max), Some(age)) = (max_age, age) {
+        if age > max.as_secs_f64() {
+            exceeded.push("age");
+        }
+    }
+    print(
+        cli,
+        &StatusReport {
+            table: &table,
+            backlog: &b,
+            oldest_pending_age_seconds: age,
+            healthy: exceeded.is_empty(),
+            exceeded: &exceeded,
+        },
+        table_text(&[
+            ("table", table.clone()),
+            ("pending", b.pending.to_string()),
+            ("dead", b.dead.to_string()),
+            ("sent (retained)", b.sent.to_string()),
+            (
+                "oldest pending",
+                match (b.oldest_pending, age) {
+                    (Some(t), Some(age)) => format!("{} ({age:.0} s ago)", rfc3339(t)),
+                    _ => "-".into(),
+                },
+            ),
+            (
+                "health",
+                if exceeded.is_empty() {
+                    "ok".into()
+                } else {
+                    format!("over the threshold: {}", exceeded.join(", "))
+                },
+            ),
+        ]),
+    )?;
+    Ok(exceeded.is_empty())
+}
+
+/// `dead show | list | requeue | purge`.
+fn dead(cli: &Cli, store: &dyn Admin, command: &Dead) -> Result<()> {
+    match command {
+        Dead::Show { id } => {
+            let Some(d) = store.dead_message(*id)? else {
+                return Err(format!("no dead message with id {id}").into());
+            };
+            let value = d.message.value();
+            let text = std::str::from_utf8(value).ok();
+            let headers: Vec<String> = d
+                .message
+                .headers()
+                .iter()
+                .map(|(n, v)| format!("{}: {}", escape_controls(n), escape_controls(v)))
+                .collect();
+            print(
+                cli,
+                &d,
+                table_text(&[
+                    ("id", d.message.id().to_string()),
+                    ("key", escape_controls(d.message.key())),
+                    ("attempts", d.message.attempts().to_string()),
+                    ("created at", rfc3339(d.message.created_at())),
+                    ("died at", rfc3339(d.died_at)),
+                    ("headers", list(&headers)),
+                    (
+                        "value",
+                        match text {
+                            Some(t) => escape_controls(t),
+                            None => format!(
+                                "(not UTF-8, hex) {}",
+                                value.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                            ),
+                        },
+                    ),
+                    (
+                        "last error",
+                        escape_controls(d.last_error.as_deref().unwrap_or("-")),
+                    ),
+                ]),
+            )?;
+        }
+        Dead::List { limit, before } => {
+            // Summaries: the values are never fetched, only their length.
+            let dead = store.dead_summaries(*limit, *before)?;
+            print(cli, &dead, dead_table(&dead))?;
+        }
+        Dead::Requeue { ids, all } => {
+            let n = if *all {
+                store.requeue_all_dead()?
+            } else {
+                store.requeue_dead(ids)?
+            };
+            print(
+                cli,
+                &json!({"requeued": n}),
+                format!("re-queued {n} dead message(s)"),
+            )?;
+        }
+        Dead::Purge { ids, older_than } => {
+            let n = match older_than {
+                Some(age) => {
+                    let age =
+                        time::Duration::try_from(*age).map_err(|_| "--older-than is too large")?;
+                    let before = OffsetDateTime::now_utc()
+                        .checked_sub(age)
+                        .ok_or("--older-than reaches before the year -9999")?;
+                    store.purge_dead_before(before)?
+                }
+                None => store.purge_dead(ids)?,
+            };
+            print(
+                cli,
+                &json!({"purged": n}),
+                format!("purged {n} dead message(s)"),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Prints `json` (one line) with `--json`, else `text`. The library's types print as their
